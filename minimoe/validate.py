@@ -1,0 +1,95 @@
+"""Argument checks shared by every public function.
+
+A bad argument should fail loudly, at the door, with a message that names the
+argument and says what was expected — never deep inside a matmul, and never by
+quietly producing NaN or the wrong shape. Every public forward function in
+minimoe calls these helpers on its inputs; the tests check the messages.
+"""
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+
+__all__ = ["check_array", "check_int", "check_positive_float", "check_choice", "check_rng"]
+
+
+def check_array(name, x, *, ndim=None, shape=None, finite=True, floating=True):
+    """Check that ``x`` is a NumPy array of the expected rank, shape and kind.
+
+    Args:
+        name: the argument's name, used in the error message.
+        x: the value to check.
+        ndim: required number of dimensions (an int or a tuple of allowed ints).
+        shape: required shape; ``None`` entries are wildcards, e.g. ``(None, d)``.
+        finite: if True, reject NaN and inf (they would silently poison every
+            result downstream).
+        floating: if True, require a floating-point dtype.
+
+    Returns:
+        ``x`` unchanged, so the call can be used inline.
+
+    Raises:
+        TypeError: ``x`` is not an ndarray, or has the wrong dtype kind.
+        ValueError: wrong rank, wrong shape, or non-finite values.
+    """
+    if not isinstance(x, np.ndarray):
+        raise TypeError(f"{name} must be a numpy array, got {type(x).__name__}")
+    if floating and not np.issubdtype(x.dtype, np.floating):
+        raise TypeError(f"{name} must have a floating dtype (float32 or float64), got {x.dtype}")
+    if ndim is not None:
+        allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
+        if x.ndim not in allowed:
+            if len(allowed) <= 3:
+                want = " or ".join(str(a) for a in allowed)
+            else:
+                want = f"{min(allowed)} to {max(allowed)}"
+            raise ValueError(f"{name} must have {want} dimensions, got shape {x.shape}")
+    if shape is not None:
+        ok = len(shape) == x.ndim and all(s is None or s == t for s, t in zip(shape, x.shape))
+        if not ok:
+            want = "(" + ", ".join("?" if s is None else str(s) for s in shape) + ")"
+            raise ValueError(f"{name} must have shape {want}, got {x.shape}")
+    if finite and x.size and not np.all(np.isfinite(x)):
+        raise ValueError(f"{name} contains NaN or inf; check the input data or lower the learning rate")
+    return x
+
+
+def check_int(name, value, *, low=None, high=None):
+    """Check that ``value`` is an integer in ``[low, high]`` (either bound optional)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {value!r}")
+    if low is not None and value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+    if high is not None and value > high:
+        raise ValueError(f"{name} must be <= {high}, got {value}")
+    return int(value)
+
+
+def check_positive_float(name, value, *, allow_zero=False):
+    """Check that ``value`` is a finite real number > 0 (or >= 0 if ``allow_zero``)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {value!r}")
+    v = float(value)
+    if not np.isfinite(v) or v < 0 or (v == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
+    return v
+
+
+def check_choice(name, value, choices):
+    """Check that ``value`` is one of ``choices``."""
+    if value not in choices:
+        opts = ", ".join(repr(c) for c in choices)
+        raise ValueError(f"{name} must be one of {opts}; got {value!r}")
+    return value
+
+
+def check_rng(name, rng):
+    """Check that ``rng`` is a ``numpy.random.Generator`` (minimoe never uses global state)."""
+    if not isinstance(rng, np.random.Generator):
+        raise TypeError(
+            f"{name} must be a numpy.random.Generator (e.g. np.random.default_rng(0)), "
+            f"got {type(rng).__name__}"
+        )
+    return rng
