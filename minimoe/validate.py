@@ -11,7 +11,13 @@ import numbers
 
 import numpy as np
 
-__all__ = ["check_array", "check_int", "check_positive_float", "check_choice", "check_rng"]
+__all__ = ["check_array", "check_int", "check_positive_float", "check_choice", "check_rng", "check_dtype"]
+
+
+def _fmt_shape(shape):
+    """``(3, None)`` -> ``"(3, ?)"``; a one-element shape keeps its comma, ``"(3,)"``."""
+    parts = ["?" if s is None else str(s) for s in shape]
+    return "(" + ", ".join(parts) + ("," if len(parts) == 1 else "") + ")"
 
 
 def check_array(name, x, *, ndim=None, shape=None, finite=True, floating=True):
@@ -21,7 +27,8 @@ def check_array(name, x, *, ndim=None, shape=None, finite=True, floating=True):
         name: the argument's name, used in the error message.
         x: the value to check.
         ndim: required number of dimensions (an int or a tuple of allowed ints).
-        shape: required shape; ``None`` entries are wildcards, e.g. ``(None, d)``.
+        shape: required shape; ``None`` entries are wildcards, e.g. ``(None, d)``
+            (shown as ``(?, d)`` in the message).
         finite: if True, reject NaN and inf (they would silently poison every
             result downstream).
         floating: if True, require a floating-point dtype.
@@ -48,8 +55,7 @@ def check_array(name, x, *, ndim=None, shape=None, finite=True, floating=True):
     if shape is not None:
         ok = len(shape) == x.ndim and all(s is None or s == t for s, t in zip(shape, x.shape))
         if not ok:
-            want = "(" + ", ".join("?" if s is None else str(s) for s in shape) + ")"
-            raise ValueError(f"{name} must have shape {want}, got {x.shape}")
+            raise ValueError(f"{name} must have shape {_fmt_shape(shape)}, got {x.shape}")
     if finite and x.size and not np.all(np.isfinite(x)):
         raise ValueError(f"{name} contains NaN or inf; check the input data or lower the learning rate")
     return x
@@ -79,7 +85,11 @@ def check_positive_float(name, value, *, allow_zero=False):
 
 def check_choice(name, value, choices):
     """Check that ``value`` is one of ``choices``."""
-    if value not in choices:
+    try:
+        ok = value in choices
+    except (TypeError, ValueError):   # e.g. an array, whose == is elementwise
+        ok = False
+    if not ok:
         opts = ", ".join(repr(c) for c in choices)
         raise ValueError(f"{name} must be one of {opts}; got {value!r}")
     return value
@@ -93,3 +103,18 @@ def check_rng(name, rng):
             f"got {type(rng).__name__}"
         )
     return rng
+
+
+def check_dtype(name, dtype):
+    """Check that ``dtype`` names a floating-point dtype; return it as a ``numpy.dtype``.
+
+    minimoe computes in float64 (gradient checks, lessons) or float32 (speed);
+    an integer dtype would silently truncate every weight to 0, ±1, ±2, ...
+    """
+    try:
+        dt = np.dtype(dtype)
+    except TypeError:
+        raise TypeError(f"{name} must be a numpy dtype such as np.float64 or np.float32, got {dtype!r}") from None
+    if not np.issubdtype(dt, np.floating):
+        raise TypeError(f"{name} must be a floating dtype (float32 or float64), got {dt}")
+    return dt
