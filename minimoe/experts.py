@@ -27,7 +27,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .layers import activation_backward, activation_forward, linear_backward, linear_forward
-from .validate import check_array, check_choice, check_int, check_rng
+from .validate import check_array, check_choice, check_dtype, check_int, check_rng
 
 __all__ = [
     "init_expert_params", "ffn_forward", "ffn_backward",
@@ -38,12 +38,19 @@ __all__ = [
 def init_expert_params(n_experts, d_model, d_hidden, rng, dtype=np.float64):
     """Initial weights for a bank of experts, stacked along the first axis.
 
-    W1 uses He initialisation, N(0, 2/d): a ReLU zeroes half of its inputs, so
-    doubling the variance keeps the hidden activations' scale equal to the
-    input's. W2 uses N(0, 1/h) (LeCun), which keeps the output's variance
-    close to the hidden layer's. Biases start at zero. Each expert gets
-    different random weights — that, plus the different patients each one is
-    sent, is what lets them specialise.
+    W1 uses He initialisation, N(0, 2/d) (He et al. 2015): each pre-activation
+    ``z = x W1`` sums d terms, so its mean square is 2·mean(x²); a ReLU zeroes
+    half of it, leaving mean(a²) = mean(x²). W2 uses N(0, 1/h) (LeCun): the
+    output sums h terms, so mean(y²) = mean(a²). Together the expert maps
+    inputs of mean square 1 to outputs of mean square about 1 — signals neither
+    explode nor vanish. Biases start at zero. Each expert gets different random
+    weights — that, plus the different patients each one is sent, is what lets
+    them specialise.
+
+    Args:
+        n_experts: E ≥ 1.  d_model: d ≥ 1.  d_hidden: h ≥ 1.
+        rng: ``numpy.random.Generator``; the only source of randomness.
+        dtype: floating dtype of the returned arrays.
 
     Returns:
         dict with ``W1 (E,d,h)``, ``b1 (E,h)``, ``W2 (E,h,d)``, ``b2 (E,d)``.
@@ -52,6 +59,7 @@ def init_expert_params(n_experts, d_model, d_hidden, rng, dtype=np.float64):
     d = check_int("d_model", d_model, low=1)
     h = check_int("d_hidden", d_hidden, low=1)
     check_rng("rng", rng)
+    dtype = check_dtype("dtype", dtype)
     return {
         "W1": (rng.standard_normal((E, d, h)) * np.sqrt(2.0 / d)).astype(dtype),
         "b1": np.zeros((E, h), dtype=dtype),
@@ -78,6 +86,15 @@ def ffn_forward(x, W1, b1, W2, b2, activation="relu"):
     Returns:
         y: (n, d); cache for :func:`ffn_backward`.
     """
+    # Check every shape here, so a mistake names W2 rather than the "W" of an inner linear.
+    check_array("W1", W1, ndim=2)
+    d, h = W1.shape
+    check_array("x", x, ndim=range(1, 8))
+    if x.shape[-1] != d:
+        raise ValueError(f"x has width {x.shape[-1]} but W1 expects d={d} (W1 has shape {W1.shape})")
+    check_array("b1", b1, shape=(h,))
+    check_array("W2", W2, shape=(h, d))
+    check_array("b2", b2, shape=(d,))
     z, c1 = linear_forward(x, W1, b1)        # (n, h)  pre-activation
     a, ca = activation_forward(z, activation)
     y, c2 = linear_forward(a, W2, b2)        # (n, d)
@@ -106,8 +123,8 @@ class BankCache(NamedTuple):
     offsets: np.ndarray  # (E+1,) group boundaries
     a: np.ndarray        # (N, h) hidden activations
     act: tuple           # activation cache
-    W1: np.ndarray
-    W2: np.ndarray
+    W1: np.ndarray       # (E, d, h)
+    W2: np.ndarray       # (E, h, d)
 
 
 def _check_offsets(offsets, E, N):
@@ -132,7 +149,8 @@ def experts_forward(x, offsets, W1, b1, W2, b2, activation="relu"):
         activation: ``"relu"`` or ``"gelu"``.
 
     Returns:
-        y: (N, d), row i is the output of its expert on row i of x; the cache.
+        y: (N, d), row i is the output of its expert on row i of x, with dtype
+        ``result_type(x, W1)`` (float32 in, float32 out); the cache.
     """
     check_array("W1", W1, ndim=3)
     E, d, h = W1.shape
@@ -168,6 +186,7 @@ def experts_backward(dy, cache):
         dx (N, d) and ``{"W1": (E,d,h), "b1": (E,h), "W2": (E,h,d), "b2": (E,d)}``.
     """
     x, offsets, a, act_cache, W1, W2 = cache
+    check_array("dy", dy, shape=(x.shape[0], W2.shape[2]), finite=False)
     E = W1.shape[0]
     dW1, dW2 = np.zeros_like(W1), np.zeros_like(W2)
     db1 = np.zeros((E, W1.shape[2]), dtype=W1.dtype)
@@ -226,7 +245,9 @@ class Expert:
 class ExpertBank:
     """E specialists with stacked weights ``W1 (E,d,h)``, ``b1 (E,h)``, ``W2 (E,h,d)``, ``b2 (E,d)``.
 
-    ``forward(x_grouped, offsets)`` runs expert e on rows ``offsets[e]:offsets[e+1]``.
+    ``forward(x_grouped, offsets)`` runs expert e on rows ``offsets[e]:offsets[e+1]``
+    (see :func:`experts_forward`); ``backward(dy)`` fills ``grads`` with the
+    same keys and shapes as ``params``.
     """
 
     def __init__(self, n_experts, d_model, d_hidden, activation="relu", rng=None, dtype=np.float64):

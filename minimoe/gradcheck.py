@@ -116,11 +116,13 @@ def numerical_gradient(f, x, h=1e-5, name="x", selection0=None):
     for _ in it:
         i = it.multi_index
         old = x[i]
-        x[i] = old + h
-        fp, sp = _split(f())
-        x[i] = old - h
-        fm, sm = _split(f())
-        x[i] = old
+        try:
+            x[i] = old + h
+            fp, sp = _split(f())
+            x[i] = old - h
+            fm, sm = _split(f())
+        finally:
+            x[i] = old          # restore exactly, even if f raised
         if selection0 is not None and not (_same_selection(selection0, sp) and _same_selection(selection0, sm)):
             raise KinkError(
                 f"perturbing {name}{list(i)} by ±{h:g} changed the discrete selection "
@@ -168,7 +170,10 @@ def format_reports(reports):
 
 
 def _as_steps(h):
-    return (float(h),) if np.isscalar(h) else tuple(float(s) for s in h)
+    steps = (h,) if np.isscalar(h) else tuple(h)
+    if not steps or not all(np.isfinite(s) and s > 0 for s in steps):
+        raise ValueError(f"h must be a positive step or a non-empty tuple of them, got {h!r}")
+    return tuple(float(s) for s in steps)
 
 
 def check_gradients(loss_fn, arrays, analytic, h=STEPS, raise_on_fail=True):
@@ -189,9 +194,10 @@ def check_gradients(loss_fn, arrays, analytic, h=STEPS, raise_on_fail=True):
     missing = set(arrays) - set(analytic)
     if missing:
         raise GradCheckError(f"no analytic gradient for {sorted(missing)}")
+    steps = _as_steps(h)
     _, selection0 = _split(loss_fn())
     reports = []
-    for step in _as_steps(h):
+    for step in steps:
         for name, x in arrays.items():
             num = numerical_gradient(loss_fn, x, step, name, selection0)
             reports.append(compare(name, analytic[name], num, step))
@@ -199,6 +205,14 @@ def check_gradients(loss_fn, arrays, analytic, h=STEPS, raise_on_fail=True):
         bad = sorted({r.name for r in reports if not r.passed})
         raise GradCheckError(f"gradient check failed for {', '.join(bad)}:\n" + format_reports(reports))
     return reports
+
+
+def _analytic(what, grads, keys):
+    """Pick ``keys`` out of ``grads`` as float64, or say which ones the backward forgot."""
+    missing = [k for k in keys if k not in grads]
+    if missing:
+        raise GradCheckError(f"{what} returned no gradient for {missing} (it returned keys {sorted(grads)})")
+    return {k: np.array(grads[k], dtype=np.float64) for k in keys}
 
 
 def _float64_copy(name, x):
@@ -238,9 +252,11 @@ def check_pair(forward, backward, x, params=None, dout=None, *, kwargs=None,
         dout = rng.standard_normal(np.shape(out))
     dout = np.asarray(dout, dtype=np.float64)
     dx, grads = backward(dout, cache)
-    analytic = {k: np.array(grads[k], dtype=np.float64) for k in params}
+    analytic = _analytic("backward", grads, params)
     arrays = dict(params)
     if wrt_x:
+        if dx is None:
+            raise GradCheckError("backward returned dx=None; pass wrt_x=False to skip the input")
         arrays = {"x": x, **arrays}
         analytic = {"x": np.array(dx, dtype=np.float64), **analytic}
 
@@ -268,6 +284,11 @@ def check_layer(layer, x, dout=None, *, forward_kwargs=None, selection=None, rng
         selection: ``selection(layer) -> signature`` read after each forward, for kink
             detection; defaults to ``layer.routing_signature()`` if the layer has one.
         rng, h, wrt_x: as in :func:`check_pair`.
+
+    The layer's own ``params`` arrays are perturbed in place and restored exactly.
+
+    Returns:
+        The list of :class:`GradReport` (raises :class:`GradCheckError` on failure).
     """
     rng = np.random.default_rng(0) if rng is None else rng
     kw = dict(forward_kwargs or {})
@@ -282,9 +303,11 @@ def check_layer(layer, x, dout=None, *, forward_kwargs=None, selection=None, rng
         dout = rng.standard_normal(np.shape(y))
     dout = np.asarray(dout, dtype=np.float64)
     dx = layer.backward(dout)
-    analytic = {k: np.array(layer.grads[k], dtype=np.float64) for k in layer.params}
+    analytic = _analytic("layer.backward", layer.grads, layer.params)
     arrays = dict(layer.params)
     if wrt_x:
+        if dx is None:
+            raise GradCheckError("layer.backward returned dx=None; pass wrt_x=False to skip the input")
         arrays = {"x": x, **arrays}
         analytic = {"x": np.array(dx, dtype=np.float64), **analytic}
 

@@ -1,0 +1,247 @@
+"""Tests of the gradient checker itself: a checker that cannot fail proves nothing.
+
+Each test below either feeds the checker a *wrong* gradient and expects it to
+object, or feeds it a tricky *right* one (zero by design, a kink kept at a safe
+distance) and expects it to accept.
+"""
+import re
+from typing import NamedTuple
+
+import numpy as np
+import pytest
+
+from minimoe import gradcheck as gc
+from minimoe import layers
+
+
+def _linear_params(rng, T=4, d_in=3, d_out=2):
+    return rng.standard_normal((T, d_in)), {"W": rng.standard_normal((d_in, d_out)),
+                                              "b": rng.standard_normal(d_out)}
+
+
+# --------------------------------------------------------------------------- it passes, at both steps
+def test_default_steps_are_1e5_and_1e6_and_both_pass(rng):
+    x, params = _linear_params(rng)
+    reports = gc.check_pair(layers.linear_forward, layers.linear_backward, x, params)
+    assert gc.STEPS == (1e-5, 1e-6)
+    assert {(r.name, r.h) for r in reports} == {(n, h) for n in ("x", "W", "b") for h in (1e-5, 1e-6)}
+    assert all(r.passed for r in reports)
+    assert max(r.normwise for r in reports) < gc.TOL_NORMWISE
+
+
+def test_numerical_gradient_of_a_known_function():
+    # f(x) = Σ x³  has gradient 3x²: an independent answer, not the code's own.
+    x = np.array([[0.5, -1.0], [2.0, 0.0]])
+    g = gc.numerical_gradient(lambda: float(np.sum(x**3)), x, h=1e-5)
+    np.testing.assert_allclose(g, 3 * x**2, rtol=1e-9, atol=1e-9)
+
+
+def test_numerical_gradient_restores_the_array_exactly(rng):
+    x = rng.standard_normal((3, 4))
+    before = x.copy()
+    gc.numerical_gradient(lambda: float(np.sum(np.sin(x))), x, h=1e-5)
+    assert np.array_equal(x, before)
+
+    def boom():
+        raise RuntimeError("loss failed")
+    with pytest.raises(RuntimeError, match="loss failed"):
+        gc.numerical_gradient(boom, x)
+    assert np.array_equal(x, before)
+
+
+# --------------------------------------------------------------------------- it fails on wrong gradients
+@pytest.mark.parametrize("which", ["x", "W", "b"])
+def test_gradient_scaled_by_1_001_is_caught(rng, which):
+    x, params = _linear_params(rng)
+
+    def wrong_backward(dout, cache):
+        dx, grads = layers.linear_backward(dout, cache)
+        if which == "x":
+            dx = dx * 1.001
+        else:
+            grads = {**grads, which: grads[which] * 1.001}
+        return dx, grads
+
+    with pytest.raises(gc.GradCheckError, match=f"gradient check failed for {which}\\b"):
+        gc.check_pair(layers.linear_forward, wrong_backward, x, params)
+
+
+def test_classic_softmax_bug_is_caught(rng):
+    # Forgetting the −p pᵀ part of the Jacobian: dz = p ⊙ dp.
+    z = rng.standard_normal((3, 4))
+    wrong = lambda dp, cache: (cache.p * dp, {})  # noqa: E731
+    with pytest.raises(gc.GradCheckError, match="failed for x"):
+        gc.check_pair(layers.softmax_forward, wrong, z)
+
+
+def test_missing_gradient_key_is_reported(rng):
+    x, params = _linear_params(rng)
+    forgetful = lambda dout, cache: (layers.linear_backward(dout, cache)[0], {"W": np.zeros((3, 2))})  # noqa: E731
+    with pytest.raises(gc.GradCheckError, match=r"no gradient for \['b'\]"):
+        gc.check_pair(layers.linear_forward, forgetful, x, params)
+
+
+def test_wrong_gradient_shape_is_reported():
+    with pytest.raises(gc.GradCheckError, match=r"W: analytic gradient has shape \(2, 3\), expected \(3, 2\)"):
+        gc.compare("W", np.zeros((2, 3)), np.zeros((3, 2)))
+
+
+def test_elementwise_criterion_catches_one_bad_entry_the_norm_would_miss(rng):
+    n = rng.standard_normal((100, 100))
+    n[17, 42] = 0.01                       # a small entry, where the absolute tolerance rules
+    a = n.copy()
+    a[17, 42] += 5e-7                      # wrong by 5e-7 > 1e-7 + 1e-5·0.01
+    r = gc.compare("W", a, n)
+    assert r.normwise < gc.TOL_NORMWISE    # the normwise criterion alone would pass it ...
+    assert not r.passed                    # ... the elementwise one does not,
+    assert r.worst_index == (17, 42)       # and it points at the culprit.
+    assert r.worst_excess > 1
+
+
+def test_one_bad_entry_is_caught_end_to_end(rng):
+    # The same, through check_pair on a 40×30 weight: corrupt the smallest entry of dW.
+    x = rng.standard_normal((6, 40))
+    W, b = rng.standard_normal((40, 30)), rng.standard_normal(30)
+
+    def one_bad_entry(dout, cache):
+        dx, g = layers.linear_backward(dout, cache)
+        dW = g["W"].copy()
+        dW[np.unravel_index(np.argmin(np.abs(dW)), dW.shape)] += 5e-7
+        return dx, {"W": dW, "b": g["b"]}
+
+    with pytest.raises(gc.GradCheckError, match="failed for W") as info:
+        gc.check_pair(layers.linear_forward, one_bad_entry, x, {"W": W}, kwargs={"b": b},
+                      wrt_x=False, h=1e-5)
+    # The report table shows the normwise error would have passed on its own.
+    row = re.search(r"^W\s+\(40, 30\)\s+1e-05\s+(\S+)\s.*NO$", str(info.value), re.M)
+    assert row is not None and float(row.group(1)) < gc.TOL_NORMWISE
+
+
+# --------------------------------------------------------------------------- zero by design
+def test_zero_gradient_with_roundoff_noise_passes_by_the_zero_norm_rule():
+    n = np.array([3e-10, 0.0, -1e-11, 0.0])      # what finite differences give for a true 0
+    r = gc.compare("c", np.zeros(4), n)
+    assert r.normwise == 1.0                      # noise over noise: the normwise ratio is useless
+    assert r.passed                               # so the elementwise test decides
+
+
+def test_zero_norm_rule_does_not_hide_a_real_error():
+    r = gc.compare("c", np.zeros(4), np.array([1e-3, 0, 0, 0]))
+    assert not r.passed
+
+
+class _ShiftCache(NamedTuple):
+    softmax: tuple
+
+
+def _shifted_softmax_forward(z, c):
+    """p = softmax(z + c) with one shift c_t per row: p does not depend on c at all."""
+    p, cache = layers.softmax_forward(z + c[:, None])
+    return p, _ShiftCache(cache)
+
+
+def _shifted_softmax_backward(dp, cache):
+    dz, _ = layers.softmax_backward(dp, cache.softmax)
+    return dz, {"c": np.zeros(dz.shape[0])}      # exactly zero, by the invariance
+
+
+def test_zero_by_design_passes_end_to_end():
+    rng = np.random.default_rng(0)
+    z, c = 3 * rng.standard_normal((20, 4)), 10 * rng.standard_normal(20)
+    reports = gc.check_pair(_shifted_softmax_forward, _shifted_softmax_backward, z, {"c": c}, rng=rng)
+    c_reports = [r for r in reports if r.name == "c"]
+    assert all(r.passed for r in reports)
+    # The numeric gradient really is roundoff noise, not exactly 0 (else this test proves nothing):
+    assert any(r.numeric != 0 and r.normwise >= gc.TOL_NORMWISE for r in c_reports)
+
+
+# --------------------------------------------------------------------------- kinks
+def _max_loss(x):
+    """L = max(x) with selection argmax(x); dL/dx is one-hot at the argmax."""
+    return lambda: (float(np.max(x)), int(np.argmax(x)))
+
+
+def _onehot_at_max(x):
+    g = np.zeros_like(x)
+    g[np.argmax(x)] = 1.0
+    return g
+
+
+@pytest.mark.parametrize("margin", [1e-7, 5e-6])
+def test_kink_closer_than_the_step_raises_kink_error(margin):
+    x = np.array([0.3, 1.0, 1.0 - margin, -0.5])
+    before = x.copy()
+    with pytest.raises(gc.KinkError, match=r"perturbing x\[\d\] .* changed the discrete selection"):
+        gc.check_gradients(_max_loss(x), {"x": x}, {"x": _onehot_at_max(x)})
+    assert np.array_equal(x, before)
+
+
+@pytest.mark.parametrize("margin", [1e-3, 0.5])
+def test_kink_at_safe_margin_passes(margin):
+    x = np.array([0.3, 1.0, 1.0 - margin, -0.5])
+    reports = gc.check_gradients(_max_loss(x), {"x": x}, {"x": _onehot_at_max(x)})
+    assert all(r.passed for r in reports) and len(reports) == 2
+
+
+def test_without_a_selection_a_crossed_kink_reports_a_bogus_error():
+    # Why the selection signature exists: without it the jump looks like a gradient error.
+    x = np.array([0.3, 1.0, 1.0 - 1e-7, -0.5])
+    with pytest.raises(gc.GradCheckError):
+        gc.check_gradients(lambda: float(np.max(x)), {"x": x}, {"x": _onehot_at_max(x)})
+
+
+class _KeepMaxCache(NamedTuple):
+    mask: np.ndarray  # (T, n) one-hot of each row's argmax
+
+
+def _keep_max_forward(x):
+    mask = (np.arange(x.shape[-1]) == np.argmax(x, axis=-1)[:, None]).astype(x.dtype)
+    return x * mask, _KeepMaxCache(mask)
+
+
+def _keep_max_backward(dout, cache):
+    return dout * cache.mask, {}
+
+
+def test_check_pair_selection_detects_a_kink_and_passes_far_from_one():
+    sel = lambda out, cache: cache.mask  # noqa: E731
+    near = np.array([[2.0, 2.0 - 1e-8, 0.0], [0.0, 1.0, -1.0]])
+    with pytest.raises(gc.KinkError):
+        gc.check_pair(_keep_max_forward, _keep_max_backward, near, selection=sel)
+    far = np.array([[2.0, 2.0 - 1e-3, 0.0], [0.0, 1.0, -1.0]])
+    assert all(r.passed for r in gc.check_pair(_keep_max_forward, _keep_max_backward, far, selection=sel))
+
+
+# --------------------------------------------------------------------------- bad arguments
+def test_checker_refuses_float32():
+    x32 = np.ones((2, 3), dtype=np.float32)
+    with pytest.raises(TypeError, match="gradient checks need float64, but x has dtype float32"):
+        gc.numerical_gradient(lambda: 0.0, x32)
+    with pytest.raises(TypeError, match="but W has dtype float32"):
+        gc.check_pair(layers.linear_forward, layers.linear_backward, np.ones((2, 3)),
+                      {"W": np.ones((3, 2), np.float32), "b": np.zeros(2)})
+
+
+def test_checker_rejects_bad_steps_and_missing_gradients():
+    x = np.ones(3)
+    with pytest.raises(ValueError, match="h must be a positive step"):
+        gc.check_gradients(lambda: float(x.sum()), {"x": x}, {"x": np.ones(3)}, h=0.0)
+    with pytest.raises(gc.GradCheckError, match=r"no analytic gradient for \['x'\]"):
+        gc.check_gradients(lambda: float(x.sum()), {"x": x}, {})
+
+
+def test_format_reports_marks_failures():
+    good = gc.compare("W", np.ones(3), np.ones(3), 1e-5)
+    bad = gc.compare("b", np.ones(3), 1.001 * np.ones(3), 1e-5)
+    table = gc.format_reports([good, bad])
+    lines = table.splitlines()
+    assert lines[0].split()[:2] == ["param", "shape"]
+    assert lines[1].startswith("W") and lines[1].endswith("yes")
+    assert lines[2].startswith("b") and lines[2].endswith("NO")
+    assert "pass: normwise < 1e-08" in lines[-1]
+
+
+def test_rel_error_values():
+    assert gc.rel_error(np.zeros(3), np.zeros(3)) == 0.0
+    assert gc.rel_error([3.0, 4.0], [0.0, 0.0]) == 1.0
+    assert gc.rel_error([1.0, 0.0], [1.0, 1e-6]) == pytest.approx(1e-6)

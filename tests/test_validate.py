@@ -1,0 +1,105 @@
+"""Tests of the argument checks in minimoe/validate.py: each message names the
+argument and says what was expected."""
+import numpy as np
+import pytest
+
+from minimoe.validate import check_array, check_choice, check_dtype, check_int, check_positive_float, check_rng
+
+
+# --------------------------------------------------------------------------- check_array
+def test_check_array_returns_its_input_unchanged():
+    x = np.ones((2, 3))
+    assert check_array("x", x, ndim=2, shape=(None, 3)) is x
+
+
+def test_check_array_type_and_dtype():
+    with pytest.raises(TypeError, match="x must be a numpy array, got list"):
+        check_array("x", [1.0, 2.0])
+    with pytest.raises(TypeError, match=r"W must have a floating dtype \(float32 or float64\), got int32"):
+        check_array("W", np.ones(3, dtype=np.int32))
+    with pytest.raises(TypeError, match="got bool"):
+        check_array("mask", np.ones(3, dtype=bool))
+    assert check_array("mask", np.ones(3, dtype=bool), floating=False).dtype == bool
+    assert check_array("x", np.ones(3, dtype=np.float32)).dtype == np.float32
+
+
+def test_check_array_rank():
+    with pytest.raises(ValueError, match=r"x must have 2 dimensions, got shape \(3,\)"):
+        check_array("x", np.ones(3), ndim=2)
+    with pytest.raises(ValueError, match=r"x must have 2 or 3 dimensions, got shape \(\)"):
+        check_array("x", np.array(1.0), ndim=(2, 3))
+    with pytest.raises(ValueError, match=r"x must have 1 to 7 dimensions, got shape \(\)"):
+        check_array("x", np.array(1.0), ndim=range(1, 8))
+
+
+def test_check_array_shape_messages_show_wildcards_and_one_tuples():
+    with pytest.raises(ValueError, match=r"x must have shape \(\?, 4\), got \(5, 3\)"):
+        check_array("x", np.ones((5, 3)), shape=(None, 4))
+    with pytest.raises(ValueError, match=r"b must have shape \(4,\), got \(4, 1\)"):
+        check_array("b", np.ones((4, 1)), shape=(4,))
+    with pytest.raises(ValueError, match=r"b1 must have shape \(3, 5\), got \(3,\)"):
+        check_array("b1", np.ones(3), shape=(3, 5))
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_check_array_non_finite(bad):
+    x = np.ones((2, 2))
+    x[1, 0] = bad
+    with pytest.raises(ValueError, match="x contains NaN or inf"):
+        check_array("x", x)
+    assert check_array("x", x, finite=False) is x
+    assert check_array("x", np.zeros((0, 3))).shape == (0, 3)    # empty is finite
+
+
+# --------------------------------------------------------------------------- scalars
+def test_check_int():
+    assert check_int("k", np.int64(2), low=1, high=4) == 2
+    with pytest.raises(TypeError, match="k must be an integer, got 2.0"):
+        check_int("k", 2.0)
+    with pytest.raises(TypeError, match="k must be an integer, got True"):
+        check_int("k", True)
+    with pytest.raises(ValueError, match="k must be >= 1, got 0"):
+        check_int("k", 0, low=1)
+    with pytest.raises(ValueError, match="k must be <= 4, got 5"):
+        check_int("k", 5, high=4)
+
+
+def test_check_positive_float():
+    assert check_positive_float("capacity_factor", 1) == 1.0
+    assert check_positive_float("w", 0, allow_zero=True) == 0.0
+    with pytest.raises(ValueError, match="capacity_factor must be a finite number > 0, got 0"):
+        check_positive_float("capacity_factor", 0)
+    with pytest.raises(ValueError, match="w must be a finite number >= 0, got -0.5"):
+        check_positive_float("w", -0.5, allow_zero=True)
+    with pytest.raises(ValueError, match="lr must be a finite number > 0, got nan"):
+        check_positive_float("lr", float("nan"))
+    with pytest.raises(TypeError, match="lr must be a number, got '0.1'"):
+        check_positive_float("lr", "0.1")
+
+
+def test_check_choice():
+    assert check_choice("gate", "topk", ("dense", "topk")) == "topk"
+    with pytest.raises(ValueError, match="gate must be one of 'dense', 'topk'; got 'tpok'"):
+        check_choice("gate", "tpok", ("dense", "topk"))
+    with pytest.raises(ValueError, match="gate must be one of"):
+        check_choice("gate", np.array([1.0, 2.0]), ("dense", "topk"))   # no ambiguous-truth crash
+    with pytest.raises(ValueError, match="gate must be one of"):
+        check_choice("gate", ["dense"], ("dense", "topk"))
+
+
+def test_check_rng():
+    g = np.random.default_rng(0)
+    assert check_rng("rng", g) is g
+    with pytest.raises(TypeError, match=r"rng must be a numpy.random.Generator \(e.g. np.random.default_rng\(0\)\), got int"):
+        check_rng("rng", 0)
+    with pytest.raises(TypeError, match="got RandomState"):
+        check_rng("rng", np.random.RandomState(0))
+
+
+def test_check_dtype():
+    assert check_dtype("dtype", np.float32) == np.dtype(np.float32)
+    assert check_dtype("dtype", "float64") == np.dtype(np.float64)
+    with pytest.raises(TypeError, match="dtype must be a floating dtype .* got int64"):
+        check_dtype("dtype", np.int64)
+    with pytest.raises(TypeError, match="dtype must be a numpy dtype such as np.float64"):
+        check_dtype("dtype", "floaty")
