@@ -9,5 +9,7 @@ specialists), then ``router.py``, ``losses.py``, ``dispatch.py`` and ``moe.py``.
 """
 from . import gradcheck, layers, experts  # noqa: F401
 from .experts import Expert, ExpertBank  # noqa: F401
+from . import router, losses, dispatch, moe  # noqa: F401
+from .moe import MoELayer  # noqa: F401
 
 __version__ = "0.1.0"
