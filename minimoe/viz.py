@@ -271,3 +271,287 @@ def plot_clinic_summary(rows, counts, path=None, bayes=None):
     fig.suptitle("The GP's clinic wins: specialists' accuracy at a generalist's compute", fontsize=12)
     fig.tight_layout()
     return _finish(fig, path)
+
+
+# =========================================================================== lesson 10: the bug hunt
+def plot_balance_runs(runs, path=None, title="Balancing the real load, or only the loss?"):
+    """Lesson 10, bug 1: what each version of a load loss does to the *real* load.
+
+    ``runs``: ``{label: minimoe.bugs.BalanceRun}`` (from ``bugs.train_router_on_load_loss``).
+    Left: patients per specialist before training (grey outline) and after (filled), one
+    group of bars per version. Right: the CV² of the real load (solid) and the balancing
+    loss itself (dashed) over the training steps, on a log scale.
+    """
+    plt = _plt()
+    fig, (ax_bar, ax_cv) = plt.subplots(1, 2, figsize=(11, 4.3))
+    E = len(next(iter(runs.values())).load_before)
+    width = 0.8 / len(runs)
+    for i, (label, run) in enumerate(runs.items()):
+        pos = np.arange(E) + (i - (len(runs) - 1) / 2) * width
+        color = "C%d" % (3 if i == 0 else 2 if i == 1 else i)
+        ax_bar.bar(pos, run.load_before, width, fill=False, edgecolor="0.6", lw=1,
+                   label="before training" if i == 0 else None)
+        ax_bar.bar(pos, run.load_after, width * 0.8, color=color, alpha=0.85, label=f"after: {label}")
+        steps = np.arange(1, len(run.real_cv2) + 1)
+        ax_cv.plot(steps, np.maximum(run.real_cv2, 1e-6), "-", color=color, lw=2,
+                   label=f"CV² of the real load — {label}")
+        ax_cv.plot(steps, np.maximum(run.loss, 1e-6), "--", color=color, lw=1.5,
+                   label=f"the loss itself — {label}")
+    ax_bar.axhline(np.mean(next(iter(runs.values())).load_before), color="k", ls=":", lw=1,
+                   label="perfect balance")
+    ax_bar.set(xticks=np.arange(E), xlabel="specialist (expert)", ylabel="patients referred")
+    ax_bar.legend(fontsize=8)
+    ax_cv.set(yscale="log", xlabel="training step", ylabel="CV²")
+    ax_cv.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, frameon=False)
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    return _finish(fig, path)
+
+
+# =========================================================================== lessons 07–08
+# (appended for lessons 07 "The whole clinic" and 08 "What specialists really learn")
+__all__ += ["plot_knowledge_vs_compute", "plot_routing_tables", "plot_accuracy_vs_information"]
+
+
+def plot_knowledge_vs_compute(rows, sweep, path=None, bayes=None):
+    """Test accuracy against FLOPs per patient (left) and against parameters (right).
+
+    Args:
+        rows: the clinics, dicts with ``kind``, ``acc``, ``flops``, ``params`` (one marker each).
+        sweep: GP clinics with more and more experts at fixed k, dicts with ``E``, ``acc``,
+            ``flops``, ``params`` — drawn as a line. Growing E adds parameters (knowledge)
+            at almost no compute, so the line runs steeply up on the left and across on the right.
+        bayes: optional best possible accuracy (dashed line).
+    """
+    plt = _plt()
+    sweep = sorted(sweep, key=lambda r: r["E"])
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    for ax, key, xlabel in ((axes[0], "flops", "FLOPs per patient (compute)"),
+                            (axes[1], "params", "parameters (knowledge)")):
+        xs = [r[key] for r in sweep]
+        ax.plot(xs, [r["acc"] for r in sweep], "-", color=CLINIC_STYLE["sparse_moe"][1], lw=1.5, alpha=0.6,
+                zorder=2, label="GP referral, k fixed, more experts E")
+        for r in sweep:
+            ax.annotate(f"E={r['E']}", (r[key], r["acc"]), xytext=(4, -10), textcoords="offset points",
+                        fontsize=7, color=CLINIC_STYLE["sparse_moe"][1])
+        ax.scatter(xs, [r["acc"] for r in sweep], s=14, color=CLINIC_STYLE["sparse_moe"][1], zorder=3)
+        for i, r in enumerate(rows):
+            label, color, marker = _style(r["kind"], i)
+            ax.scatter([r[key]], [r["acc"]], marker=marker, s=160 if marker == "*" else 60, color=color,
+                       zorder=4, label=label)
+        if bayes is not None:
+            ax.axhline(bayes, color="k", ls="--", lw=1)
+        ax.set_xscale("log")
+        from matplotlib.ticker import FuncFormatter
+        fmt = FuncFormatter(lambda v, _: f"{v:,.0f}")
+        ax.xaxis.set_major_formatter(fmt)
+        ax.xaxis.set_minor_formatter(fmt)
+        ax.tick_params(axis="x", which="minor", labelsize=7)
+        ax.set_xlabel(xlabel + ", log scale")
+        ax.grid(alpha=0.3, which="both")
+    axes[0].set_ylabel("test accuracy")
+    axes[0].set_title("Accuracy against compute per patient", fontsize=10)
+    axes[1].set_title("Accuracy against parameters", fontsize=10)
+    axes[1].legend(fontsize=7, loc="lower right")
+    fig.suptitle("More specialists add knowledge without adding compute", fontsize=11)
+    fig.tight_layout()
+    return _finish(fig, path)
+
+
+def plot_routing_tables(tables, path=None, title=None, ncols=None):
+    """Several (E, S) referral tables side by side, each as in :func:`plot_specialty_routing`.
+
+    Args:
+        tables: ``{panel title: (E, S) counts}`` — e.g. a learned GP, a hash, a domain ensemble.
+        ncols: panels per row (default: all in one row).
+    """
+    plt = _plt()
+    n = len(tables)
+    ncols = n if ncols is None else max(1, min(int(ncols), n))
+    nrows = -(-n // ncols)
+    E_max = max(np.shape(t)[0] for t in tables.values())
+    S_max = max(np.shape(t)[1] for t in tables.values())
+    fig, axes = plt.subplots(nrows, ncols, squeeze=False,
+                             figsize=(ncols * (1.4 + 0.42 * S_max), nrows * (1.5 + 0.22 * E_max)))
+    for ax, (name, counts) in zip(axes.flat, tables.items()):
+        plot_specialty_routing(counts, ax=ax, title=name)
+    for ax in list(axes.flat)[n:]:
+        ax.set_visible(False)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    return _finish(fig, path)
+
+
+def plot_accuracy_vs_information(rows, path=None, bayes=None, baseline=None):
+    """Test accuracy against how much the referral knows about the hidden specialty.
+
+    Args:
+        rows: dicts with ``name``, ``info`` (I(expert; specialty) / H(specialty), in [0, 1])
+            and ``acc``; an optional ``labels`` (bool) draws the point hollow: its members were
+            split by human labels before training.
+        bayes: optional best possible accuracy; baseline: optional accuracy of one generalist
+            (both dashed lines).
+    """
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(8.6, 4.2))
+    for i, r in enumerate(rows):
+        color = "C%d" % i
+        ax.scatter([r["info"]], [r["acc"]], s=70, zorder=3, edgecolors=color,
+                   facecolors="none" if r.get("labels") else color, linewidths=2, label=r["name"])
+    for y, text, ls in ((bayes, "best possible", "--"), (baseline, "one generalist", ":")):
+        if y is not None:
+            ax.axhline(y, color="k", ls=ls, lw=1)
+            ax.annotate(text, (0.01, y), xycoords=("axes fraction", "data"), xytext=(0, 3),
+                        textcoords="offset points", fontsize=8)
+    ax.set_xlim(-0.05, 1.05)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    ax.set_xlabel("I(expert; specialty) / H(specialty): what the referral knows about the specialty")
+    ax.set_ylabel("test accuracy")
+    ax.set_title("Referrals that carry more information about the specialty diagnose better\n"
+                 "(hollow: doctors split by human labels before training)", fontsize=10)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return _finish(fig, path)
+
+
+# =========================================================================== lessons 05–06: balance and capacity
+__all__ += ["plot_load_shares", "plot_balance_options", "plot_load_estimate",
+            "plot_appointment_book", "plot_drop_rates"]
+
+
+def plot_load_shares(histories, path=None, title="Who gets the patients, over training"):
+    """Lesson 05: each expert's share of the referrals over training, one stacked panel per run.
+
+    ``histories``: ``{panel title: History}`` of MoE clinics. Perfect balance is E equal
+    bands (dotted lines); collapse is a few bands swallowing the rest.
+    """
+    plt = _plt()
+    n = len(histories)
+    fig, axes = plt.subplots(1, n, figsize=(4.6 * n + 1.4, 3.6), squeeze=False, sharey=True)
+    for ax, (name, h) in zip(axes[0], histories.items()):
+        load = h.load_array().astype(np.float64)
+        E = load.shape[1]
+        total = load.sum(axis=1, keepdims=True)
+        share = np.divide(load, total, out=np.zeros_like(load), where=total > 0)
+        cmap = plt.get_cmap("tab20" if E > 10 else "tab10")
+        ax.stackplot(h.epoch, share.T, colors=[cmap(e % cmap.N) for e in range(E)],
+                     labels=[f"expert {e}" for e in range(E)], alpha=0.9)
+        for y in np.arange(1, E) / E:
+            ax.axhline(y, color="white", lw=0.6, ls=":")
+        ax.set(xlim=(h.epoch[0], h.epoch[-1]), ylim=(0, 1), xlabel="epoch", title=name)
+    axes[0][0].set_ylabel("share of referrals")
+    axes[0][-1].legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)
+    fig.suptitle(title + "  (dotted: perfect balance)", fontsize=11)
+    fig.tight_layout()
+    return _finish(fig, path)
+
+
+def plot_balance_options(results, path=None, title="What each balancing option buys"):
+    """Lesson 05: one bar per option in three panels — load CV, accuracy, router z-loss.
+
+    ``results``: ``{option: {"cv": float, "acc": float, "z": float}}``.
+    """
+    plt = _plt()
+    names = list(results)
+    panels = [("cv", "load CV (0 = balanced)", "tab:red"),
+              ("acc", "validation accuracy", "tab:green"),
+              ("z", "router z-loss  mean(logsumexp L)²", "tab:purple")]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.9))
+    y = np.arange(len(names))
+    for ax, (key, label, color) in zip(axes, panels):
+        vals = np.array([results[n][key] for n in names], dtype=np.float64)
+        ax.barh(y, vals, color=color, alpha=0.8)
+        for yi, v in zip(y, vals):
+            ax.text(v, yi, f" {v:.2f}", va="center", fontsize=8)
+        ax.set(xlabel=label, xlim=(0, vals.max() * 1.25 if vals.max() > 0 else 1))
+        ax.set_yticks(y, names if ax is axes[0] else [""] * len(names))
+        ax.invert_yaxis()
+        ax.grid(axis="x", alpha=0.3)
+    if "acc" in results[names[0]]:
+        accs = [results[n]["acc"] for n in names]
+        axes[1].set_xlim(min(accs) - 0.1, max(accs) + 0.05)
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    return _finish(fig, path)
+
+
+def plot_load_estimate(real, smooth, path=None, title="The smooth load tracks the real one"):
+    """Lesson 05: average real load (patients per expert) next to the smooth estimate Σ_t P(t,e)."""
+    plt = _plt()
+    real, smooth = np.asarray(real, float), np.asarray(smooth, float)
+    E = real.size
+    fig, ax = plt.subplots(figsize=(6.4, 3.4))
+    x = np.arange(E)
+    ax.bar(x - 0.2, real, 0.4, color="tab:blue", label="real load (top-k count), mean over noise draws")
+    ax.bar(x + 0.2, smooth, 0.4, color="tab:orange", label="smooth load Σ_t P(t,e), mean over draws")
+    ax.set(xticks=x, xlabel="specialist (expert)", ylabel="patients", title=title)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=1, frameon=False)
+    fig.tight_layout()
+    return _finish(fig, path)
+
+
+def plot_appointment_book(idx, order, offsets, capacity, path=None,
+                          title="Each specialist's appointment book"):
+    """Lesson 06: the slots of each expert (rows) filled with the patients it serves.
+
+    ``idx`` (T, k) referrals, ``order``/``offsets`` a dispatch plan (grouped flat ids
+    ``a = t·k + j``), ``capacity`` C. A slot shows the patient ``t``; dark = a first
+    choice, light = a second (or later) choice. Turned-away referrals are listed on the right.
+    """
+    plt = _plt()
+    idx = np.asarray(idx)
+    T, k = idx.shape
+    E = len(offsets) - 1
+    C = int(capacity)
+    kept = np.zeros(T * k, dtype=bool)
+    kept[np.asarray(order)] = True
+    fig, ax = plt.subplots(figsize=(1.2 + 0.62 * C + 3.2, 0.9 + 0.5 * E))
+    cols = plt.get_cmap("tab10")
+    for e in range(E):
+        ax.text(-0.6, e, f"expert {e}", ha="right", va="center", fontsize=9)
+        for s in range(C):
+            ax.add_patch(plt.Rectangle((s - 0.45, e - 0.4), 0.9, 0.8, fill=False, ec="0.75", lw=0.8))
+        for s, a in enumerate(np.asarray(order)[offsets[e]:offsets[e + 1]]):
+            t, j = divmod(int(a), k)
+            ax.add_patch(plt.Rectangle((s - 0.45, e - 0.4), 0.9, 0.8, color=cols(e % 10),
+                                       alpha=0.95 if j == 0 else 0.4))
+            ax.text(s, e, f"{t}", ha="center", va="center", fontsize=9,
+                    color="white" if j == 0 else "black")
+        away = [a for a in np.flatnonzero(~kept) if idx.reshape(-1)[a] == e]
+        if away:
+            ax.text(C - 0.2, e, "  turned away: " + ", ".join(
+                f"{a // k}" + ("" if a % k == 0 else " (2nd)" if a % k == 1 else f" ({a % k + 1}th)")
+                for a in away), va="center", fontsize=8, color="tab:red")
+    ax.set(xlim=(-0.6, C + 3.5), ylim=(E - 0.5, -0.5), title=title)
+    ax.set_xticks(range(C), [f"slot {s + 1}" for s in range(C)], fontsize=8)
+    ax.set_yticks([])
+    for side in ("top", "right", "left"):
+        ax.spines[side].set_visible(False)
+    fig.tight_layout()
+    return _finish(fig, path)
+
+
+def plot_drop_rates(capacity_factors, rates, path=None,
+                    title="Referrals turned away against the capacity factor"):
+    """Lesson 06: fraction of referrals dropped against the capacity factor.
+
+    ``rates``: ``{panel title: {curve label (e.g. "k = 2"): array like capacity_factors}}``.
+    """
+    plt = _plt()
+    n = len(rates)
+    fig, axes = plt.subplots(1, n, figsize=(5 * n, 3.7), squeeze=False, sharey=True)
+    cf = np.asarray(capacity_factors, float)
+    for ax, (name, curves) in zip(axes[0], rates.items()):
+        for (label, r), m in zip(curves.items(), "os^Dv"):
+            ax.plot(cf, r, m + "-", lw=1.8, ms=4, label=label)
+        ax.axvline(1.0, color="gray", ls=":", lw=1)
+        ax.text(1.0, 0.97, " factor 1: books exactly fit a perfectly balanced GP", fontsize=7,
+                color="gray", va="top", transform=ax.get_xaxis_transform())
+        ax.set(xlabel="capacity factor", title=name, ylim=(0, None))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0][0].set_ylabel("fraction of referrals turned away")
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    return _finish(fig, path)
