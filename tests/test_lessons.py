@@ -140,6 +140,15 @@ def test_student_notebook_runs_and_every_grader_catches_the_blank(executed, stem
 
 
 @pytest.mark.parametrize("stem", STEMS)
+def test_graders_do_not_echo_their_return_value(executed, stem):
+    """A grader call ends its cell; its verdict line is the only thing the learner should see."""
+    for kind in ("solution", "student"):
+        echoed = [o["data"].get("text/plain", "") for c in executed[(stem, kind)].cells
+                  for o in c.get("outputs", []) if o.get("output_type") == "execute_result"]
+        assert not [e for e in echoed if e.startswith(("Result(", "Progress("))], (kind, echoed)
+
+
+@pytest.mark.parametrize("stem", STEMS)
 def test_every_notebook_has_a_figure_questions_and_a_progress_table(stem):
     src = (LESSONS / "src" / f"{stem}.py").read_text(encoding="utf-8")
     assert re.search(r"viz\.plot_\w+\(", src), "at least one figure"

@@ -62,6 +62,19 @@ class Result(NamedTuple):
     def line(self):
         return f"{'✔' if self.passed else '✘'} {self.key} — {self.message}"
 
+    def _ipython_display_(self):
+        """Show nothing: the verdict line was already shown when the grader ran, and a
+        grader call is usually the last line of its cell (Jupyter would echo the tuple)."""
+
+
+class Progress(NamedTuple):
+    """A lesson's score: exercises passed out of the total."""
+    passed: int
+    total: int
+
+    def _ipython_display_(self):
+        """Show nothing: the table was already shown (see :class:`Result`)."""
+
 
 def strict():
     """True when failed graders should raise (``MINIMOE_STRICT=1``, for nbgrader)."""
@@ -126,7 +139,7 @@ class Lesson:
                 "exercises": {n: p for n, p in rows}}
         _display({"text/plain": format_table(title, rows), "text/html": html_table(title, rows)},
                  {"minimoe_progress": meta})
-        return passed, len(rows)
+        return Progress(passed, len(rows))
 
 
 # --------------------------------------------------------------------------- output
