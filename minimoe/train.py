@@ -106,7 +106,7 @@ def specialty_routing(model, split, batch_size=4096):
     if model.moe is None:
         raise ValueError(f"specialty_routing needs an MoE clinic; {type(model).__name__} has no router")
     S = int(split.specialty.max()) + 1
-    E = model.moe.params["W_gate"].shape[1]
+    E = model.moe.n_experts          # works for any layer with the MoELayer surface (hash, expert choice, ...)
     counts = np.zeros((E, S), dtype=np.int64)
     for s in range(0, len(split), batch_size):
         model.forward(split.x[s:s + batch_size], train=False)
