@@ -105,14 +105,15 @@ def format_report(summaries):
     """
     lines = ["Your progress through the minimoe lessons", ""]
     total = done = 0
-    for path, lesson, rows in summaries:
-        title = f"{lesson.number} {lesson.title}" if lesson else Path(path).stem
+    titles = [f"{lesson.number} {lesson.title}" if lesson else Path(path).stem for path, lesson, _ in summaries]
+    width = max([28] + [len(t) for t in titles])
+    for title, (path, lesson, rows) in zip(titles, summaries):
         passed = sum(1 for _, p in rows if p)
         marks = "".join(_MARK[p] for _, p in rows)
         todo = [n for n, p in rows if not p]
         state = "not run yet" if rows and all(p is None for _, p in rows) else (
             "complete" if rows and not todo else "next: " + ", ".join(todo[:3]) + (" …" if len(todo) > 3 else ""))
-        lines.append(f"  {title:<28} {passed}/{len(rows):<3} {marks:<6} {state}")
+        lines.append(f"  {title:<{width}} {passed}/{len(rows):<3} {marks:<6} {state}")
         total += len(rows)
         done += passed
     lines += ["", f"  {done}/{total} exercises passed"]
