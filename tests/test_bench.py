@@ -1,0 +1,186 @@
+"""The benchmark runs and reports; the speed paths it motivated give the plain answers.
+
+No timing is asserted anywhere: the benchmark *reports* speed, the tests check that
+it runs, that its report is well formed and that its ratios are the ratios of its
+own figures. The second half checks each shortcut taken for speed (in router.py and
+experts.py) against the slow, obvious computation it replaces.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from minimoe import bench
+from minimoe.experts import experts_backward, experts_forward, init_expert_params
+from minimoe.router import router_logits_backward, router_logits_forward, softplus, topk_indices
+
+
+# --------------------------------------------------------------------------- the command
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """One ``python -m minimoe.bench --quick`` in a subprocess, as a user would type it."""
+    path = tmp_path_factory.mktemp("bench") / "bench.json"
+    # One BLAS thread: on a shared 2-core machine many small multi-threaded matmuls crawl.
+    proc = subprocess.run([sys.executable, "-m", "minimoe.bench", "--quick", "--no-progress", "--threads", "1",
+                           "--json", str(path)],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "MPLBACKEND": "Agg"})
+    return proc, path
+
+
+def test_quick_run_succeeds_and_prints_table_and_one_json_line(quick_run):
+    proc, path = quick_run
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    for word in ("moe_ms", "ceiling_ms", "ceiling/moe", "E64/E8", "peak_MiB", "BLAS", "machine"):
+        assert word in proc.stdout, word
+    result = json.loads(lines[-1])                       # the last line is the machine-readable one
+    assert json.loads(path.read_text()) == result       # and --json wrote the same thing
+
+
+def test_quick_result_is_consistent(quick_run):
+    result = json.loads(quick_run[0].stdout.strip().splitlines()[-1])
+    rows = result["results"]
+    assert [(r["dtype"], r["E"]) for r in rows] == [("float64", 8), ("float64", 64), ("float32", 8), ("float32", 64)]
+    cfg = result["config"]
+    assert cfg["T"] == bench.QUICK["T"] and cfg["balance"] == "switch" and cfg["capacity_factor"] is None
+    for r in rows:
+        assert len(r["moe_ms_all"]) == len(r["ceiling_ms_all"]) == cfg["repeats"]
+        assert r["moe_ms"] == pytest.approx(np.median(r["moe_ms_all"]), rel=1e-3)
+        assert r["ceiling_ms"] == pytest.approx(result["ceiling_ms"][r["dtype"]])
+        assert r["ceiling/moe"] == pytest.approx(r["ceiling_ms"] / r["moe_ms"])
+        base = next(b for b in rows if b["dtype"] == r["dtype"] and b["E"] == 8)
+        assert r["E/E8"] == pytest.approx(r["moe_ms"] / base["moe_ms"])
+        assert r["peak_mib"] > 0
+    assert result["targets"] == {}                       # targets only judge the full configuration
+    assert result["machine"]["numpy"] == np.__version__ and result["machine"]["cores"] >= 1
+    assert [b["num_threads"] for b in result["machine"]["blas"]] == [1] * len(result["machine"]["blas"])
+
+
+def test_help_documents_every_option():
+    proc = subprocess.run([sys.executable, "-m", "minimoe.bench", "--help"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0
+    for option in ("--quick", "--repeats", "--warmup", "--capacity-factor", "--threads", "--json", "--no-progress"):
+        assert option in proc.stdout, option
+
+
+@pytest.mark.parametrize("argv, msg", [
+    (["--repeats", "0"], "argument --repeats: expected a whole number >= 1, got '0'"),
+    (["--repeats", "many"], "argument --repeats: expected a whole number >= 1, got 'many'"),
+    (["--warmup", "-2"], "argument --warmup: expected a whole number >= 1"),
+    (["--capacity-factor", "-1"], "argument --capacity-factor: expected a number > 0 or 'none'"),
+    (["--capacity-factor", "nan"], "argument --capacity-factor: expected a number > 0 or 'none'"),
+    (["--threads", "0"], "argument --threads: expected a whole number >= 1"),
+    (["--json", "/no/such/folder/out.json"], "--json: folder '/no/such/folder' does not exist"),
+    (["--colour", "red"], "unrecognized arguments: --colour"),
+])
+def test_bad_arguments_fail_clearly(argv, msg, capsys):
+    with pytest.raises(SystemExit) as exc:
+        bench.main(argv + ["--quick", "--no-progress"])
+    assert exc.value.code == 2
+    assert msg in capsys.readouterr().err
+
+
+def test_capacity_factor_option_reaches_the_layer(capsys):
+    result = bench.main(["--quick", "--no-progress", "--threads", "1", "--repeats", "1", "--capacity-factor", "1.0"])
+    assert result["config"]["capacity_factor"] == 1.0
+    assert "capacity_factor=1.0" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- the pieces
+def test_time_interleaved_rotates_the_order_and_skips_the_warmup():
+    calls = []
+    steps = {name: (lambda name=name: calls.append(name)) for name in ("a", "b", "c")}
+    times = bench.time_interleaved(steps, repeats=4, warmup=2)
+    assert calls == ["a", "b", "c", "b", "c", "a", "c", "a", "b", "a", "b", "c", "b", "c", "a", "c", "a", "b"]
+    assert {k: len(v) for k, v in times.items()} == {"a": 4, "b": 4, "c": 4}
+    assert all(t >= 0 for v in times.values() for t in v)
+
+
+def test_peak_mib_sees_numpy_buffers():
+    assert bench.peak_mib(lambda: np.ones(4 * 2**20 // 8)) >= 4.0        # a 4 MiB float64 array
+    assert bench.peak_mib(lambda: None) < 0.5
+
+
+def test_steps_do_what_they_say():
+    cfg = dict(bench.QUICK, T=16)
+    step, layer = bench.make_moe_step(8, np.float32, cfg)
+    assert np.any(layer.params["W_noise"] != 0)         # not the W_noise = 0 special case
+    step()
+    assert layer.grads["W1"].dtype == np.float32 and np.any(layer.grads["W1"] != 0)
+    assert layer.stats["dropped"] == 0 and int(layer.stats["load"].sum()) == 16 * 2
+    bench.make_ceiling_step(np.float64, cfg)()          # six plain matmuls, no error
+
+
+# --------------------------------------------------------------------------- speed paths = plain paths
+def _tie_heavy(rng, T, E, dtype):
+    """Scores drawn from a few integers, so almost every row has exact ties."""
+    return rng.integers(-2, 3, size=(T, E)).astype(dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("E, k", [(1, 1), (4, 2), (8, 8), (12, 3), (64, 2), (20, 9), (20, 20)])
+def test_topk_indices_equals_the_stable_sort_even_with_ties(rng, dtype, E, k):
+    for H in (_tie_heavy(rng, 50, E, dtype), rng.standard_normal((50, E)).astype(dtype)):
+        expected = np.argsort(-H, axis=-1, kind="stable")[:, :k]
+        np.testing.assert_array_equal(topk_indices(H, k), expected)
+
+
+def test_topk_indices_with_infinities_falls_back_to_the_sort():
+    H = np.array([[-np.inf, -np.inf, 1.0, -np.inf], [np.inf, 0.0, np.inf, -1.0]])
+    np.testing.assert_array_equal(topk_indices(H, 3), [[2, 0, 1], [0, 2, 1]])
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_softplus_matches_logaddexp(dtype):
+    z = np.concatenate([np.linspace(-1e4, 1e4, 20001), np.linspace(-60, 60, 20001),
+                        [0.0, -0.0, 1e-30, -1e-30, 88.7, -103.0, 709.0, -745.0]]).astype(dtype)
+    got, want = softplus(z), np.logaddexp(dtype(0), z)
+    assert got.dtype == dtype
+    ulps = np.abs(got - want) / np.spacing(np.maximum(np.abs(want), np.finfo(dtype).tiny))
+    assert ulps.max() <= 4
+    np.testing.assert_array_equal(softplus(np.array([np.inf, -np.inf])), [np.inf, 0.0])
+
+
+def test_router_noise_gradient_uses_the_logistic_function(rng):
+    T, d, E = 7, 5, 4
+    x, Wg, Wn = rng.standard_normal((T, d)), rng.standard_normal((d, E)), 3 * rng.standard_normal((d, E))
+    noise, dH = rng.standard_normal((T, E)), rng.standard_normal((T, E))
+    _, cache = router_logits_forward(x, Wg, Wn, noise=noise)
+    _, grads = router_logits_backward(dH, cache)
+    logistic = 1 / (1 + np.exp(-(x @ Wn)))                 # softplus' written the textbook way
+    np.testing.assert_allclose(grads["W_noise"], x.T @ (noise * dH * logistic), rtol=1e-12)
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+def test_bank_leaves_its_inputs_alone_and_backward_can_be_repeated(rng, activation):
+    E, d, h, sizes = 4, 3, 6, [3, 0, 5, 2]
+    p = init_expert_params(E, d, h, rng)
+    p["b1"] = rng.standard_normal((E, h))
+    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    x, dy = rng.standard_normal((10, d)), rng.standard_normal((10, d))
+    x0, dy0, p0 = x.copy(), dy.copy(), {k: v.copy() for k, v in p.items()}
+    y, cache = experts_forward(x, offsets, **p, activation=activation)
+    a0 = cache.a.copy()
+    first, second = experts_backward(dy, cache), experts_backward(dy, cache)
+    np.testing.assert_array_equal(x, x0)
+    np.testing.assert_array_equal(dy, dy0)
+    np.testing.assert_array_equal(cache.a, a0)
+    assert all(np.array_equal(p[k], p0[k]) for k in p)
+    np.testing.assert_array_equal(first[0], second[0])
+    assert all(np.array_equal(first[1][k], second[1][k]) for k in first[1])
+
+
+def test_idle_experts_get_zeros_even_from_recycled_memory(rng):
+    E, d, h = 6, 8, 16
+    p = init_expert_params(E, d, h, rng)
+    busy = np.arange(E + 1) * 4                             # every expert has tokens: dirty buffers
+    x = rng.standard_normal((4 * E, d))
+    experts_backward(np.ones_like(x), experts_forward(x, busy, **p)[1])
+    idle = np.array([0, 12, 12, 24, 24, 24, 24])            # experts 1, 3, 4, 5 get nobody
+    _, grads = experts_backward(np.ones((24, d)), experts_forward(x[:24], idle, **p)[1])
+    for e in (1, 3, 4, 5):
+        assert all(np.all(g[e] == 0) for g in grads.values()), e
