@@ -50,8 +50,8 @@ def expert_capacity(n_tokens, n_experts, k, capacity_factor):
     """Appointments per expert, ``C = ceil(capacity_factor · T · k / E)``; None means unlimited.
 
     The product is rounded to 9 decimals before the ceiling so that float error
-    cannot add a slot (1.1 · 10 is 11.000000000000002 in floats, but C should be
-    11), and C is at least 1.
+    cannot add a slot (with T=100, k=1, E=10, ``1.1 * 100 / 10`` is
+    11.000000000000002 in floats, but C should be 11), and C is at least 1.
     """
     T = check_int("n_tokens", n_tokens, low=1)
     E = check_int("n_experts", n_experts, low=1)
@@ -199,13 +199,16 @@ def dispatch_combine_forward(x, idx, gates, W1, b1, W2, b2, *, capacity=None, ac
     return y, DispatchCache(plan, gcache, ecache, ccache)
 
 
-def dispatch_combine_backward(dy, cache):
+def dispatch_combine_backward(dy, cache, out=None):
     """Backward of :func:`dispatch_combine_forward`: the three steps in reverse.
+
+    ``out``: optional arrays for the expert weight gradients (see
+    :func:`minimoe.experts.experts_backward`).
 
     Returns:
         dx (T, d) and ``{"gates": (T,k), "W1", "b1", "W2", "b2"}``.
     """
     dyg, grads = combine_backward(dy, cache.combine)
-    dxg, egrads = experts_backward(dyg, cache.experts)
+    dxg, egrads = experts_backward(dyg, cache.experts, out)
     dx, _ = dispatch_backward(dxg, cache.gather)
     return dx, {**grads, **egrads}

@@ -176,14 +176,24 @@ def experts_forward(x, offsets, W1, b1, W2, b2, activation="relu"):
     return y, BankCache(x, offsets, a, act_cache, W1, W2)
 
 
-def experts_backward(dy, cache):
+def experts_backward(dy, cache, out=None):
     """Backward of the bank: :func:`ffn_backward` applied to each group.
 
     An expert's weight gradient only collects the tokens in its own group; an
     expert that received no tokens gets an exactly zero gradient.
 
+    Args:
+        dy: (N, d) upstream gradient, grouped like the forward's input.
+        cache: from :func:`experts_forward`.
+        out: optional dict of arrays ``{"W1", "b1", "W2", "b2"}`` of the gradients'
+            shapes and dtype to write into (a layer passes its own ``grads``; every
+            entry is overwritten). Speed only: the weight gradients are E·d·h numbers
+            each, and fresh arrays of that size every step cost page faults that grow
+            with E (32 MiB each at E=64, d=128, h=512 in float64).
+
     Returns:
-        dx (N, d) and ``{"W1": (E,d,h), "b1": (E,h), "W2": (E,h,d), "b2": (E,d)}``.
+        dx (N, d) and ``{"W1": (E,d,h), "b1": (E,h), "W2": (E,h,d), "b2": (E,d)}``
+        (the arrays of ``out`` when given).
     """
     x, offsets, a, act_cache, W1, W2 = cache
     check_array("dy", dy, shape=(x.shape[0], W2.shape[2]), finite=False)
@@ -191,8 +201,14 @@ def experts_backward(dy, cache):
     # Speed: np.empty, not np.zeros — every expert with tokens overwrites its own slice
     # below, so only idle experts are zeroed (zero-filling all of dW1 and dW2 costs time
     # that grows with E: 64 MiB of writes at E=64, d=128, h=512 in float64).
-    dW1, dW2 = np.empty_like(W1), np.empty_like(W2)
-    db1, db2 = np.empty((E, h), dtype=W1.dtype), np.empty((E, d), dtype=W2.dtype)
+    shapes = {"W1": W1.shape, "b1": (E, h), "W2": W2.shape, "b2": (E, d)}
+    if out is None:
+        out = {name: np.empty(shape, dtype=W1.dtype) for name, shape in shapes.items()}
+    else:
+        for name, shape in shapes.items():
+            if name not in out or out[name].shape != shape or out[name].dtype != W1.dtype:
+                raise ValueError(f"out[{name!r}] must be a {W1.dtype} array of shape {shape}")
+    dW1, db1, dW2, db2 = out["W1"], out["b1"], out["W2"], out["b2"]
     dx = np.empty_like(x)
     # Speed: the backward runs one expert at a time, so da and dz are (n_e, h) blocks
     # that stay in cache instead of (N, h) arrays (32 MiB at N=8192, h=512 in float64);

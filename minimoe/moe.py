@@ -221,7 +221,10 @@ class MoELayer:
         dy2 = dy.reshape(-1, self.d_model).astype(self.dtype, copy=False)
         wb, wz = self.balance_coef, self.z_loss_coef
 
-        dx, grads = dispatch_combine_backward(dy2, dcache)        # experts + combine + gather
+        # The expert gradients are written straight into self.grads (speed: no fresh
+        # E·d·h arrays per step); every entry is overwritten, nothing accumulates.
+        experts_out = {n: self.grads[n] for n in ("W1", "b1", "W2", "b2")}
+        dx, grads = dispatch_combine_backward(dy2, dcache, experts_out)   # experts + combine + gather
         dgates = grads.pop("gates")
         if "importance" in lc:                                    # importance acts on the gates
             dgates = dgates + L.importance_loss_backward(wb, lc["importance"])[0]

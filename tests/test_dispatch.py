@@ -142,3 +142,9 @@ def test_float32_stays_float32(rng):
     y, c = dispatch.dispatch_combine_forward(x, random_idx(rng, T, E, k), gates, **params, capacity=3)
     dx, g = dispatch.dispatch_combine_backward(np.ones_like(y), c)
     assert y.dtype == dx.dtype == np.float32 and all(v.dtype == np.float32 for v in g.values())
+
+
+def test_capacity_is_not_inflated_by_float_error():
+    # 1.1 * 100 / 10 == 11.000000000000002 in floats; a naive ceil would give 12 slots.
+    assert 1.1 * 100 / 10 > 11
+    assert dispatch.expert_capacity(100, 10, 1, 1.1) == 11

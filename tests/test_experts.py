@@ -10,7 +10,8 @@ import pytest
 
 from minimoe import experts
 from minimoe import gradcheck as gc
-from minimoe.experts import Expert, ExpertBank, experts_backward, experts_forward, ffn_backward, ffn_forward
+from minimoe.experts import (Expert, ExpertBank, experts_backward, experts_forward, ffn_backward, ffn_forward,
+                             init_expert_params)
 
 
 def _assert_passed(reports):
@@ -280,3 +281,30 @@ def test_bank_bad_input_names_the_argument(rng):
     _, cache = experts_forward(x, offsets, **p)
     with pytest.raises(ValueError, match=r"dy must have shape \(5, 4\), got \(4,\)"):
         experts_backward(np.ones(4), cache)
+
+
+def test_bank_backward_writes_into_out_and_matches_fresh_arrays(rng):
+    """``out=`` (used by MoELayer to reuse its gradient memory) changes where, not what."""
+    p = init_expert_params(3, 4, 5, rng)
+    x = rng.standard_normal((7, 4))
+    offsets = np.array([0, 3, 3, 7])               # expert 1 idle: its slices must be zeroed
+    y, cache = experts_forward(x, offsets, **p)
+    dy = rng.standard_normal(y.shape)
+    dx_ref, g_ref = experts_backward(dy, cache)
+    out = {k: np.full_like(v, np.nan) for k, v in g_ref.items()}   # stale garbage
+    dx, g = experts_backward(dy, cache, out)
+    assert all(g[k] is out[k] for k in out)
+    np.testing.assert_array_equal(dx, dx_ref)
+    for k in g_ref:
+        np.testing.assert_array_equal(g[k], g_ref[k])
+    assert not np.any(g["W1"][1]) and not np.any(g["b2"][1])
+
+
+def test_bank_backward_rejects_a_wrong_out(rng):
+    p = init_expert_params(2, 4, 5, rng)
+    x = rng.standard_normal((3, 4))
+    _, cache = experts_forward(x, np.array([0, 1, 3]), **p)
+    bad = {"W1": np.zeros((2, 4, 5)), "b1": np.zeros((2, 5)), "W2": np.zeros((2, 5, 4)),
+           "b2": np.zeros((2, 4), dtype=np.float32)}
+    with pytest.raises(ValueError, match=r"out\['b2'\] must be a float64 array of shape \(2, 4\)"):
+        experts_backward(np.zeros((3, 4)), cache, bad)
