@@ -7,29 +7,10 @@ import nbformat
 import numpy as np
 import pytest
 
+from grader_cases import GraderContract, assert_fail, blank
 from minimoe import checks, experts
 from minimoe.checks import build as B
 from minimoe.checks import compare, grading, lesson00, lesson01, lesson02, lesson03, lesson04, progress
-
-
-def blank(*args, **kwargs):
-    raise NotImplementedError()
-
-
-def grade(grader, fn):
-    res = grader(fn)
-    assert isinstance(res, checks.Result)
-    return res
-
-
-def assert_pass(res):
-    assert res.passed, res.message
-
-
-def assert_fail(res, *fragments):
-    assert not res.passed, "a wrong answer passed"
-    for f in fragments:
-        assert f in res.message, f"expected {f!r} in the verdict:\n{res.message}"
 
 
 # ----------------------------------------------------------------------------- independent answers
@@ -225,46 +206,11 @@ CASES = [
         (lambda H, k: -np.diff(-np.sort(-H, 1)[:, :2], axis=1)[:, 0], "1st and 2nd"),
     ]),
 ]
-IDS = [c[0].exercise_name for c in CASES]
 
 
-def test_every_exercise_has_a_case():
-    graded = {f"{les.number}.{name}" for les in checks.LESSONS.values() for name in les.exercises
-              if les.number in ("00", "01", "02", "03", "04")}
-    covered = {f"{c[0].__module__[-2:]}.{c[0].exercise_name}" for c in CASES}
-    assert graded == covered
-
-
-@pytest.mark.parametrize("grader,right,mistakes", CASES, ids=IDS)
-def test_blank_fails_clearly(grader, right, mistakes):
-    assert_fail(grade(grader, blank), "not written yet", "NotImplementedError")
-
-
-@pytest.mark.parametrize("grader,right,mistakes", CASES, ids=IDS)
-def test_right_answer_passes(grader, right, mistakes):
-    res = grade(grader, right)
-    assert_pass(res)
-    assert res.line().startswith("✔ ")
-
-
-@pytest.mark.parametrize("grader,right,mistakes", CASES, ids=IDS)
-def test_typical_mistakes_get_their_hint(grader, right, mistakes):
-    assert mistakes, "every grader needs at least one typical mistake"
-    for wrong, hint in mistakes:
-        res = grade(grader, wrong)
-        assert_fail(res, hint)
-        assert res.line().startswith("✘ ")
-
-
-@pytest.mark.parametrize("grader,right,mistakes", CASES, ids=IDS)
-def test_crash_or_garbage_is_a_verdict_not_an_exception(grader, right, mistakes):
-    def crash(*a, **k):
-        raise ZeroDivisionError("boom")
-    assert_fail(grade(grader, crash), "ZeroDivisionError", "boom")
-    res = grade(grader, lambda *a, **k: "nonsense")
-    assert not res.passed
-    res = grade(grader, lambda *a, **k: None)
-    assert not res.passed
+class TestGraders(GraderContract):
+    LESSONS = (lesson00.LESSON, lesson01.LESSON, lesson02.LESSON, lesson03.LESSON, lesson04.LESSON)
+    CASES = CASES
 
 
 # ----------------------------------------------------------------------------- the framework

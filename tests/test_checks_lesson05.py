@@ -6,20 +6,9 @@ import math
 import numpy as np
 import pytest
 
-from minimoe import checks, losses, router
+from grader_cases import GraderContract, assert_fail
+from minimoe import losses, router
 from minimoe.checks import lesson05
-
-
-def blank(*args, **kwargs):
-    raise NotImplementedError()
-
-
-def assert_fail(res, *fragments):
-    assert isinstance(res, checks.Result)
-    assert not res.passed, "a wrong answer passed"
-    assert res.line().startswith("✘ ")
-    for f in fragments:
-        assert f in res.message, f"expected {f!r} in the verdict:\n{res.message}"
 
 
 # ----------------------------------------------------------------------------- independent answers
@@ -140,40 +129,11 @@ CASES = [
         (lambda p, f: sw(p, f, row=True), "one row per token"),
     ]),
 ]
-IDS = [c[0].exercise_name for c in CASES]
 
 
-def test_every_exercise_has_a_case():
-    assert set(lesson05.LESSON.exercises) == set(IDS)
-    assert 2 <= len(IDS) <= 5
-
-
-@pytest.mark.parametrize("grader,right,mistakes", CASES, ids=IDS)
-def test_blank_fails_clearly(grader, right, mistakes):
-    assert_fail(grader(blank), "not written yet", "NotImplementedError")
-
-
-@pytest.mark.parametrize("grader,right,mistakes", CASES, ids=IDS)
-def test_right_answer_passes(grader, right, mistakes):
-    res = grader(right)
-    assert res.passed, res.message
-    assert res.line().startswith("✔ ")
-
-
-@pytest.mark.parametrize("grader,right,mistakes", CASES, ids=IDS)
-def test_typical_mistakes_get_their_hint(grader, right, mistakes):
-    assert mistakes
-    for wrong, hint in mistakes:
-        assert_fail(grader(wrong), hint)
-
-
-@pytest.mark.parametrize("grader,right,mistakes", CASES, ids=IDS)
-def test_crash_or_garbage_is_a_verdict_not_an_exception(grader, right, mistakes):
-    def crash(*a, **k):
-        raise ZeroDivisionError("boom")
-    assert_fail(grader(crash), "ZeroDivisionError", "boom")
-    assert not grader(lambda *a, **k: "nonsense").passed
-    assert not grader(lambda *a, **k: None).passed
+class TestGraders(GraderContract):
+    LESSONS = (lesson05.LESSON,)
+    CASES = CASES
 
 
 def test_an_input_changed_in_place_is_caught():

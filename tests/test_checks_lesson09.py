@@ -4,31 +4,14 @@ references agree with minimoe (expert_choice.py, lossfree.py, moe.py, corpus.py)
 import numpy as np
 import pytest
 
-from minimoe import checks, corpus
+from grader_cases import GraderContract, assert_fail
+from minimoe import corpus
 from minimoe.checks import lesson09
 from minimoe.expert_choice import (ExpertChoiceMoELayer, expert_choice_backward, expert_choice_capacity,
                                    expert_choice_forward)
 from minimoe.experts import init_expert_params
 from minimoe.layers import SoftmaxCache, softmax_backward
 from minimoe.moe import MoELayer
-
-
-def blank(*args, **kwargs):
-    raise NotImplementedError()
-
-
-def assert_pass(res):
-    assert isinstance(res, checks.Result)
-    assert res.passed, res.message
-    assert res.line().startswith("✔ ")
-
-
-def assert_fail(res, *fragments):
-    assert isinstance(res, checks.Result)
-    assert not res.passed, "a wrong answer passed"
-    assert res.line().startswith("✘ ")
-    for f in fragments:
-        assert f in res.message, f"expected {f!r} in the verdict:\n{res.message}"
 
 
 # ----------------------------------------------------------------------------- independent answers
@@ -131,37 +114,11 @@ CASES = [
         (lambda c: mi(c, mask=False), "0 · log 0"),
     ]),
 ]
-IDS = [c[0].exercise_name for c in CASES]
 
 
-def test_every_exercise_has_a_case():
-    assert list(lesson09.LESSON.exercises) == IDS
-    assert 2 <= len(IDS) <= 5
-
-
-@pytest.mark.parametrize("grader,right,mistakes", CASES, ids=IDS)
-def test_blank_fails_clearly(grader, right, mistakes):
-    assert_fail(grader(blank), "not written yet", "NotImplementedError")
-
-
-@pytest.mark.parametrize("grader,right,mistakes", CASES, ids=IDS)
-def test_right_answer_passes(grader, right, mistakes):
-    assert_pass(grader(right))
-
-
-@pytest.mark.parametrize("grader,right,mistakes", CASES, ids=IDS)
-def test_typical_mistakes_get_their_hint(grader, right, mistakes):
-    for wrong, hint in mistakes:
-        assert_fail(grader(wrong), hint)
-
-
-@pytest.mark.parametrize("grader,right,mistakes", CASES, ids=IDS)
-def test_crash_or_garbage_is_a_verdict_not_an_exception(grader, right, mistakes):
-    def crash(*a, **k):
-        raise ZeroDivisionError("boom")
-    assert_fail(grader(crash), "ZeroDivisionError", "boom")
-    assert not grader(lambda *a, **k: "nonsense").passed
-    assert not grader(lambda *a, **k: None).passed
+class TestGraders(GraderContract):
+    LESSONS = (lesson09.LESSON,)
+    CASES = CASES
 
 
 def test_in_place_changes_are_caught():

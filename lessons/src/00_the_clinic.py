@@ -27,7 +27,7 @@
 import numpy as np
 import matplotlib.pyplot as plt
 
-from minimoe import viz_lessons as viz
+from minimoe import viz
 from minimoe.checks import lesson00 as check
 
 # %% [markdown]

@@ -24,7 +24,7 @@ import numpy as np
 import matplotlib.pyplot as plt
 
 from minimoe import experts, gradcheck, layers
-from minimoe import viz_lessons as viz
+from minimoe import viz
 from minimoe.checks import lesson01 as check
 
 # %% [markdown]

@@ -22,7 +22,7 @@ import numpy as np
 import matplotlib.pyplot as plt
 
 from minimoe import layers, router
-from minimoe import viz_lessons as viz
+from minimoe import viz
 from minimoe.moe import MoELayer
 from minimoe.checks import lesson03 as check
 

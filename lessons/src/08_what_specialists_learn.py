@@ -25,7 +25,7 @@
 #
 # **Code to read alongside:** `minimoe/train.py` (`specialty_routing`), `minimoe/corpus.py`
 # (`mutual_information`), `minimoe/hash_router.py` (`hash_route`, `HashMoELayer`),
-# `minimoe/models.py` (`Clinic`, `Generalist`, `SparseMoE`), `minimoe/viz.py`
+# `minimoe/models.py` (`Clinic`, `Generalist`, `SparseMoE`), `minimoe/viz/specialties.py`
 # (`plot_specialty_routing`).
 
 # %%

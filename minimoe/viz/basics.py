@@ -1,31 +1,22 @@
-"""Figures for lessons 00–04: each function takes numbers, draws one figure, returns it.
+"""Figures for lessons 00–04: one specialist, one GP, the referral and its noise.
 
 The lessons compute; these functions only draw, so a figure can be regenerated
-from the same numbers anywhere. Matplotlib is imported lazily: ``import minimoe``
-never needs it. Colours: one fixed colour per expert (specialist), so expert 3 is
-the same colour in every lesson.
+from the same numbers anywhere. Each returns the ``Figure`` (saved too if given a
+``path``). Colours: one fixed colour per expert (specialist), so expert 3 is the
+same colour in every lesson.
 """
 from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["expert_colors", "plot_ensemble", "plot_clinic_costs", "plot_step_sizes",
+from ._style import _finish, _plt, expert_colors
+
+__all__ = ["plot_ensemble", "plot_clinic_costs", "plot_step_sizes",
            "plot_referral_map", "plot_gates", "plot_router_learning", "plot_exploration",
            "plot_kink"]
 
 
-def _plt():
-    import matplotlib.pyplot as plt
-    return plt
-
-
-def expert_colors(E):
-    """One colour per expert (tab10, then tab20 beyond 10 experts)."""
-    cmap = _plt().get_cmap("tab10" if E <= 10 else "tab20")
-    return [cmap(e % cmap.N) for e in range(E)]
-
-
-def plot_ensemble(grid, truth, singles, ensemble, Ms, bias2, variance):
+def plot_ensemble(grid, truth, singles, ensemble, Ms, bias2, variance, path=None):
     """Lesson 00: a second opinion from the same specialty.
 
     Left: the truth, a few single cardiologists (straight-line fits) and the
@@ -47,10 +38,10 @@ def plot_ensemble(grid, truth, singles, ensemble, Ms, bias2, variance):
     b.set(xlabel="number of cardiologists M", ylabel="error", title="Averaging cuts variance, not bias")
     b.legend(fontsize=8)
     fig.tight_layout()
-    return fig
+    return _finish(fig, path)
 
 
-def plot_clinic_costs(costs, subtitle=""):
+def plot_clinic_costs(costs, subtitle="", path=None):
     """Lesson 00: parameters and FLOPs per patient for each clinic (log scale).
 
     ``costs``: ``{clinic: (parameters, flops)}``.
@@ -72,10 +63,10 @@ def plot_clinic_costs(costs, subtitle=""):
     ax.set_title("Parameters ≠ compute" + (f"  ({subtitle})" if subtitle else ""))
     ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
-    return fig
+    return _finish(fig, path)
 
 
-def plot_step_sizes(hs, errors):
+def plot_step_sizes(hs, errors, path=None):
     """Lesson 01: relative error of a central difference against the step h.
 
     ``errors``: ``{label: array like hs}`` (e.g. float64 and float32).
@@ -91,10 +82,10 @@ def plot_step_sizes(hs, errors):
            title="Too big: truncation (∝ h²).  Too small: rounding (∝ ε/h).")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    return fig
+    return _finish(fig, path)
 
 
-def plot_referral_map(xx, yy, probs_by_temp, points=None):
+def plot_referral_map(xx, yy, probs_by_temp, points=None, path=None):
     """Lesson 02: which specialist the GP favours over a 2-D symptom plane.
 
     ``probs_by_temp``: ``{τ: probs (ny, nx, E)}``. Colour = the favourite expert,
@@ -121,10 +112,10 @@ def plot_referral_map(xx, yy, probs_by_temp, points=None):
         ax.set_xlabel("symptom 1")
     fig.suptitle("The GP's referral map: colour = favourite specialist, pale = unsure", fontsize=10)
     fig.tight_layout()
-    return fig
+    return _finish(fig, path)
 
 
-def plot_gates(H_row, gates_by_name):
+def plot_gates(H_row, gates_by_name, path=None):
     """Lesson 03: one patient's scores and the weights each gate gives the specialists."""
     plt = _plt()
     E = len(H_row)
@@ -137,10 +128,10 @@ def plot_gates(H_row, gates_by_name):
         ax.bar(range(E), g, color=cols)
         ax.set(title=f"{name}\nΣ = {np.sum(g):.3f}", xlabel="expert", ylim=(0, 1))
     fig.tight_layout()
-    return fig
+    return _finish(fig, path)
 
 
-def plot_router_learning(steps, panels, title):
+def plot_router_learning(steps, panels, title, path=None):
     """Lesson 03: quantities over training steps, one curve per gate variant.
 
     ``panels``: ``{ylabel: {curve label: values per step}}``, one panel each.
@@ -154,10 +145,10 @@ def plot_router_learning(steps, panels, title):
         ax.legend(fontsize=8)
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
-    return fig
+    return _finish(fig, path)
 
 
-def plot_exploration(counts_by_name, n_draws):
+def plot_exploration(counts_by_name, n_draws, path=None):
     """Lesson 04: how often each patient (row) is referred to each specialist (column).
 
     ``counts_by_name``: ``{title: counts (T, E)}`` over ``n_draws`` forward passes.
@@ -170,10 +161,10 @@ def plot_exploration(counts_by_name, n_draws):
         ax.set(title=name, xlabel="specialist (expert)", ylabel="patient (token)" if i == 0 else None)
         ax.set_xticks(range(c.shape[1]))
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="fraction of visits")
-    return fig
+    return _finish(fig, path)
 
 
-def plot_kink(ts, losses, t_tie, h, title):
+def plot_kink(ts, losses, t_tie, h, title, path=None):
     """Lesson 04: a loss along one direction, with a tie between experts at ``t_tie``."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.5, 3.6))
@@ -185,4 +176,4 @@ def plot_kink(ts, losses, t_tie, h, title):
     ax.set(xlabel="distance moved along one logit", ylabel="loss", title=title)
     ax.legend(fontsize=8, loc="lower left")
     fig.tight_layout()
-    return fig
+    return _finish(fig, path)
