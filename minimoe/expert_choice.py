@@ -41,7 +41,8 @@ from .dispatch import expert_capacity
 from .experts import experts_backward, experts_forward, init_expert_params
 from .layers import SoftmaxCache, softmax, softmax_backward
 from .router import router_logits_backward, router_logits_forward
-from .validate import check_array, check_choice, check_dtype, check_int, check_positive_float, check_rng
+from .validate import (check_array, check_choice, check_dtype, check_int, check_positive_float,
+                       check_rng, check_tokens)
 
 __all__ = ["expert_choice_capacity", "expert_choice_forward", "expert_choice_backward",
            "ExpertChoiceMoELayer"]
@@ -194,14 +195,8 @@ class ExpertChoiceMoELayer:
         """
         if noise is not None:
             raise ValueError("noise must be None: expert-choice routing uses clean affinities")
-        check_array("x", x, ndim=(2, 3))
-        if x.shape[-1] != self.d_model:
-            raise ValueError(f"x must have width d_model={self.d_model} in its last axis, got shape {x.shape}")
-        shape = x.shape
-        x2 = x.reshape(-1, self.d_model).astype(self.dtype, copy=False)
+        x2, shape = check_tokens(x, self.d_model, self.dtype)   # (T, d); B·S tokens route together
         T, E = x2.shape[0], self.n_experts
-        if T == 0:
-            raise ValueError(f"x must contain at least one token, got shape {shape}")
         C = expert_choice_capacity(T, E, self.k, self.capacity_factor)
         p = self.params
         y, cache = expert_choice_forward(x2, p["W_gate"], p["W1"], p["b1"], p["W2"], p["b2"],

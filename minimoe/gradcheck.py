@@ -33,7 +33,7 @@ reporting a bogus gradient error.
 """
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 

@@ -39,7 +39,8 @@ import numpy as np
 
 from .dispatch import dispatch_combine_backward, dispatch_combine_forward, expert_capacity
 from .experts import init_expert_params
-from .validate import check_array, check_choice, check_dtype, check_int, check_positive_float, check_rng
+from .validate import (check_array, check_choice, check_dtype, check_int, check_positive_float,
+                       check_rng, check_tokens)
 
 __all__ = ["mix64", "content_ids", "hash_route", "HashMoELayer"]
 
@@ -164,14 +165,8 @@ class HashMoELayer:
         """
         if noise is not None:
             raise ValueError("noise must be None: hash routing has no router scores to perturb")
-        check_array("x", x, ndim=(2, 3))
-        if x.shape[-1] != self.d_model:
-            raise ValueError(f"x must have width d_model={self.d_model} in its last axis, got shape {x.shape}")
-        shape = x.shape
-        x2 = x.reshape(-1, self.d_model).astype(self.dtype, copy=False)
+        x2, shape = check_tokens(x, self.d_model, self.dtype)   # (T, d); B·S tokens route together
         T, E, k = x2.shape[0], self.n_experts, self.k
-        if T == 0:
-            raise ValueError(f"x must contain at least one token, got shape {shape}")
         if ids is None:
             keys = content_ids(x2)
         else:

@@ -42,7 +42,8 @@ from .dispatch import dispatch_combine_backward, dispatch_combine_forward, exper
 from .experts import init_expert_params
 from .layers import SoftmaxCache, softmax, softmax_backward
 from .router import router_logits_backward, router_logits_forward, topk_indices
-from .validate import check_array, check_choice, check_dtype, check_int, check_positive_float, check_rng
+from .validate import (check_array, check_choice, check_dtype, check_int, check_positive_float,
+                       check_rng, check_tokens)
 
 __all__ = ["SCORES", "scores_forward", "scores_backward", "biased_topk_forward", "biased_topk_backward",
            "bias_update", "LossFreeMoELayer"]
@@ -188,14 +189,8 @@ class LossFreeMoELayer:
         """
         if noise is not None:
             raise ValueError("noise must be None: the loss-free router has no noise term")
-        check_array("x", x, ndim=(2, 3))
-        if x.shape[-1] != self.d_model:
-            raise ValueError(f"x must have width d_model={self.d_model} in its last axis, got shape {x.shape}")
-        shape = x.shape
-        x2 = x.reshape(-1, self.d_model).astype(self.dtype, copy=False)
+        x2, shape = check_tokens(x, self.d_model, self.dtype)   # (T, d); B·S tokens route together
         T, E, k, p = x2.shape[0], self.n_experts, self.k, self.params
-        if T == 0:
-            raise ValueError(f"x must contain at least one token, got shape {shape}")
         L, lcache = router_logits_forward(x2, p["W_gate"])
         s, scache = scores_forward(L, self.score)
         idx, gates, tcache = biased_topk_forward(L, s, self.bias, k)

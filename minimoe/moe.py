@@ -19,7 +19,7 @@ from . import losses as L
 from .dispatch import dispatch_combine_backward, dispatch_combine_forward, expert_capacity
 from .experts import init_expert_params
 from .router import GATES, gate_backward, gate_forward, router_logits_backward, router_logits_forward
-from .validate import check_array, check_choice, check_int, check_positive_float, check_rng
+from .validate import check_array, check_choice, check_int, check_positive_float, check_rng, check_tokens
 
 __all__ = ["MoELayer", "BALANCES", "USUAL_BALANCE_COEF"]
 
@@ -140,14 +140,8 @@ class MoELayer:
         Returns:
             y, the same shape as x. Also sets ``aux_loss`` and ``stats``.
         """
-        check_array("x", x, ndim=(2, 3))
-        if x.shape[-1] != self.d_model:
-            raise ValueError(f"x must have width d_model={self.d_model} in its last axis, got shape {x.shape}")
-        shape = x.shape
-        x2 = x.reshape(-1, self.d_model).astype(self.dtype, copy=False)
+        x2, shape = check_tokens(x, self.d_model, self.dtype)   # (T, d); B·S tokens route together
         T, E, k, p = x2.shape[0], self.n_experts, self.k, self.params
-        if T == 0:
-            raise ValueError(f"x must contain at least one token, got shape {shape}")
         if noise is not None:
             if not self.noisy:
                 raise ValueError("noise was given but the layer was built with noisy=False")

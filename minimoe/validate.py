@@ -11,7 +11,7 @@ import numbers
 
 import numpy as np
 
-__all__ = ["check_array", "check_int", "check_positive_float", "check_choice", "check_rng", "check_dtype"]
+__all__ = ["check_tokens", "check_array", "check_int", "check_positive_float", "check_choice", "check_rng", "check_dtype"]
 
 
 def _fmt_shape(shape):
@@ -118,3 +118,22 @@ def check_dtype(name, dtype):
     if not np.issubdtype(dt, np.floating):
         raise TypeError(f"{name} must be a floating dtype (float32 or float64), got {dt}")
     return dt
+
+
+def check_tokens(x, d_model, dtype):
+    """The input check every MoE layer's forward starts with.
+
+    Accepts tokens ``x`` of shape (T, d) or (B, S, d) with ``d == d_model`` and at least
+    one token, and flattens them: all B·S tokens are routed together.
+
+    Returns:
+        ``(x2, shape)``: x as a (T, d) array of ``dtype`` (no copy when it already is
+        one), and x's original shape, to give the output the same shape.
+    """
+    check_array("x", x, ndim=(2, 3))
+    if x.shape[-1] != d_model:
+        raise ValueError(f"x must have width d_model={d_model} in its last axis, got shape {x.shape}")
+    x2 = x.reshape(-1, d_model).astype(dtype, copy=False)
+    if x2.shape[0] == 0:
+        raise ValueError(f"x must contain at least one token, got shape {x.shape}")
+    return x2, x.shape

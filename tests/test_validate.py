@@ -103,3 +103,20 @@ def test_check_dtype():
         check_dtype("dtype", np.int64)
     with pytest.raises(TypeError, match="dtype must be a numpy dtype such as np.float64"):
         check_dtype("dtype", "floaty")
+
+
+def test_check_tokens_flattens_and_names_the_problem():
+    from minimoe.validate import check_tokens
+    x = np.ones((2, 3, 4))
+    x2, shape = check_tokens(x, 4, np.float32)
+    assert x2.shape == (6, 4) and x2.dtype == np.float32 and shape == (2, 3, 4)
+    same, _ = check_tokens(x[0], 4, np.float64)
+    assert np.shares_memory(same, x)                      # no copy when nothing changes
+    with pytest.raises(ValueError, match=r"x must have 2 or 3 dimensions"):
+        check_tokens(np.ones(4), 4, np.float64)
+    with pytest.raises(ValueError, match=r"width d_model=5 in its last axis, got shape \(2, 3, 4\)"):
+        check_tokens(x, 5, np.float64)
+    with pytest.raises(ValueError, match=r"at least one token, got shape \(0, 4\)"):
+        check_tokens(np.ones((0, 4)), 4, np.float64)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        check_tokens(np.full((2, 4), np.nan), 4, np.float64)
