@@ -40,7 +40,7 @@ import numpy as np
 from .dispatch import expert_capacity
 from .experts import experts_backward, experts_forward, init_expert_params
 from .layers import SoftmaxCache, softmax, softmax_backward
-from .router import router_logits_backward, router_logits_forward
+from .router import init_gate_weights, router_logits_backward, router_logits_forward
 from .validate import (check_array, check_choice, check_dtype, check_int, check_positive_float,
                        check_rng, check_tokens)
 
@@ -176,8 +176,7 @@ class ExpertChoiceMoELayer:
         rng = np.random.default_rng(0) if rng is None else check_rng("rng", rng)
         self.d_model, self.d_hidden, self.n_experts = d, h, E
         self.activation, self.rng = activation, rng
-        # Same router initialisation as MoELayer: small, so the first affinities are near-uniform.
-        self.params = {"W_gate": (rng.standard_normal((d, E)) * np.sqrt(0.1 / d)).astype(self.dtype)}
+        self.params = {"W_gate": init_gate_weights(d, E, rng, self.dtype)}   # as MoELayer's
         self.params.update(init_expert_params(E, d, h, rng, self.dtype))
         self.grads = {name: np.zeros_like(p) for name, p in self.params.items()}
         self.aux_loss, self.stats, self._cache = 0.0, {}, None

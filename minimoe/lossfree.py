@@ -41,7 +41,7 @@ import numpy as np
 from .dispatch import dispatch_combine_backward, dispatch_combine_forward, expert_capacity
 from .experts import init_expert_params
 from .layers import SoftmaxCache, softmax, softmax_backward
-from .router import router_logits_backward, router_logits_forward, topk_indices
+from .router import init_gate_weights, router_logits_backward, router_logits_forward, topk_indices
 from .validate import (check_array, check_choice, check_dtype, check_int, check_positive_float,
                        check_rng, check_tokens)
 
@@ -169,7 +169,7 @@ class LossFreeMoELayer:
         self.d_model, self.d_hidden, self.n_experts = d, h, E
         self.capacity_factor, self.auto_update = capacity_factor, bool(auto_update)
         self.activation, self.rng = activation, rng
-        self.params = {"W_gate": (rng.standard_normal((d, E)) * np.sqrt(0.1 / d)).astype(self.dtype)}
+        self.params = {"W_gate": init_gate_weights(d, E, rng, self.dtype)}   # as MoELayer's
         self.params.update(init_expert_params(E, d, h, rng, self.dtype))
         self.grads = {name: np.zeros_like(p) for name, p in self.params.items()}
         self.bias = np.zeros(E, dtype=self.dtype)

@@ -18,7 +18,8 @@ import numpy as np
 from . import losses as L
 from .dispatch import dispatch_combine_backward, dispatch_combine_forward, expert_capacity
 from .experts import init_expert_params
-from .router import GATES, gate_backward, gate_forward, router_logits_backward, router_logits_forward
+from .router import (GATES, gate_backward, gate_forward, init_gate_weights, router_logits_backward,
+                     router_logits_forward)
 from .validate import check_array, check_choice, check_int, check_positive_float, check_rng, check_tokens
 
 __all__ = ["MoELayer", "BALANCES", "USUAL_BALANCE_COEF"]
@@ -117,10 +118,9 @@ class MoELayer:
         self.d_model, self.d_hidden, self.n_experts = d, h, E
         self.gate, self.noisy, self.balance = gate, bool(noisy), balance
         self.capacity_factor, self.activation, self.dtype, self.rng = capacity_factor, activation, dtype, rng
-        # Router: small random W_gate (std √(0.1/d), the Switch paper's reduced init scale)
-        # so the first referrals are nearly uniform; W_noise = 0 as in Shazeer et al. 2017,
-        # i.e. σ = softplus(0) ≈ 0.69 at the start: plenty of exploration.
-        self.params = {"W_gate": (rng.standard_normal((d, E)) * np.sqrt(0.1 / d)).astype(dtype)}
+        # Router: small random W_gate (see init_gate_weights); W_noise = 0 as in Shazeer
+        # et al. 2017, i.e. σ = softplus(0) ≈ 0.69 at the start: plenty of exploration.
+        self.params = {"W_gate": init_gate_weights(d, E, rng, dtype)}
         if self.noisy:
             self.params["W_noise"] = np.zeros((d, E), dtype=dtype)
         self.params.update(init_expert_params(E, d, h, rng, dtype))

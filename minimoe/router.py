@@ -39,12 +39,20 @@ from .layers import SoftmaxCache, softmax, softmax_backward
 from .validate import check_array, check_int, check_rng
 
 __all__ = [
-    "softplus", "router_logits_forward", "router_logits_backward",
+    "init_gate_weights", "softplus", "router_logits_forward", "router_logits_backward",
     "topk_indices", "Routing",
     "dense_gate_forward", "dense_gate_backward", "topk_gate_forward", "topk_gate_backward",
     "switch_gate_forward", "switch_gate_backward", "gate_forward", "gate_backward", "GATES",
     "keep_topk_forward", "keep_topk_backward", "renormalize_forward", "renormalize_backward",
 ]
+
+
+def init_gate_weights(d_model, n_experts, rng, dtype=np.float64):
+    """The router's initial ``W_gate (d, E)``: N(0, 0.1/d), the Switch Transformer's
+    reduced initialisation scale (Fedus et al. 2021, §2.4), so the first scores are
+    small and the first referrals nearly uniform — every specialist gets patients
+    while the GP is still learning."""
+    return (rng.standard_normal((d_model, n_experts)) * np.sqrt(0.1 / d_model)).astype(dtype)
 
 
 def softplus(z):

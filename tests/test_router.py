@@ -210,3 +210,10 @@ def test_bad_inputs_name_the_argument(rng):
         router.switch_gate_forward(H, 0)
     with pytest.raises(ValueError, match="gate must be one of 'topk', 'dense', 'switch'; got 'sparse'"):
         router.gate_forward(H, 1, "sparse")
+
+
+def test_init_gate_weights_has_the_switch_scale_and_dtype():
+    from minimoe.router import init_gate_weights
+    W = init_gate_weights(64, 512, np.random.default_rng(0), np.float32)
+    assert W.shape == (64, 512) and W.dtype == np.float32
+    assert abs(W.std() / np.sqrt(0.1 / 64) - 1) < 0.02      # N(0, 0.1/d), 32k draws
