@@ -120,3 +120,17 @@ def test_check_tokens_flattens_and_names_the_problem():
         check_tokens(np.ones((0, 4)), 4, np.float64)
     with pytest.raises(ValueError, match="NaN or inf"):
         check_tokens(np.full((2, 4), np.nan), 4, np.float64)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_check_array_finds_one_bad_entry_in_a_big_array(bad):
+    x = np.zeros((64, 128, 8))
+    x[17, 3, 5] = bad
+    with pytest.raises(ValueError, match="NaN or inf"):
+        check_array("W1", x)
+
+
+def test_check_array_accepts_huge_finite_values_whose_sum_overflows():
+    x = np.full(4, np.finfo(np.float32).max, dtype=np.float32)   # the sum is inf, no entry is
+    with np.errstate(over="raise"):
+        assert check_array("W", x) is x
