@@ -34,7 +34,8 @@ def test_quick_run_succeeds_and_prints_table_and_one_json_line(quick_run):
     proc, path = quick_run
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.strip().splitlines()
-    for word in ("moe_ms", "ceiling_ms", "ceiling/moe", "E64/E8", "peak_MiB", "BLAS", "machine"):
+    for word in ("moe_ms", "ceiling_ms", "ceiling/moe", "E64/E8", "grouped_ms", "grouped/moe", "grouped E64/E8",
+                 "peak_MiB", "BLAS", "machine"):
         assert word in proc.stdout, word
     result = json.loads(lines[-1])                       # the last line is the machine-readable one
     assert json.loads(path.read_text()) == result       # and --json wrote the same thing
@@ -47,12 +48,15 @@ def test_quick_result_is_consistent(quick_run):
     cfg = result["config"]
     assert cfg["T"] == bench.QUICK["T"] and cfg["balance"] == "switch" and cfg["capacity_factor"] is None
     for r in rows:
-        assert len(r["moe_ms_all"]) == len(r["ceiling_ms_all"]) == cfg["repeats"]
+        assert len(r["moe_ms_all"]) == len(r["ceiling_ms_all"]) == len(r["grouped_ms_all"]) == cfg["repeats"]
         assert r["moe_ms"] == pytest.approx(np.median(r["moe_ms_all"]), rel=1e-3)
+        assert r["grouped_ms"] == pytest.approx(np.median(r["grouped_ms_all"]), rel=1e-3)
         assert r["ceiling_ms"] == pytest.approx(result["ceiling_ms"][r["dtype"]])
         assert r["ceiling/moe"] == pytest.approx(r["ceiling_ms"] / r["moe_ms"])
+        assert r["grouped/moe"] == pytest.approx(r["grouped_ms"] / r["moe_ms"])
         base = next(b for b in rows if b["dtype"] == r["dtype"] and b["E"] == 8)
         assert r["E/E8"] == pytest.approx(r["moe_ms"] / base["moe_ms"])
+        assert r["grouped E/E8"] == pytest.approx(r["grouped_ms"] / base["grouped_ms"])
         assert r["peak_mib"] > 0
     assert result["targets"] == {}                       # targets only judge the full configuration
     assert result["machine"]["numpy"] == np.__version__ and result["machine"]["cores"] >= 1
@@ -113,6 +117,37 @@ def test_steps_do_what_they_say():
     assert layer.grads["W1"].dtype == np.float32 and np.any(layer.grads["W1"] != 0)
     assert layer.stats["dropped"] == 0 and int(layer.stats["load"].sum()) == 16 * 2
     bench.make_ceiling_step(np.float64, cfg)()          # six plain matmuls, no error
+
+
+@pytest.mark.parametrize("E", [1, 3, 8])
+def test_grouped_ceiling_writes_every_product_into_preallocated_outputs(E):
+    # T·k = 2·13 = 26 rows: E=3 gives groups of unequal size. The step allocates nothing
+    # (each of its 6·E matmuls writes into an output made once), so its peak memory is ~0.
+    step = bench.make_grouped_ceiling_step(E, np.float64, dict(bench.QUICK, T=13))
+    step()
+    assert bench.peak_mib(step) < 0.05
+
+
+def _rows(moe, grouped):
+    """Benchmark rows for the full configuration with the given (E=8, E=64) times."""
+    return [{"dtype": dt, "E": E, "moe_ms": m, "grouped_ms": g, "ceiling/moe": 100.0 / m,
+             "E/E8": m / moe[0], "grouped E/E8": g / grouped[0]}
+            for dt in ("float64", "float32") for E, m, g in zip((8, 64), moe, grouped)]
+
+
+def test_targets_judge_the_full_configuration_and_carry_the_grouped_bound():
+    met = bench._targets(bench.FULL, _rows(moe=(125.0, 150.0), grouped=(100.0, 110.0)))
+    assert met["ceiling/moe (float64, E=8)"] == {"op": ">=", "target": 0.65, "measured": 0.8, "met": True}
+    assert met["E64/E8 (float32)"] == {"op": "<=", "target": 1.25, "measured": 1.2, "met": True, "bound": 1.1}
+    missed = bench._targets(bench.FULL, _rows(moe=(200.0, 300.0), grouped=(100.0, 170.0)))
+    assert not missed["ceiling/moe (float64, E=8)"]["met"] and not missed["E64/E8 (float64)"]["met"]
+    assert missed["E64/E8 (float64)"]["bound"] == pytest.approx(1.7)
+    report = bench.format_report({"config": {**bench.FULL, **bench.LAYER, "capacity_factor": None},
+                                  "machine": bench.machine_info(), "results": [
+                                      {**r, "ceiling_ms": 100.0, "grouped/moe": r["grouped_ms"] / r["moe_ms"],
+                                       "peak_mib": 1.0} for r in _rows((200.0, 300.0), (100.0, 170.0))],
+                                  "targets": missed})
+    assert "target E64/E8 (float64) <= 1.25: measured 1.50 -> NOT met  (the grouped matmuls alone: 1.70)" in report
 
 
 # --------------------------------------------------------------------------- speed paths = plain paths
