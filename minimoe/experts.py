@@ -27,7 +27,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .layers import ReluCache, activation_backward, activation_forward, linear_backward, linear_forward
-from .validate import check_array, check_choice, check_dtype, check_int, check_rng
+from .validate import all_finite, check_array, check_choice, check_dtype, check_int, check_rng
 
 __all__ = [
     "init_expert_params", "ffn_forward", "ffn_backward",
@@ -152,12 +152,13 @@ def experts_forward(x, offsets, W1, b1, W2, b2, activation="relu"):
         y: (N, d), row i is the output of its expert on row i of x, with dtype
         ``result_type(x, W1)`` (float32 in, float32 out); the cache.
     """
-    check_array("W1", W1, ndim=3)
+    # The weights' shapes are checked at the door; their values through the output (below).
+    check_array("W1", W1, ndim=3, finite=False)
     E, d, h = W1.shape
     check_array("x", x, shape=(None, d))
-    check_array("b1", b1, shape=(E, h))
-    check_array("W2", W2, shape=(E, h, d))
-    check_array("b2", b2, shape=(E, d))
+    check_array("b1", b1, shape=(E, h), finite=False)
+    check_array("W2", W2, shape=(E, h, d), finite=False)
+    check_array("b2", b2, shape=(E, d), finite=False)
     offsets = _check_offsets(offsets, E, x.shape[0])
     dtype = np.result_type(x, W1)
     z = np.empty((x.shape[0], h), dtype=dtype)
@@ -173,7 +174,24 @@ def experts_forward(x, offsets, W1, b1, W2, b2, activation="relu"):
         if s < t:
             np.matmul(a[s:t], W2[e], out=y[s:t])
             y[s:t] += b2[e]
+    _check_output_finite(y, W1=W1, b1=b1, W2=W2, b2=b2)
     return y, BankCache(x, offsets, a, act_cache, W1, W2)
+
+
+def _check_output_finite(y, **weights):
+    """Raise a clear error if y holds NaN or inf, naming the weight it came from.
+
+    Speed: the bank's weights are E·d·h numbers each; checking them on every forward
+    costs time that grows with E (the one thing a sparse layer should not do), while
+    checking the output costs N·d. A non-finite weight that no token reaches cannot
+    spoil y, and is reported the first time a token does.
+    """
+    if all_finite(y):
+        return
+    for name, w in weights.items():
+        check_array(name, w)                  # raises "<name> contains NaN or inf"
+    raise FloatingPointError("the experts' output overflowed to inf or NaN although every input is "
+                             "finite; the weights or inputs are too large (lower the learning rate?)")
 
 
 def experts_backward(dy, cache, out=None):

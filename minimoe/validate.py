@@ -11,7 +11,7 @@ import numbers
 
 import numpy as np
 
-__all__ = ["check_tokens", "check_array", "check_int", "check_positive_float", "check_choice", "check_rng", "check_dtype"]
+__all__ = ["check_tokens", "check_array", "all_finite", "check_int", "check_positive_float", "check_choice", "check_rng", "check_dtype"]
 
 
 def _fmt_shape(shape):
@@ -56,12 +56,12 @@ def check_array(name, x, *, ndim=None, shape=None, finite=True, floating=True):
         ok = len(shape) == x.ndim and all(s is None or s == t for s, t in zip(shape, x.shape))
         if not ok:
             raise ValueError(f"{name} must have shape {_fmt_shape(shape)}, got {x.shape}")
-    if finite and x.size and not _all_finite(x):
+    if finite and x.size and not all_finite(x):
         raise ValueError(f"{name} contains NaN or inf; check the input data or lower the learning rate")
     return x
 
 
-def _all_finite(x):
+def all_finite(x):
     """True when no entry of ``x`` is NaN or ±inf.
 
     Speed: this runs on every weight array on every forward (E·d·h numbers per expert

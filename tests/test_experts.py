@@ -283,6 +283,26 @@ def test_bank_bad_input_names_the_argument(rng):
         experts_backward(np.ones(4), cache)
 
 
+def test_bank_names_a_non_finite_weight_that_reaches_a_token(rng):
+    """The bank checks weight values through its output (an O(N·d) check, not O(E·d·h))."""
+    p = _random_params(rng, 3, 4, 5)
+    x, offsets = rng.standard_normal((5, 4)), _offsets([2, 0, 3])       # expert 1 gets no token
+    for name, where in (("W1", (0, 1, 2)), ("b1", (2, 4)), ("W2", (2, 0, 3)), ("b2", (0, 1))):
+        bad = {**p, name: p[name].copy()}
+        bad[name][where] = np.nan
+        with pytest.raises(ValueError, match=f"{name} contains NaN or inf"):
+            experts_forward(x, offsets, **bad)
+    # A bad weight no token reaches cannot spoil the output: the answer is the clean one.
+    idle = {**p, "W1": p["W1"].copy()}
+    idle["W1"][1] = np.inf
+    np.testing.assert_array_equal(experts_forward(x, offsets, **idle)[0], experts_forward(x, offsets, **p)[0])
+    # Finite but huge weights overflow: said so, not returned as inf.
+    with np.errstate(over="ignore", invalid="ignore"), \
+            pytest.raises(FloatingPointError, match="the experts' output overflowed"):
+        experts_forward(x, offsets, **{**p, "b1": np.full_like(p["b1"], 1e200),
+                                       "W2": np.full_like(p["W2"], 1e200)})
+
+
 def test_bank_backward_writes_into_out_and_matches_fresh_arrays(rng):
     """``out=`` (used by MoELayer to reuse its gradient memory) changes where, not what."""
     p = init_expert_params(3, 4, 5, rng)
