@@ -1,6 +1,6 @@
 """``python -m minimoe.bench``: how close does the MoE layer come to the machine's matmul speed?
 
-    python -m minimoe.bench                  # the full benchmark (about a minute on 2 quiet cores)
+    python -m minimoe.bench                  # the full benchmark (about 30 s on 2 cores)
     python -m minimoe.bench --quick          # a few seconds: small T, few repeats (used by the tests)
     python -m minimoe.bench --repeats 50 --json bench.json
     python -m minimoe.bench --threads 1      # pin the BLAS thread count (needs threadpoolctl)
