@@ -93,14 +93,20 @@ def make_moe_step(E, dtype, cfg, capacity_factor=None, seed=0):
     return step, layer
 
 
-def make_ceiling_step(dtype, cfg, seed=0):
-    """A callable doing the six expert matmuls on T·k rows at once, with no routing at all."""
+def _matmul_operands(E, dtype, cfg, seed):
+    """Random operands of the six expert matmuls: X, dY (N,d); A, dZ (N,h); W1 (E,d,h); W2 (E,h,d)."""
     rng = np.random.default_rng(seed)
     N, d, h = cfg["T"] * cfg["k"], cfg["d"], cfg["h"]
     X, dY = rng.standard_normal((2, N, d)).astype(dtype)
     A, dZ = rng.standard_normal((2, N, h)).astype(dtype)
-    W1 = rng.standard_normal((d, h)).astype(dtype)
-    W2 = rng.standard_normal((h, d)).astype(dtype)
+    W1 = rng.standard_normal((E, d, h)).astype(dtype)
+    W2 = rng.standard_normal((E, h, d)).astype(dtype)
+    return X, dY, A, dZ, W1, W2
+
+
+def make_ceiling_step(dtype, cfg, seed=0):
+    """A callable doing the six expert matmuls on T·k rows at once, with no routing at all."""
+    X, dY, A, dZ, (W1,), (W2,) = _matmul_operands(1, dtype, cfg, seed)
 
     def step():
         X @ W1, A @ W2                                  # forward: Z = X W1, Y = A W2
@@ -114,14 +120,10 @@ def make_grouped_ceiling_step(E, dtype, cfg, seed=0):
     What E experts must do at the least (one pair of matmuls forward and four backward
     per expert), with the outputs preallocated as the layer's are, and nothing else.
     """
-    rng = np.random.default_rng(seed)
-    N, d, h = cfg["T"] * cfg["k"], cfg["d"], cfg["h"]
-    X, dY = rng.standard_normal((2, N, d)).astype(dtype)
-    A, dZ = rng.standard_normal((2, N, h)).astype(dtype)
-    W1 = rng.standard_normal((E, d, h)).astype(dtype)
-    W2 = rng.standard_normal((E, h, d)).astype(dtype)
+    X, dY, A, dZ, W1, W2 = _matmul_operands(E, dtype, cfg, seed)
+    N, h = A.shape
     Z, dA = np.empty((2, N, h), dtype=dtype)
-    Y, dX = np.empty((2, N, d), dtype=dtype)
+    Y, dX = np.empty((2,) + X.shape, dtype=dtype)
     dW1, dW2 = np.empty_like(W1), np.empty_like(W2)
     bounds = np.linspace(0, N, E + 1).astype(int)               # E equal groups of N/E rows
     groups = [slice(s, t) for s, t in zip(bounds[:-1], bounds[1:])]
