@@ -31,10 +31,10 @@ multiplied less efficiently, and with several threads the split of each small
 product costs relatively more), and ``grouped/moe`` is the share of the layer's
 time spent in its expert matmuls.
 
-**Measuring on a shared machine.** Ceiling and layer steps are *interleaved*: each
-round runs the ceiling, E=8 and E=64 once, in a rotating order, so a burst of load
-from another process hits all of them alike; every figure is the median over the
-rounds after a warm-up, and all ratios come from one run. Peak memory is measured in
+**Measuring on a shared machine.** Ceilings and layer steps are *interleaved*: each
+round runs the ceiling, and the grouped ceiling and the layer at E=8 and at E=64,
+once each, in a rotating order, so a burst of load from another process hits all of
+them alike; every figure is the median over the rounds after a warm-up, and all ratios come from one run. Peak memory is measured in
 a separate pass per configuration with ``tracemalloc`` (NumPy reports its buffers
 to it): the most memory the step's own allocations hold at once.
 

@@ -64,10 +64,10 @@ def check_array(name, x, *, ndim=None, shape=None, finite=True, floating=True):
 def all_finite(x):
     """True when no entry of ``x`` is NaN or ±inf.
 
-    Speed: this runs on every weight array on every forward (E·d·h numbers per expert
-    bank), so it first takes one sum — a pass with no temporary array, and any NaN or
-    inf entry makes the sum non-finite — and only if the sum is not finite (a bad entry,
-    or an overflow of huge but finite values) looks entry by entry.
+    Speed: this runs on every checked array on every forward, so it first takes one
+    sum — a pass with no temporary array, and any NaN or inf entry makes the sum
+    non-finite — and only if the sum is not finite (a bad entry, or an overflow of huge
+    but finite values) looks entry by entry.
     """
     with np.errstate(over="ignore", invalid="ignore"):
         if np.isfinite(np.sum(x)):
