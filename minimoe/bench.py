@@ -34,9 +34,10 @@ time spent in its expert matmuls.
 **Measuring on a shared machine.** Ceilings and layer steps are *interleaved*: each
 round runs the ceiling, and the grouped ceiling and the layer at E=8 and at E=64,
 once each, in a rotating order, so a burst of load from another process hits all of
-them alike; every figure is the median over the rounds after a warm-up, and all ratios come from one run. Peak memory is measured in
-a separate pass per configuration with ``tracemalloc`` (NumPy reports its buffers
-to it): the most memory the step's own allocations hold at once.
+them alike; every figure is the median over the rounds after a warm-up, and all
+ratios come from one run. Peak memory is measured in a separate pass per
+configuration with ``tracemalloc`` (NumPy reports its buffers to it): the most
+memory the step's own allocations hold at once.
 
 The benchmarked layer: ``gate="topk"``, ``noisy=True``, ``balance="switch"`` (the
 cheap, common balancing loss), ``capacity_factor=None`` (no token dropped, so the
