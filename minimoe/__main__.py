@@ -5,9 +5,9 @@
     python -m minimoe --seed 0 1 2        # repeat over seeds; the table shows mean ± std
     python -m minimoe --out figures       # write the figures somewhere else
 
-It draws the clinic data (:mod:`minimoe.data`), builds the four clinics of
-:mod:`minimoe.models` at comparable compute per patient, trains each with
-:func:`minimoe.train.train`, prints a table and writes figures and the numbers
+It draws the clinic data (:mod:`minimoe.clinic.data`), builds the four clinics of
+:mod:`minimoe.clinic.models` at comparable compute per patient, trains each with
+:func:`minimoe.clinic.train.train`, prints a table and writes figures and the numbers
 (``results.json``, ``results.md``) to the output directory.
 
 **How compute is matched.** The GP clinic (sparse MoE) has E experts of width h
@@ -29,9 +29,9 @@ import time
 
 import numpy as np
 
-from .data import bayes_accuracy, make_clinic
-from .models import DenseMoE, Ensemble, Generalist, SparseMoE
-from .train import evaluate, specialty_routing, train
+from .clinic.data import bayes_accuracy, make_clinic
+from .clinic.models import DenseMoE, Ensemble, Generalist, SparseMoE
+from .clinic.train import evaluate, specialty_routing, train
 
 __all__ = ["DEFAULTS", "QUICK", "build_clinics", "run_demo", "format_table", "main"]
 
@@ -131,7 +131,7 @@ def format_table(rows, markdown=False):
 
 def write_outputs(res, out_dir):
     """Write the figures, results.json and results.md; return the list of paths written."""
-    from . import viz
+    from .course import viz
     os.makedirs(out_dir, exist_ok=True)
     p = lambda name: os.path.join(out_dir, name)  # noqa: E731
     paths = []

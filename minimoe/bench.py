@@ -5,7 +5,7 @@
     python -m minimoe.bench --repeats 50 --json bench.json
     python -m minimoe.bench --threads 1      # pin the BLAS thread count (needs threadpoolctl)
 
-It times one :class:`~minimoe.moe.MoELayer` step — forward + backward in train mode —
+It times one :class:`~minimoe.core.moe.MoELayer` step — forward + backward in train mode —
 at T=4096 tokens, d=128, h=512, k=2, for E=8 and E=64 experts, in float64 and float32.
 
 **The matmul ceiling.** Whatever the routing, the experts of a top-k layer do the
@@ -58,7 +58,7 @@ import tracemalloc
 
 import numpy as np
 
-from .moe import MoELayer
+from .core.moe import MoELayer
 
 __all__ = ["FULL", "QUICK", "TARGETS", "make_moe_step", "make_ceiling_step", "make_grouped_ceiling_step",
            "time_interleaved",

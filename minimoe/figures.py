@@ -1,73 +1,10 @@
-"""Regenerate every PNG in ``figures/`` with one command:
+"""``python -m minimoe.figures``: regenerate every PNG in ``figures/``.
 
-    python -m minimoe.figures                 # all figures, into <repo>/figures
-    python -m minimoe.figures --only clinic   # just the builders whose name contains "clinic"
-    python -m minimoe.figures --list          # what would be built
-
-Each *builder* is a function ``builder(out_dir) -> list of paths`` registered
-with :func:`register`; parts of minimoe that add figures for the README or the
-lessons register a builder here, so this one command keeps ``figures/`` in
-step with the code. Builders compute first, then draw with :mod:`minimoe.viz`.
+The builders live in the course chapter, :mod:`minimoe.course.figures`.
 """
-from __future__ import annotations
-
-import argparse
-import os
 import sys
-import time
 
-__all__ = ["BUILDERS", "register", "default_dir", "main"]
-
-BUILDERS = {}
-
-
-def register(fn):
-    """Add ``fn(out_dir) -> [paths]`` to the builders run by ``python -m minimoe.figures``."""
-    BUILDERS[fn.__name__] = fn
-    return fn
-
-
-def default_dir():
-    """``figures/`` next to the ``minimoe`` package (the repository's figures directory)."""
-    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "figures")
-
-
-# --------------------------------------------------------------------------- the whole clinic
-@register
-def clinic_demo(out_dir):
-    """The four clinics (``python -m minimoe``), over seeds 0–2: the README's table and figures.
-
-    Writes clinic_summary.png (the headline), learning_curves.png, expert_load.png,
-    expert_specialty.png, clinic_data.png, results.md and results.json.
-    """
-    from .__main__ import DEFAULTS, format_table, run_demo, write_outputs
-    res = run_demo(DEFAULTS, seeds=(0, 1, 2), progress=False, log=lambda *a: None)
-    print(format_table(res["rows"]))
-    return write_outputs(res, out_dir)
-
-
-def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m minimoe.figures",
-                                 description="Regenerate the PNGs used by the README and the lessons.")
-    ap.add_argument("--out", default=default_dir(), metavar="DIR",
-                    help="output directory (default: the repository's figures/)")
-    ap.add_argument("--only", default=None, metavar="TEXT",
-                    help="run only the builders whose name contains TEXT")
-    ap.add_argument("--list", action="store_true", help="list the builders and exit")
-    args = ap.parse_args(argv)
-    chosen = {n: f for n, f in BUILDERS.items() if args.only is None or args.only in n}
-    if args.list:
-        for n, f in BUILDERS.items():
-            print(f"{n:<20} {(f.__doc__ or '').strip().splitlines()[0]}")
-        return 0
-    if not chosen:
-        ap.error(f"--only {args.only!r} matches no builder; choose from: {', '.join(BUILDERS)}")
-    for name, fn in chosen.items():
-        t0 = time.perf_counter()
-        paths = fn(args.out)
-        print(f"{name}: wrote {len(paths)} files to {args.out} in {time.perf_counter() - t0:.1f} s")
-    return 0
-
+from .course.figures import BUILDERS, default_dir, main, register  # noqa: F401
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from minimoe import bench
-from minimoe.experts import experts_backward, experts_forward, init_expert_params
-from minimoe.router import router_logits_backward, router_logits_forward, softplus, topk_indices
+from minimoe.core.experts import experts_backward, experts_forward, init_expert_params
+from minimoe.core.router import router_logits_backward, router_logits_forward, softplus, topk_indices
 
 
 # --------------------------------------------------------------------------- the command

@@ -27,7 +27,7 @@
 import numpy as np
 import matplotlib.pyplot as plt
 
-from minimoe import viz
+from minimoe.course import viz
 from minimoe.checks import lesson00 as check
 
 # %% [markdown]
@@ -189,7 +189,7 @@ plt.show()
 # which we left out; `n_active_params` is what one patient's visit touches.
 
 # %%
-from minimoe.moe import MoELayer
+from minimoe.core.moe import MoELayer
 
 d, h, E, k = 16, 64, 8, 2
 layer = MoELayer(d_model=d, d_hidden=h, n_experts=E, k=k, noisy=False)

@@ -15,16 +15,16 @@
 # central-difference gradient checker, and see why it must run in float64 and measure
 # *relative* error.
 #
-# **Code to read alongside:** `minimoe/layers.py` (`linear_forward`, `relu_forward` and
-# their backwards), `minimoe/experts.py` (`ffn_forward`, `ffn_backward`) and
-# `minimoe/gradcheck.py`.
+# **Code to read alongside:** `minimoe/core/layers.py` (`linear_forward`, `relu_forward` and
+# their backwards), `minimoe/core/experts.py` (`ffn_forward`, `ffn_backward`) and
+# `minimoe/core/gradcheck.py`.
 
 # %%
 import numpy as np
 import matplotlib.pyplot as plt
 
 from minimoe import experts, gradcheck, layers
-from minimoe import viz
+from minimoe.course import viz
 from minimoe.checks import lesson01 as check
 
 # %% [markdown]

@@ -13,16 +13,16 @@
 # You will: write a numerically stable softmax, its backward pass as a Jacobian-vector
 # product, the dense mixture of all experts, and its backward.
 #
-# **Code to read alongside:** `minimoe/layers.py` (`softmax`, `softmax_backward`),
-# `minimoe/router.py` (`router_logits_forward`, `dense_gate_forward`, `dense_gate_backward`).
+# **Code to read alongside:** `minimoe/core/layers.py` (`softmax`, `softmax_backward`),
+# `minimoe/core/router.py` (`router_logits_forward`, `dense_gate_forward`, `dense_gate_backward`).
 
 # %%
 import numpy as np
 import matplotlib.pyplot as plt
 
 from minimoe import experts, gradcheck, layers, router
-from minimoe import viz
-from minimoe.moe import MoELayer
+from minimoe.course import viz
+from minimoe.core.moe import MoELayer
 from minimoe.checks import lesson02 as check
 
 # %% [markdown]

@@ -14,7 +14,7 @@
 # recipes you'll meet in papers are the same function, and walks into the trap that catches
 # almost everyone who first writes a $k = 1$ router.
 #
-# **Code to read alongside:** `minimoe/router.py` — `topk_indices`, `keep_topk_forward`,
+# **Code to read alongside:** `minimoe/core/router.py` — `topk_indices`, `keep_topk_forward`,
 # `topk_gate_forward/backward`, `renormalize_forward/backward`, `switch_gate_forward/backward`.
 
 # %%
@@ -22,8 +22,8 @@ import numpy as np
 import matplotlib.pyplot as plt
 
 from minimoe import layers, router
-from minimoe import viz
-from minimoe.moe import MoELayer
+from minimoe.course import viz
+from minimoe.core.moe import MoELayer
 from minimoe.checks import lesson03 as check
 
 # %% [markdown]

@@ -14,16 +14,16 @@
 # You will: write a stable softplus, the noisy scores and their backward pass, and a
 # function that tells a gradient checker whether it is about to step across a tie.
 #
-# **Code to read alongside:** `minimoe/router.py` — `softplus`, `router_logits_forward`,
-# `router_logits_backward`; `minimoe/gradcheck.py` — `KinkError`.
+# **Code to read alongside:** `minimoe/core/router.py` — `softplus`, `router_logits_forward`,
+# `router_logits_backward`; `minimoe/core/gradcheck.py` — `KinkError`.
 
 # %%
 import numpy as np
 import matplotlib.pyplot as plt
 
 from minimoe import gradcheck, router
-from minimoe import viz
-from minimoe.moe import MoELayer
+from minimoe.course import viz
+from minimoe.core.moe import MoELayer
 from minimoe.checks import lesson04 as check
 
 # %% [markdown]

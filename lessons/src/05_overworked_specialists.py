@@ -17,19 +17,21 @@
 # backward, and the **Switch** auxiliary loss (Fedus et al. 2021) — read the **router
 # z-loss** (Zoph et al. 2022), then train the same clinic with each and compare.
 #
-# **Code to read alongside:** `minimoe/losses.py` — `cv_squared_forward/backward`,
+# **Code to read alongside:** `minimoe/core/losses.py` — `cv_squared_forward/backward`,
 # `importance_loss_forward/backward`, `normal_cdf`, `load_loss_forward/backward`,
 # `switch_loss_forward/backward`, `z_loss_forward/backward`; and how `MoELayer.forward/backward`
-# in `minimoe/moe.py` adds them to the task loss.
+# in `minimoe/core/moe.py` adds them to the task loss.
 
 # %%
 import numpy as np
 import matplotlib.pyplot as plt
 
-from minimoe import gradcheck, losses, router, viz
-from minimoe.data import Split, make_clinic
-from minimoe.models import Clinic, moe_block
-from minimoe.train import evaluate, train
+from minimoe import gradcheck, losses, router
+
+from minimoe.course import viz
+from minimoe.clinic.data import Split, make_clinic
+from minimoe.clinic.models import Clinic, moe_block
+from minimoe.clinic.train import evaluate, train
 from minimoe.checks import lesson05 as check
 
 # %% [markdown]
@@ -44,7 +46,7 @@ from minimoe.checks import lesson05 as check
 #
 # The model is an MoE clinic — embed the symptoms, $v = u + \mathrm{MoE}(u)$, read out a
 # diagnosis — with $E = 8$ experts, top-2 routing with learned noise (lesson 04), and
-# **no balancing at all**. `minimoe.train.train` records how many referrals each expert
+# **no balancing at all**. `minimoe.clinic.train.train` records how many referrals each expert
 # processed in each stretch of training.
 
 # %%

@@ -15,9 +15,9 @@
 # patients with one sort, and the **combine** that brings their answers back — without a
 # single Python loop over tokens. Then it asks what happens to the patients who were turned away.
 #
-# **Code to read alongside:** `minimoe/dispatch.py` — `expert_capacity`, `make_plan`,
+# **Code to read alongside:** `minimoe/core/dispatch.py` — `expert_capacity`, `make_plan`,
 # `dispatch_forward/backward`, `combine_forward/backward`, `dispatch_combine_forward`;
-# `minimoe/experts.py` — `experts_forward` (one loop over experts, not tokens).
+# `minimoe/core/experts.py` — `experts_forward` (one loop over experts, not tokens).
 
 # %%
 import time
@@ -25,10 +25,12 @@ import time
 import numpy as np
 import matplotlib.pyplot as plt
 
-from minimoe import dispatch, experts, router, viz
-from minimoe.data import make_clinic
-from minimoe.models import SparseMoE
-from minimoe.train import train
+from minimoe import dispatch, experts, router
+
+from minimoe.course import viz
+from minimoe.clinic.data import make_clinic
+from minimoe.clinic.models import SparseMoE
+from minimoe.clinic.train import train
 from minimoe.checks import lesson06 as check
 
 # %% [markdown]

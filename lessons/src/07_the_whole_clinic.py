@@ -17,9 +17,9 @@
 # The last section grows the number of specialists at a fixed number per patient and
 # watches knowledge come apart from compute.
 #
-# **Code to read alongside:** `minimoe/data.py` (`make_clinic`, `bayes_accuracy`),
-# `minimoe/models.py` (`Clinic`, `Generalist`, `Ensemble`, `DenseMoE`, `SparseMoE`),
-# `minimoe/train.py` (`train`, `evaluate`), `minimoe/optim.py` (`Adam`, `clip_grad_norm`),
+# **Code to read alongside:** `minimoe/clinic/data.py` (`make_clinic`, `bayes_accuracy`),
+# `minimoe/clinic/models.py` (`Clinic`, `Generalist`, `Ensemble`, `DenseMoE`, `SparseMoE`),
+# `minimoe/clinic/train.py` (`train`, `evaluate`), `minimoe/clinic/optim.py` (`Adam`, `clip_grad_norm`),
 # and `build_clinics` in `minimoe/__main__.py` (the demo `python -m minimoe` is this
 # lesson at full size).
 
@@ -29,11 +29,11 @@ import math
 import numpy as np
 import matplotlib.pyplot as plt
 
-from minimoe import viz
+from minimoe.course import viz
 from minimoe.__main__ import build_clinics
-from minimoe.data import bayes_accuracy, make_clinic
-from minimoe.models import SparseMoE
-from minimoe.train import evaluate, train
+from minimoe.clinic.data import bayes_accuracy, make_clinic
+from minimoe.clinic.models import SparseMoE
+from minimoe.clinic.train import evaluate, train
 from minimoe.checks import lesson07 as check
 
 # %% [markdown]
@@ -159,7 +159,7 @@ def train_step(model, optimizer, x, y, rng):
     """One optimisation step on the minibatch (x, y).
 
     Args:
-        model: a clinic from minimoe.models. optimizer: e.g. Adam(model, lr, clip).
+        model: a clinic from minimoe.clinic.models. optimizer: e.g. Adam(model, lr, clip).
         x: (T, n_symptoms) symptoms. y: (T,) int diagnoses.
         rng: numpy.random.Generator for the router's training noise.
 
@@ -178,7 +178,7 @@ def train_step(model, optimizer, x, y, rng):
 check.train_step(train_step)
 
 # %% [markdown]
-# `minimoe.train.train` is this step in a loop over shuffled minibatches, plus a record of
+# `minimoe.clinic.train.train` is this step in a loop over shuffled minibatches, plus a record of
 # what happened: every few steps it logs the training loss and accuracy, the balancing
 # loss, how many patients each specialist saw, and the validation accuracy **in eval mode**
 # (no router noise — a GP on duty does not flip coins). One generator, seeded by `seed`,

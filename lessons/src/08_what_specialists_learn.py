@@ -23,21 +23,21 @@
 #    what it costs, how well it does, what each member sees — and what it needed that the
 #    MoE did not.
 #
-# **Code to read alongside:** `minimoe/train.py` (`specialty_routing`), `minimoe/corpus.py`
-# (`mutual_information`), `minimoe/hash_router.py` (`hash_route`, `HashMoELayer`),
-# `minimoe/models.py` (`Clinic`, `Generalist`, `SparseMoE`), `minimoe/viz/specialties.py`
+# **Code to read alongside:** `minimoe/clinic/train.py` (`specialty_routing`), `minimoe/lm/corpus.py`
+# (`mutual_information`), `minimoe/beyond/hash_router.py` (`hash_route`, `HashMoELayer`),
+# `minimoe/clinic/models.py` (`Clinic`, `Generalist`, `SparseMoE`), `minimoe/course/viz/specialties.py`
 # (`plot_specialty_routing`).
 
 # %%
 import numpy as np
 import matplotlib.pyplot as plt
 
-from minimoe import viz
-from minimoe.corpus import mutual_information
-from minimoe.data import Split, bayes_accuracy, make_clinic
-from minimoe.hash_router import HashMoELayer, content_ids
-from minimoe.models import Clinic, Generalist, SparseMoE
-from minimoe.train import evaluate, specialty_routing, train
+from minimoe.course import viz
+from minimoe.lm.corpus import mutual_information
+from minimoe.clinic.data import Split, bayes_accuracy, make_clinic
+from minimoe.beyond.hash_router import HashMoELayer, content_ids
+from minimoe.clinic.models import Clinic, Generalist, SparseMoE
+from minimoe.clinic.train import evaluate, specialty_routing, train
 from minimoe.checks import lesson08 as check
 
 # %% [markdown]
@@ -134,7 +134,7 @@ check.purity(purity)
 # $$I(\text{expert}; \text{specialty}) = \sum_{e,s} p(e,s)\,\log\frac{p(e,s)}{p(e)\,p(s)} ,$$
 #
 # which is 0 for an expert choice independent of the specialty and $H(\text{specialty})$
-# when the expert determines it. `minimoe.corpus.mutual_information(a, b)` computes it from
+# when the expert determines it. `minimoe.lm.corpus.mutual_information(a, b)` computes it from
 # two label arrays; dividing by $H(S) = I(S; S)$ gives a fraction in $[0, 1]$.
 
 # %%
@@ -192,7 +192,7 @@ plt.show()
 # specialists do? Roller et al. (2021, *Hash Layers For Large Sparse Models*) replaced the
 # router of a language model with a **fixed hash of the token's id**: every occurrence of
 # a word goes to the same expert(s), chosen at random once and for all, never learned —
-# and found it competitive with learned routing. (`minimoe/hash_router.py`: `hash_route`
+# and found it competitive with learned routing. (`minimoe/beyond/hash_router.py`: `hash_route`
 # picks $k$ distinct experts from a splitmix64 hash of each id; the $k$ gates are $1/k$.)
 #
 # A patient has no word id. We try two receptionists who never read the chart:
@@ -283,7 +283,7 @@ plt.show()
 
 # %%
 def split_by_specialty(split, n_specialties):
-    """One minimoe.data.Split per specialty s = 0 ... n_specialties-1."""
+    """One minimoe.clinic.data.Split per specialty s = 0 ... n_specialties-1."""
     ### BEGIN SOLUTION
     out = []
     for s in range(n_specialties):                         # a loop over specialties, not patients

@@ -27,10 +27,10 @@
 # router on the same clinic; then put the specialists inside a transformer, train a tiny MoE
 # language model on synthetic clinic notes, let it write, and ask what its experts learned.
 #
-# **Code to read alongside:** `minimoe/hash_router.py`, `minimoe/expert_choice.py`,
-# `minimoe/lossfree.py`, `minimoe/shared_experts.py`, `minimoe/transformer.py`
-# (`MoETransformerBlock`), `minimoe/lm.py` (`MoELM`), `minimoe/lm_train.py` (`quick_lm`,
-# `sample`, `expert_usage`) and `minimoe/corpus.py` (the clinic notes).
+# **Code to read alongside:** `minimoe/beyond/hash_router.py`, `minimoe/beyond/expert_choice.py`,
+# `minimoe/beyond/lossfree.py`, `minimoe/beyond/shared_experts.py`, `minimoe/lm/transformer.py`
+# (`MoETransformerBlock`), `minimoe/lm/model.py` (`MoELM`), `minimoe/lm/train.py` (`quick_lm`,
+# `sample`, `expert_usage`) and `minimoe/lm/corpus.py` (the clinic notes).
 
 # %% [markdown]
 # **Quick mode.** With `QUICK = True` (the default) the notebook runs in well under a minute
@@ -48,18 +48,22 @@ import math
 import numpy as np
 import matplotlib.pyplot as plt
 
-from minimoe import corpus, gradcheck, router, viz
-from minimoe.data import Split, make_clinic
-from minimoe.expert_choice import ExpertChoiceMoELayer
-from minimoe.hash_router import HashMoELayer
-from minimoe.layers import softmax
-from minimoe.lm_train import expert_usage, quick_lm, sample
-from minimoe.lossfree import LossFreeMoELayer
-from minimoe.models import Clinic
-from minimoe.moe import MoELayer
-from minimoe.shared_experts import SharedExpertMoELayer
-from minimoe.train import evaluate, train
-from minimoe.transformer import MoETransformerBlock
+from minimoe.lm import corpus
+
+from minimoe import gradcheck, router
+
+from minimoe.course import viz
+from minimoe.clinic.data import Split, make_clinic
+from minimoe.beyond.expert_choice import ExpertChoiceMoELayer
+from minimoe.beyond.hash_router import HashMoELayer
+from minimoe.core.layers import softmax
+from minimoe.lm.train import expert_usage, quick_lm, sample
+from minimoe.beyond.lossfree import LossFreeMoELayer
+from minimoe.clinic.models import Clinic
+from minimoe.core.moe import MoELayer
+from minimoe.beyond.shared_experts import SharedExpertMoELayer
+from minimoe.clinic.train import evaluate, train
+from minimoe.lm.transformer import MoETransformerBlock
 from minimoe.checks import lesson09 as check
 
 # %% [markdown]
@@ -400,7 +404,7 @@ check.routing_report(routing_report)
 # %% [markdown]
 # The seven clinics. The receptionist of lesson 08 hashes the intake form (five yes/no
 # answers); the loss-free GP gets its bias nudged once per training step (`auto_update=True`,
-# since `minimoe.train.train` knows nothing about biases), and a control with $\gamma = 0$
+# since `minimoe.clinic.train.train` knows nothing about biases), and a control with $\gamma = 0$
 # shows what the nudges add. (Training all seven takes a few seconds per seed.)
 
 # %%
@@ -505,7 +509,7 @@ plt.show()
 # ## 6. Into a language model
 #
 # An MoE language model is a stack of **transformer blocks** whose feed-forward network is an
-# MoE layer (GShard; Switch; Mixtral), in the pre-LN arrangement of `minimoe/transformer.py`:
+# MoE layer (GShard; Switch; Mixtral), in the pre-LN arrangement of `minimoe/lm/transformer.py`:
 #
 # $$h = x + \mathrm{Attn}(\mathrm{LN}_1(x)), \qquad y = h + \mathrm{MoE}(\mathrm{LN}_2(h)) \qquad (B, S, d).$$
 #
@@ -514,7 +518,7 @@ plt.show()
 # between a token + position embedding and a readout to the vocabulary; every backward is
 # hand-written and the whole model passes the gradient check (`tests/test_lm.py`).
 #
-# The text is synthetic **clinic notes** from a small grammar (`minimoe/corpus.py`: no
+# The text is synthetic **clinic notes** from a small grammar (`minimoe/lm/corpus.py`: no
 # download). Every word has a known **class** (function word, verb, symptom, body part, …)
 # and every note a known **topic** (its specialty) — two answer keys we will need later:
 

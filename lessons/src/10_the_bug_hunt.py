@@ -12,7 +12,7 @@
 # share one cause: with automatic differentiation nobody writes the backward pass, so nobody
 # checks it, and a layer whose router never learns still trains, still prints a falling loss,
 # still ships. Below are five such bugs — patterns seen in widely used implementations,
-# reproduced in a few lines of NumPy in `minimoe/bugs.py` (written for this course, not
+# reproduced in a few lines of NumPy in `minimoe/course/bugs.py` (written for this course, not
 # copied, and clearly labelled as deliberately wrong). For each one you will
 #
 # 1. read the case (what the code does and what the clinic would notice),
@@ -24,8 +24,8 @@
 # must pass), then grades your fix. The point is the checks: each is a few lines, and each
 # would have saved weeks.
 #
-# **Code to read alongside:** `minimoe/bugs.py` (the five bugs and reference checks), and the
-# correct versions in `minimoe/losses.py` and `minimoe/router.py`.
+# **Code to read alongside:** `minimoe/course/bugs.py` (the five bugs and reference checks), and the
+# correct versions in `minimoe/core/losses.py` and `minimoe/core/router.py`.
 
 # %%
 import inspect
@@ -34,8 +34,10 @@ import numpy as np
 import matplotlib.pyplot as plt
 from IPython.display import Code
 
-from minimoe import bugs, gradcheck, layers, losses, router, viz
-from minimoe.moe import MoELayer
+from minimoe.course import bugs, viz
+
+from minimoe import gradcheck, layers, losses, router
+from minimoe.core.moe import MoELayer
 from minimoe.checks import lesson10 as check
 
 

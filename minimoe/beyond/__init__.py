@@ -1,0 +1,7 @@
+"""Chapter 3 — beyond the GP: other ways to route and to balance.
+
+    hash_router.py     hash routing: a GP who never reads the symptoms (Hash Layers), a baseline
+    expert_choice.py   expert-choice routing: the specialists pick their patients
+    lossfree.py        auxiliary-loss-free balancing: a bias that steers the referrals, not the advice
+    shared_experts.py  shared + fine-grained experts (DeepSeekMoE): a specialist on duty for everyone
+"""

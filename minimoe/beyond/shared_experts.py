@@ -1,0 +1,224 @@
+"""Shared and fine-grained experts: a GP on duty for everyone, plus many narrow
+specialists (Dai et al. 2024, "DeepSeekMoE: Towards Ultimate Expert Specialization").
+
+DeepSeekMoE changes *which* experts there are, not how they are routed. Two ideas:
+
+1. **Fine-grained segmentation** (§3.1). Split each of the E experts (hidden width
+   h) into m narrower ones (width h/m) and route each token to m·k of the m·E —
+   the same parameters and the same expert FLOPs, but far more ways to combine
+   specialists (C(m·E, m·k) instead of C(E, k)), so each can specialise more finely.
+2. **Shared-expert isolation** (§3.2). A few experts see *every* token, with no
+   router at all. They learn the common knowledge (grammar, frequent words) that
+   every routed expert would otherwise have to duplicate, leaving the routed ones
+   free to specialise. To keep the compute fixed, the routed experts per token
+   drop by the number of shared ones.
+
+    y_t = Σ_{s=1..K_s} FFN_s(x_t)  +  Σ_{e in TopK(t)} G_te · FFN_e(x_t)
+          shared: always on, gate 1    routed: an ordinary MoELayer
+
+In the clinic: every patient sees the duty nurse (shared), and the GP refers them
+on to a few of many narrow specialists (routed). A sum of always-on FFNs is just
+one wider FFN (its hidden units concatenated); they are kept as separate experts
+so the books — parameters, active parameters, FLOPs — read like the paper's.
+
+:meth:`SharedExpertMoELayer.fine_grained` converts a coarse design (E experts of
+width h, k per token) into the DeepSeekMoE one at the same expert compute:
+``m·E − K_s`` routed experts and ``K_s`` shared ones, all of width ``h/m``, with
+``m·k − K_s`` routed per token.
+
+Shapes: T tokens, d width, h expert hidden width, E experts, k routed per token,
+K_s shared experts.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from ..core.experts import experts_backward, experts_forward, init_expert_params
+from ..core.moe import MoELayer
+from ..validate import check_array, check_choice, check_dtype, check_int, check_rng
+
+__all__ = ["shared_experts_forward", "shared_experts_backward", "SharedExpertMoELayer"]
+
+
+class SharedCache(NamedTuple):
+    experts: tuple    # experts_forward cache on the tiled input
+    T: int
+
+
+def shared_experts_forward(x, W1, b1, W2, b2, activation="relu"):
+    """Every token through every shared expert, summed: ``y = Σ_s FFN_s(x)``.
+
+    The bank of experts.py expects tokens grouped by expert; for shared experts
+    every group is the whole batch, so the input is tiled K_s times and the groups
+    have equal size T: ``offsets = [0, T, 2T, ...]``.
+
+    Args:
+        x: (T, d) tokens.
+        W1 (K_s,d,h), b1 (K_s,h), W2 (K_s,h,d), b2 (K_s,d): the shared experts.
+        activation: "relu" or "gelu".
+
+    Returns:
+        y (T, d) and the cache.
+    """
+    check_array("x", x, ndim=2)
+    check_array("W1", W1, ndim=3)
+    S, T = W1.shape[0], x.shape[0]
+    yg, ecache = experts_forward(np.tile(x, (S, 1)), np.arange(S + 1) * T, W1, b1, W2, b2, activation)
+    return yg.reshape(S, T, -1).sum(axis=0), SharedCache(ecache, T)
+
+
+def shared_experts_backward(dy, cache):
+    """Each shared expert receives the whole ``dy`` (gate 1); the input's gradient is the
+    sum of their input gradients. Returns dx (T, d) and ``{"W1", "b1", "W2", "b2"}``."""
+    ecache, T = cache
+    S = ecache.W1.shape[0]
+    check_array("dy", dy, shape=(T, ecache.W1.shape[1]), finite=False)
+    dxg, grads = experts_backward(np.tile(dy, (S, 1)), ecache)
+    return dxg.reshape(S, T, -1).sum(axis=0), grads
+
+
+_SHARED_KEYS = {"W1": "W1_shared", "b1": "b1_shared", "W2": "W2_shared", "b2": "b2_shared"}
+
+
+class SharedExpertMoELayer:
+    """K_s shared experts (always on) plus an :class:`~minimoe.core.moe.MoELayer` of routed ones.
+
+    Same surface as MoELayer, so models can take either.
+
+    Example::
+
+        # DeepSeekMoE at the compute of a top-2-of-8 layer of width 64: granularity 4,
+        # one shared expert -> 31 routed experts of width 16, 7 routed per token.
+        layer = SharedExpertMoELayer.fine_grained(d_model=16, d_hidden=64, n_experts=8, k=2,
+                                                  granularity=4, n_shared=1, rng=np.random.default_rng(0))
+        y = layer.forward(x); dx = layer.backward(dy)
+
+    Args:
+        d_model: d.  d_hidden: h, the hidden width of every expert (shared and routed).
+        n_experts: routed experts E.  k: routed experts per token.
+        n_shared: K_s ≥ 0 shared experts (0: fine-grained routing only).
+        rng: numpy.random.Generator for the weights and the routed layer's noise.
+        dtype, activation: as in MoELayer.
+        **routed_kwargs: passed to the routed MoELayer (gate, noisy, balance, balance_coef,
+            z_loss_coef, capacity_factor).
+
+    Attributes:
+        routed: the MoELayer of routed experts (its arrays are shared with ``params``).
+        params / grads: the routed layer's keys (``W_gate``, ``W_noise`` if noisy, ``W1``, ``b1``,
+            ``W2``, ``b2``) plus ``W1_shared (K_s,d,h)``, ``b1_shared``, ``W2_shared``, ``b2_shared``.
+        aux_loss, stats: the routed layer's (the shared experts need no balancing).
+    """
+
+    def __init__(self, d_model, d_hidden, n_experts, k=2, n_shared=1, activation="relu",
+                 dtype=np.float64, rng=None, **routed_kwargs):
+        self.n_shared = check_int("n_shared", n_shared, low=0)
+        check_choice("activation", activation, ("relu", "gelu"))
+        dtype = check_dtype("dtype", dtype).type
+        rng = np.random.default_rng(0) if rng is None else check_rng("rng", rng)
+        self.routed = MoELayer(d_model, d_hidden, n_experts, k=k, activation=activation, dtype=dtype,
+                               rng=rng, **routed_kwargs)
+        self.d_model, self.d_hidden, self.n_experts, self.k = d_model, d_hidden, n_experts, self.routed.k
+        self.activation, self.dtype, self.rng = activation, dtype, rng
+        self.params = dict(self.routed.params)
+        if self.n_shared:
+            shared = init_expert_params(self.n_shared, d_model, d_hidden, rng, dtype)
+            self.params.update({_SHARED_KEYS[name]: v for name, v in shared.items()})
+        self.grads = {name: np.zeros_like(p) for name, p in self.params.items()}
+        self._cache = None
+
+    @classmethod
+    def fine_grained(cls, d_model, d_hidden, n_experts, k=2, granularity=4, n_shared=1, **kwargs):
+        """The DeepSeekMoE version of a coarse layer (E experts of width h, k per token).
+
+        Each expert is cut into m = ``granularity`` experts of width h/m; ``n_shared`` of the
+        m·E become shared, and each token is routed to m·k − n_shared of the rest. Expert
+        parameters stay the same up to the extra biases, and the expert matmul FLOPs per token,
+        (n_shared + m·k − n_shared) · 4·d·h/m = k·4·d·h, stay exactly the same.
+
+        Raises:
+            ValueError: if h is not divisible by m, or if the shared experts would use up all
+                m·k expert slots of a token (nothing left to route).
+        """
+        h = check_int("d_hidden", d_hidden, low=1)
+        E = check_int("n_experts", n_experts, low=1)
+        k = check_int("k", k, low=1, high=E)
+        m = check_int("granularity", granularity, low=1)
+        s = check_int("n_shared", n_shared, low=0)
+        if h % m:
+            raise ValueError(f"d_hidden={h} must be divisible by granularity={m} (each expert is cut "
+                             f"into {m} experts of width d_hidden/granularity)")
+        if s >= m * k:
+            raise ValueError(f"n_shared={s} must be smaller than granularity·k = {m * k}, the expert slots "
+                             f"per token; otherwise no routed expert is left")
+        return cls(d_model, h // m, m * E - s, k=m * k - s, n_shared=s, **kwargs)
+
+    def forward(self, x, train=True, noise=None):
+        """``y = Σ shared FFN_s(x) + routed MoE(x)``.
+
+        Args:
+            x: (T, d) or (B, S, d) tokens.
+            train, noise: passed to the routed MoELayer (noise is (T, E) for the routed experts).
+
+        Returns:
+            y with x's shape.
+        """
+        y = self.routed.forward(x, train=train, noise=noise)    # validates x
+        if self.n_shared:
+            p = self.params
+            x2 = x.reshape(-1, self.d_model).astype(self.dtype, copy=False)
+            ys, scache = shared_experts_forward(x2, p["W1_shared"], p["b1_shared"], p["W2_shared"],
+                                                p["b2_shared"], self.activation)
+            y = y + ys.reshape(y.shape)
+            self._cache = scache
+        return y
+
+    @property
+    def aux_loss(self):
+        """The routed layer's balancing loss (shared experts have nothing to balance)."""
+        return self.routed.aux_loss
+
+    @property
+    def stats(self):
+        """The routed layer's stats (the shared experts serve every token, always)."""
+        return self.routed.stats
+
+    def routing_signature(self):
+        """The routed layer's selection; the shared experts have none."""
+        return self.routed.routing_signature()
+
+    def backward(self, dy):
+        """Gradient of ⟨dy, y⟩ + aux_loss: the two branches' input gradients add up."""
+        dx = self.routed.backward(dy)
+        for name, g in self.routed.grads.items():
+            self.grads[name] = g
+        if self.n_shared:
+            dy2 = dy.reshape(-1, self.d_model).astype(self.dtype, copy=False)
+            dxs, grads = shared_experts_backward(dy2, self._cache)
+            dx = dx + dxs.reshape(dx.shape)
+            for name, g in grads.items():
+                self.grads[_SHARED_KEYS[name]] = g
+        return dx
+
+    @property
+    def n_params(self):
+        """Total parameters: router, routed and shared experts."""
+        return int(sum(p.size for p in self.params.values()))
+
+    @property
+    def n_active_params(self):
+        """Parameters one token touches: the routed layer's active ones plus every shared expert."""
+        shared = sum(self.params[n].size for n in _SHARED_KEYS.values() if n in self.params)
+        return int(self.routed.n_active_params + shared)
+
+    def flops_per_token(self):
+        """Routed layer's FLOPs (router, k experts, weighted combine) plus 4dh for each of the
+        K_s shared experts (their outputs are summed with gate 1: additions, not counted)."""
+        return int(self.routed.flops_per_token() + self.n_shared * 4 * self.d_model * self.d_hidden)
+
+    def __repr__(self):
+        r = self.routed
+        return (f"SharedExpertMoELayer(d_model={self.d_model}, d_hidden={self.d_hidden}, "
+                f"n_experts={self.n_experts}, k={self.k}, n_shared={self.n_shared}, gate={r.gate!r}, "
+                f"noisy={r.noisy}, balance={r.balance!r}, dtype={np.dtype(self.dtype).name})")

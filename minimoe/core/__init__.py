@@ -1,0 +1,17 @@
+"""Chapter 1 — the core: one MoE layer, every backward pass by hand.
+
+Read the files in this order; each is short enough to finish in one sitting.
+
+    layers.py     the building blocks (affine, ReLU, GELU, softmax, cross-entropy) and the
+                  ``forward -> (out, cache)`` / ``backward(dout, cache) -> (dx, grads)`` convention
+    gradcheck.py  how every backward is shown right: central differences, the normwise and
+                  elementwise rule, and the kink detector for top-k ties
+    experts.py    the specialist (an FFN expert) and a bank of E of them, a plain loop over experts
+    router.py     the GP: logits, learned Gaussian noise, top-k, and the dense / top-k / Switch
+                  gates — with the k=1 trap (a renormalised top-1 gate gives the router no gradient)
+    losses.py     keeping specialists from being overworked: importance (CV²), the smooth load
+                  estimator with Φ and its gradient, the Switch loss, the router z-loss
+    dispatch.py   appointment books: the capacity C, the drop rule (which patients are turned
+                  away, in which order), one sort to group tokens by expert, the combine back
+    moe.py        ``MoELayer``: router + dispatch + experts + losses in one layer
+"""

@@ -1,0 +1,286 @@
+"""The building blocks: affine, ReLU, GELU, softmax, and cross-entropy.
+
+Each block is a pair of functions in the style of the CS231n assignments:
+
+    out, cache = thing_forward(x, ...)
+    dx, grads  = thing_backward(dout, cache)
+
+``dout`` is ∂L/∂out for some scalar loss L; backward returns ∂L/∂x and a dict
+``grads`` with ∂L/∂(each parameter) under the parameter's own name (empty for
+blocks without parameters). A cache is a small NamedTuple holding exactly what
+backward needs.
+
+Shapes: ``x`` may have any leading dimensions ``(..., d)`` — a batch of tokens
+``(T, d)`` or of sequences ``(B, S, d)``; the last axis is the feature axis.
+
+Forward functions check their inputs (rank, shape, floating dtype, no NaN/inf) and
+raise a ``ValueError``/``TypeError`` naming the argument; backward functions check
+that ``dout`` has the shape of ``out``, so a wrong upstream gradient fails loudly
+instead of broadcasting into a silently wrong answer.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import numpy as np
+
+from ..validate import check_array
+
+__all__ = [
+    "linear_forward", "linear_backward",
+    "relu_forward", "relu_backward",
+    "gelu_forward", "gelu_backward",
+    "activation_forward", "activation_backward", "ACTIVATIONS",
+    "softmax", "softmax_forward", "softmax_backward",
+    "log_softmax", "cross_entropy_forward", "cross_entropy_backward",
+]
+
+
+# --------------------------------------------------------------------------- affine
+class LinearCache(NamedTuple):
+    x: np.ndarray   # (..., d_in)
+    W: np.ndarray   # (d_in, d_out)
+
+
+def linear_forward(x, W, b):
+    """Affine map ``out = x W + b``.
+
+    Args:
+        x: (..., d_in) inputs.
+        W: (d_in, d_out) weights.
+        b: (d_out,) bias.
+
+    Returns:
+        out: (..., d_out); cache for :func:`linear_backward`.
+    """
+    check_array("x", x, ndim=range(1, 8))
+    check_array("W", W, ndim=2)
+    check_array("b", b, shape=(W.shape[1],))
+    if x.shape[-1] != W.shape[0]:
+        raise ValueError(f"x has width {x.shape[-1]} but W expects {W.shape[0]} (W has shape {W.shape})")
+    return x @ W + b, LinearCache(x, W)
+
+
+def linear_backward(dout, cache):
+    """Backward of the affine map.
+
+    With ``out = x W + b`` and upstream ``dout = ∂L/∂out`` (..., d_out), writing
+    ``X`` and ``D`` for x and dout flattened to one row per token:
+
+        ∂L/∂x = dout Wᵀ                  (..., d_in)
+        ∂L/∂W = Xᵀ D = Σ_t x_t ⊗ dout_t   (d_in, d_out)  — one outer product per token
+        ∂L/∂b = Σ_t dout_t                (d_out,)       — b is added to every token
+
+    Returns:
+        dx, ``{"W": dW, "b": db}``.
+    """
+    x, W = cache
+    check_array("dout", dout, shape=x.shape[:-1] + (W.shape[1],), finite=False)
+    x2 = x.reshape(-1, x.shape[-1])
+    d2 = dout.reshape(-1, dout.shape[-1])
+    return dout @ W.T, {"W": x2.T @ d2, "b": d2.sum(axis=0)}
+
+
+# --------------------------------------------------------------------------- activations
+class ReluCache(NamedTuple):
+    positive: np.ndarray  # boolean mask x > 0
+
+
+def relu_forward(x):
+    """``out = max(x, 0)`` elementwise. Returns out (same shape as x) and the cache."""
+    check_array("x", x)
+    return np.maximum(x, 0), ReluCache(x > 0)
+
+
+def relu_backward(dout, cache):
+    """ReLU passes the gradient where the input was positive and blocks it elsewhere.
+
+    (At exactly 0 we take the derivative to be 0; it is a kink, and float inputs
+    hit it with probability zero. A gradient check that steps across 0 measures
+    a jump, not a slope; pass the mask as the selection signature to detect it.)
+    """
+    check_array("dout", dout, shape=cache.positive.shape, finite=False)
+    return dout * cache.positive, {}
+
+
+class GeluCache(NamedTuple):
+    x: np.ndarray
+    t: np.ndarray  # tanh(u), u = √(2/π)(x + 0.044715 x³)
+
+
+_GELU_C = math.sqrt(2.0 / math.pi)
+
+
+def gelu_forward(x):
+    """GELU, **tanh form** (Hendrycks & Gimpel 2016, as used in BERT and GPT-2):
+
+        gelu(x) = ½ x (1 + tanh(u)),   u = √(2/π) (x + 0.044715 x³)
+
+    The tanh form is smooth and needs no erf; it differs from the exact
+    ``x Φ(x)`` by less than 5e-4 everywhere (the largest gap is near x ≈ −2.7).
+    Returns out (same shape as x) and the cache.
+    """
+    check_array("x", x)
+    u = _GELU_C * (x + 0.044715 * x**3)
+    t = np.tanh(u)
+    return 0.5 * x * (1.0 + t), GeluCache(x, t)
+
+
+def gelu_backward(dout, cache):
+    """Product rule on ``½ x (1 + tanh u)``, with ``d tanh(u)/du = 1 − tanh²u``:
+
+        d gelu/dx = ½ (1 + t) + ½ x (1 − t²) · √(2/π) (1 + 3·0.044715 x²)
+    """
+    x, t = cache
+    check_array("dout", dout, shape=x.shape, finite=False)
+    du_dx = _GELU_C * (1.0 + 3 * 0.044715 * x**2)
+    return dout * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t**2) * du_dx), {}
+
+
+ACTIVATIONS = {
+    "relu": (relu_forward, relu_backward),
+    "gelu": (gelu_forward, gelu_backward),
+}
+
+
+def activation_forward(x, name):
+    """Apply the activation called ``name`` (``"relu"`` or ``"gelu"``).
+
+    Returns out and the cache ``(name, inner_cache)``, so backward knows which rule to use.
+    """
+    if name not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}; got {name!r}")
+    out, cache = ACTIVATIONS[name][0](x)
+    return out, (name, cache)
+
+
+def activation_backward(dout, cache):
+    """Backward of :func:`activation_forward`."""
+    name, inner = cache
+    return ACTIVATIONS[name][1](dout, inner)
+
+
+# --------------------------------------------------------------------------- softmax
+def softmax(z, axis=-1):
+    """Numerically stable softmax along ``axis`` (no input checks: see :func:`softmax_forward`).
+
+    Subtracting the row maximum changes nothing mathematically (softmax is
+    invariant to adding a constant to a row) but keeps ``exp`` from overflowing:
+    the largest exponent is exp(0) = 1, so logits of ±1e4 give exact results
+    (``softmax([1e4, -1e4]) = [1, 0]``) where the naive formula gives inf/inf = NaN.
+    An entry of −∞ gets probability exactly 0 — that is how top-k masks the
+    experts it did not pick — as long as each row has at least one finite entry.
+    """
+    z = z - np.max(z, axis=axis, keepdims=True)
+    e = np.exp(z)
+    return e / np.sum(e, axis=axis, keepdims=True)
+
+
+class SoftmaxCache(NamedTuple):
+    p: np.ndarray
+    axis: int
+
+
+def softmax_forward(z, axis=-1):
+    """Row-wise softmax ``p_i = exp(z_i) / Σ_j exp(z_j)``.
+
+    Args:
+        z: (..., E) finite logits (or any shape, with ``axis`` the one to normalise).
+            NaN and ±∞ are rejected: one of them turns a whole row into NaN, and
+            an unexpected −∞ usually means something upstream overflowed. Masked
+            logits (−∞ on purpose, as in top-k) go through :func:`softmax` directly.
+        axis: the axis that sums to 1.
+
+    Returns:
+        p (same shape as z) and the cache.
+    """
+    check_array("z", z, ndim=range(1, 8))
+    if isinstance(axis, bool) or not isinstance(axis, int) or not -z.ndim <= axis < z.ndim:
+        raise ValueError(f"axis must be an integer in [{-z.ndim}, {z.ndim}) for z of shape {z.shape}, got {axis!r}")
+    if z.shape[axis] == 0:
+        raise ValueError(f"z must have at least one entry along axis {axis}, got shape {z.shape}")
+    p = softmax(z, axis)
+    return p, SoftmaxCache(p, axis)
+
+
+def softmax_backward(dp, cache):
+    """Softmax backward as a Jacobian-vector product.
+
+    The Jacobian of one row is ``∂p_i/∂z_j = p_i (δ_ij − p_j)``, i.e.
+    ``J = diag(p) − p pᵀ``. We never build it (it would be E×E per token);
+    multiplying it by the upstream gradient collapses to
+
+        dz = p ⊙ (dp − ⟨dp, p⟩)
+
+    where ⟨dp, p⟩ is one number per row: each logit's gradient is its
+    probability times how much its upstream gradient exceeds the average.
+    """
+    p, axis = cache
+    check_array("dp", dp, shape=p.shape, finite=False)
+    return p * (dp - np.sum(dp * p, axis=axis, keepdims=True)), {}
+
+
+def log_softmax(z, axis=-1):
+    """Stable ``log softmax(z) = z − logsumexp(z)`` (no input checks).
+
+    Computed directly rather than as ``log(softmax(z))``: at logits ±1e4 the
+    softmax underflows to 0 and its log is −∞, while ``z − logsumexp(z)`` is
+    the exact, finite −2e4.
+    """
+    z = z - np.max(z, axis=axis, keepdims=True)
+    return z - np.log(np.sum(np.exp(z), axis=axis, keepdims=True))
+
+
+# --------------------------------------------------------------------------- cross-entropy
+class CrossEntropyCache(NamedTuple):
+    p: np.ndarray       # (N, C) softmax of the logits
+    labels: np.ndarray  # (N,) int
+    shape: tuple        # the original logits shape
+
+
+def cross_entropy_forward(logits, labels):
+    """Mean cross-entropy of integer labels under ``softmax(logits)``.
+
+        loss = −(1/N) Σ_n log softmax(logits_n)[labels_n]
+
+    Args:
+        logits: (..., C) unnormalized scores; leading dims are flattened to N rows.
+        labels: (...,) integers in ``[0, C)``, one per row.
+
+    Returns:
+        loss (a float) and the cache. An empty batch (N = 0) has loss 0 and a
+        zero gradient rather than 0/0.
+    """
+    check_array("logits", logits, ndim=range(1, 8))
+    C = logits.shape[-1]
+    if C == 0:
+        raise ValueError(f"logits must have at least one class (last axis), got shape {logits.shape}")
+    labels = np.asarray(labels)
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise TypeError(f"labels must be integers, got dtype {labels.dtype}")
+    if labels.shape != logits.shape[:-1]:
+        raise ValueError(f"labels must have shape {logits.shape[:-1]} (one per row of logits), got {labels.shape}")
+    if labels.size and (labels.min() < 0 or labels.max() >= C):
+        raise ValueError(f"labels must be in [0, {C}) for {C} classes; got values from {labels.min()} to {labels.max()}")
+    z = logits.reshape(-1, C)
+    y = labels.reshape(-1)
+    logp = log_softmax(z)
+    N = max(z.shape[0], 1)
+    loss = -logp[np.arange(z.shape[0]), y].sum() / N
+    return float(loss), CrossEntropyCache(np.exp(logp), y, logits.shape)
+
+
+def cross_entropy_backward(dloss, cache):
+    """∂loss/∂logits = (softmax(logits) − onehot(labels)) / N, times the upstream ``dloss``.
+
+    The famous simplification: the softmax Jacobian and the log's 1/p cancel.
+    ``dloss`` is a scalar, because the loss is.
+    """
+    if np.ndim(dloss) != 0:
+        raise ValueError(f"dloss must be a scalar (the loss is one number), got shape {np.shape(dloss)}")
+    p, y, shape = cache
+    N = max(p.shape[0], 1)
+    d = p.copy()
+    d[np.arange(p.shape[0]), y] -= 1.0
+    return (float(dloss) / N) * d.reshape(shape), {}

@@ -1,0 +1,336 @@
+"""The bug hunt: five MoE bugs that autograd hid, and the check that catches each one.
+
+**Everything named ``bugN_...`` or ``NoisyEvalMoE`` below is deliberately buggy teaching code.**
+Do not use it. Each function reproduces, in a few lines of NumPy written for this
+file, a pattern seen in widely used public MoE code (described, not copied). Each
+mirrors minimoe's own API, so the correct version can be swapped in and the same
+check run on both. Lesson 10 tells the stories; tests/test_bugs.py shows that each
+check fails on the bug and passes on minimoe.
+
+| # | the bug | minimoe's version | the check that catches it |
+|---|---|---|---|
+| 1 | Φ compares logits with softmax *probabilities* | ``losses.load_loss_*`` | :func:`load_matches_sampling`, :func:`balances_real_load` |
+| 2 | Switch loss from detached floats | ``losses.switch_loss_*`` | :func:`gradient_matches_finite_differences` |
+| 3 | top-1 gate renormalized to 1, no aux loss | ``MoELayer(gate="switch")`` | :func:`router_gradient_is_nonzero` |
+| 4 | router noise left on in eval | ``router.router_logits_forward`` | :func:`eval_is_deterministic` |
+| 5 | top-k renormalized by a detached sum | ``router.renormalize_*`` | :func:`gates_sum_has_zero_gradient`, gradient check |
+
+Every check returns a :class:`Finding`, which is truthy exactly when the check passes,
+so ``assert check(...)`` works and ``print(check(...))`` explains the verdict.
+Shapes: T tokens, d width, E experts, k experts per token.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+
+from ..core.gradcheck import GradCheckError, check_pair
+from ..core.layers import SoftmaxCache, softmax, softmax_backward
+from ..core.losses import cv_squared_backward, cv_squared_forward, normal_cdf, normal_pdf
+from ..core.moe import MoELayer
+from ..core.router import router_logits_backward, router_logits_forward, topk_indices
+from ..validate import check_array, check_int, check_rng
+
+__all__ = [
+    "Finding", "BUGS",
+    "bug1_load_loss_forward", "bug1_load_loss_backward",
+    "bug2_switch_loss_forward", "bug2_switch_loss_backward", "bug3_dead_router_layer",
+    "bug4_router_logits_forward", "bug4_router_logits_backward", "NoisyEvalMoE",
+    "bug5_renormalize_forward", "bug5_renormalize_backward",
+    "load_matches_sampling", "BalanceRun", "train_router_on_load_loss", "balances_real_load",
+    "gradient_matches_finite_differences", "router_gradient_is_nonzero", "eval_is_deterministic",
+    "gates_sum_has_zero_gradient",
+]
+
+BUGS = {
+    1: "mixed units in the smooth load estimator",
+    2: "a balancing loss with no gradient",
+    3: "the dead router at k=1",
+    4: "noise left on at evaluation",
+    5: "renormalizing with a constant",
+}
+
+
+@dataclass(frozen=True)
+class Finding:
+    """The verdict of a check: ``bool(finding)`` is ``passed``; ``str`` says why."""
+    passed: bool
+    message: str
+
+    def __bool__(self):
+        return self.passed
+
+    def __str__(self):
+        return ("PASS: " if self.passed else "FAIL: ") + self.message
+
+
+_rows = lambda T: np.arange(T)[:, None]  # noqa: E731
+
+
+# =========================================================================== bug 1
+class Bug1Cache(NamedTuple):
+    ranked: np.ndarray   # (T, k+1) experts by noisy score, best first
+    in_topk: np.ndarray  # (T,E) bool
+    probs: np.ndarray    # (T,E) softmax(H): where the bug reads its thresholds
+    z: np.ndarray        # (T,E)
+    sigma: np.ndarray    # (T,E)
+    load: np.ndarray     # (E,) the (wrong) smooth load
+    cv: tuple
+    k: int
+
+
+def bug1_load_loss_forward(clean, noisy, sigma, k):
+    """BUGGY smooth load loss: the thresholds are in the wrong units.
+
+    *The GP's referral letters are weighed in the wrong units.* To estimate how
+    likely each specialist is to be on a patient's short list, the clinic compares
+    the specialist's score (a logit, any real number) with the bar set by the
+    others — but reads that bar off the *probability* chart (a number in [0, 1]):
+
+        P(t,e) = Φ((L_te − kth_excluding(softmax(H_t), k, e)) / σ_te)     ← mixed units
+
+    minimoe (``losses.load_loss_forward``) reads the bar off H itself, the same
+    units as L. Same arguments and return as that function; its backward
+    (:func:`bug1_load_loss_backward`) is the *correct* derivative of this wrong
+    forward, so a gradient check passes. The loss runs, decreases, even reaches 0,
+    while the real load stays unbalanced: it balances the wrong thing. Needs k < E.
+    """
+    check_array("clean", clean, ndim=2)
+    check_array("noisy", noisy, shape=clean.shape)
+    check_array("sigma", sigma, shape=clean.shape)
+    T, E = clean.shape
+    k = check_int("k", k, low=1, high=E - 1)
+    ranked = topk_indices(noisy, k + 1)
+    in_topk = np.zeros((T, E), dtype=bool)
+    in_topk[_rows(T), ranked[:, :k]] = True
+    p = softmax(noisy)
+    t = np.arange(T)
+    thr = np.where(in_topk, p[t, ranked[:, k]][:, None], p[t, ranked[:, k - 1]][:, None])  # the bug
+    z = (clean - thr) / sigma
+    load = normal_cdf(z).sum(axis=0)
+    loss, cv = cv_squared_forward(load)
+    return loss, Bug1Cache(ranked, in_topk, p, z, sigma, load, cv, k)
+
+
+def bug1_load_loss_backward(dloss, cache):
+    """Exact backward of :func:`bug1_load_loss_forward` (the threshold flows back through
+    the softmax). Returns ``(d_clean, {"noisy": d_noisy, "sigma": d_sigma})``, all (T,E)."""
+    ranked, in_topk, p, z, sigma, _, cv, k = cache
+    t = np.arange(z.shape[0])
+    dload, _ = cv_squared_backward(dloss, cv)
+    d_clean = dload[None, :] * normal_pdf(z) / sigma
+    dthr = np.zeros_like(d_clean)
+    dthr[t, ranked[:, k]] -= np.sum(np.where(in_topk, d_clean, 0), axis=1)
+    dthr[t, ranked[:, k - 1]] -= np.sum(np.where(in_topk, 0, d_clean), axis=1)
+    d_noisy = softmax_backward(dthr, SoftmaxCache(p, -1))[0]
+    return d_clean, {"noisy": d_noisy, "sigma": -d_clean * z}
+
+
+def load_matches_sampling(load_forward, clean, noisy, sigma, k, rng, n_samples=4000, n_se=5.0):
+    """Check: does the smooth load estimate what it claims to (Shazeer et al. 2017, eq. 8–10)?
+
+    ``P(t,e)`` claims to be the probability that e lands in token t's top k if e's own
+    noise is drawn again while the others' noisy scores stay put. We *simulate* that:
+    redraw ``H'_te = L_te + ε σ_te`` n_samples times and count how often fewer than k
+    other experts beat it. ``load_forward(clean, noisy, sigma, k)`` must return
+    ``(loss, cache)`` with ``cache.load`` (E,); it passes when every entry is within
+    ``n_se`` standard errors (+0.01) of the simulated load.
+    """
+    check_rng("rng", rng)
+    _, cache = load_forward(clean, noisy, sigma, k)
+    eps = rng.standard_normal((n_samples,) + clean.shape)
+    redrawn = clean + eps * sigma                                       # (S,T,E)
+    beaten_by = noisy[None, :, None, :] > redrawn[..., None]            # (S,T,E,E'): e' beats e?
+    others = beaten_by.sum(-1) - beaten_by[..., np.arange(clean.shape[1]), np.arange(clean.shape[1])]
+    P_mc = np.mean(others < k, axis=0)                                  # (T,E)
+    load_mc = P_mc.sum(axis=0)
+    se = np.sqrt(np.sum(P_mc * (1 - P_mc), axis=0) / n_samples)
+    gap = np.abs(np.asarray(cache.load) - load_mc)
+    ok = bool(np.all(gap <= n_se * se + 0.01))
+    return Finding(ok, f"smooth load {np.round(cache.load, 2)} vs sampled {np.round(load_mc, 2)} "
+                       f"(largest gap {gap.max():.3f}, {n_se:g} standard errors = {n_se * se.max():.3f})")
+
+
+class BalanceRun(NamedTuple):
+    load_before: np.ndarray   # (E,) tokens per expert (eval routing, clean top-k) before training
+    load_after: np.ndarray    # (E,) the same after training
+    loss: np.ndarray          # (steps,) the balancing loss each step
+    real_cv2: np.ndarray      # (steps,) CV² of the real (eval) load after each step
+
+
+def train_router_on_load_loss(load_forward, load_backward, *, k=1, steps=300, lr=0.5,
+                              T=512, d=8, E=4, seed=0):
+    """Train a collapsing noisy router on a load loss alone and watch the *real* load.
+
+    The clinic starts collapsed: feature 0 of every token is 1 (a bias) and
+    ``W_gate[0, 0]`` is raised by 2, so most patients are referred to expert 0.
+    Plain gradient descent on ``load_forward``'s loss moves W_gate and W_noise; the
+    real load is counted from the clean top-k (what eval would do). ``load_forward``
+    and ``load_backward`` have the signatures of ``losses.load_loss_forward/backward``.
+    """
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((T, d))
+    x[:, 0] = 1.0
+    W_gate = rng.standard_normal((d, E)) * 0.3
+    W_gate[0, 0] += 2.0
+    W_noise = np.zeros((d, E))
+    real = lambda: np.bincount(topk_indices(x @ W_gate, k).ravel(), minlength=E)  # noqa: E731
+    before, losses, cv2 = real(), [], []
+    for _ in range(steps):
+        H, lc = router_logits_forward(x, W_gate, W_noise, rng=rng, train=True)
+        loss, cache = load_forward(lc.clean, H, lc.sigma, k)
+        d_clean, g = load_backward(1.0, cache)
+        _, grads = router_logits_backward(g["noisy"], lc, d_clean=d_clean, d_sigma=g["sigma"])
+        W_gate -= lr * grads["W_gate"]
+        W_noise -= lr * grads["W_noise"]
+        losses.append(loss)
+        cv2.append(cv_squared_forward(real().astype(np.float64))[0])
+    return BalanceRun(before, real(), np.array(losses), np.array(cv2))
+
+
+def balances_real_load(load_forward, load_backward, *, cv2_max=0.03, **train_kwargs):
+    """Check: after :func:`train_router_on_load_loss`, is the real load balanced (CV² ≤ cv2_max)?"""
+    run = train_router_on_load_loss(load_forward, load_backward, **train_kwargs)
+    cv2 = float(run.real_cv2[-1])
+    return Finding(cv2 <= cv2_max, f"real load {run.load_before} -> {run.load_after} (CV² {cv2:.3f}, "
+                                   f"limit {cv2_max:g}) while the loss went {run.loss[0]:.3g} -> {run.loss[-1]:.3g}")
+
+
+# =========================================================================== bug 2
+class Bug2Cache(NamedTuple):
+    f: np.ndarray      # (E,) fraction of first choices (the backward could have used it...)
+    shape: tuple       # (T, E)
+    dtype: np.dtype
+
+
+def bug2_switch_loss_forward(probs, first_choice):
+    """BUGGY Switch loss ``E · Σ_e f_e P_e``: P was turned into plain floats.
+
+    *The clinic manager writes each specialist's workload in the log book, but the
+    GP never reads it.* ``P_e`` is copied out as Python floats (in a framework: read
+    with ``.item()``/``.detach()``/``.numpy()``), so the value is right and shows up
+    in the training logs, but autograd sees a constant: the backward is zero and the
+    loss never moves the router. Same API as ``losses.switch_loss_forward``.
+    """
+    check_array("probs", probs, ndim=2)
+    T, E = probs.shape
+    f = np.bincount(np.asarray(first_choice).reshape(-1), minlength=E) / T
+    P = [float(v) for v in probs.mean(axis=0)]           # the bug: detached from the graph
+    return float(E * sum(fe * pe for fe, pe in zip(f, P))), Bug2Cache(f, probs.shape, probs.dtype)
+
+
+def bug2_switch_loss_backward(dloss, cache):
+    """What autograd computes for a constant: zero. Returns ``(dprobs (T,E) = 0, {})``."""
+    return np.zeros(cache.shape, dtype=cache.dtype), {}
+
+
+# =========================================================================== bug 3
+def bug3_dead_router_layer(d_model, d_hidden, n_experts, rng=None, dtype=np.float64):
+    """BUGGY configuration: top-1 routing, the gate renormalized to 1, no auxiliary loss.
+
+    *Each patient sees exactly one specialist and the GP's letter always says "100 %":
+    whatever the outcome, the letter was right, so the GP never learns.* With k = 1
+    the renormalized gate ``p_e / p_e`` is exactly 1, the task gradient into the router
+    is exactly 0 (``router.topk_gate_backward``), and with no balancing loss nothing
+    else reaches ``W_gate`` or ``W_noise``. Fixes: ``gate="switch"`` (keep ``p_e``, as
+    the Switch Transformer does) or a loss that reaches the router (``balance="switch"``
+    or ``"load"``; ``"importance"`` does *not*, it also stops at the gate).
+    """
+    return MoELayer(d_model, d_hidden, n_experts, k=1, gate="topk", noisy=True, balance=None,
+                    dtype=dtype, rng=rng)
+
+
+def router_gradient_is_nonzero(layer, x, *, rng=None, names=("W_gate", "W_noise"), tol=1e-12):
+    """Check: after one training forward/backward with a random ``dy``, is each router
+    parameter's gradient (those in ``names`` that the layer has) non-zero (norm > tol)?"""
+    rng = np.random.default_rng(0) if rng is None else check_rng("rng", rng)
+    y = layer.forward(x, train=True)
+    layer.backward(rng.standard_normal(np.shape(y)))
+    norms = {n: float(np.linalg.norm(layer.grads[n])) for n in names if n in layer.params}
+    if not norms:
+        return Finding(False, f"the layer has none of the router parameters {list(names)}")
+    dead = [n for n, v in norms.items() if not v > tol]
+    text = ", ".join(f"|d{n}| = {v:.3g}" for n, v in norms.items())
+    return Finding(not dead, text + (f": {', '.join(dead)} never train" if dead else ""))
+
+
+# =========================================================================== bug 4
+def bug4_router_logits_forward(x, W_gate, W_noise=None, *, noise=None, rng=None, train=True):
+    """BUGGY router scores: the noise is added whenever the router *has* noise weights.
+
+    *The GP rolls a die before every referral, even on the day of the real exam.*
+    The noise of noisy top-k is meant for exploration while training; here the
+    ``train`` flag is accepted and ignored, so two evaluations of the same patient
+    may go to different specialists. Same API as ``router.router_logits_forward``;
+    the backward (:func:`bug4_router_logits_backward`) is minimoe's, unchanged.
+    """
+    return router_logits_forward(x, W_gate, W_noise, noise=noise, rng=rng, train=True)  # the bug
+
+
+bug4_router_logits_backward = router_logits_backward
+
+
+class NoisyEvalMoE(MoELayer):
+    """BUGGY layer: an :class:`MoELayer` whose ``forward`` ignores ``train=False``
+    (the router noise stays on in evaluation and generation)."""
+
+    def forward(self, x, train=True, noise=None):
+        return super().forward(x, train=True, noise=noise)    # the bug: train is dropped
+
+
+def eval_is_deterministic(predict, n_calls=3):
+    """Check: does ``predict()`` (no arguments, e.g. ``lambda: layer.forward(x, train=False)``)
+    return exactly the same array every time? Re-seeding inside ``predict`` would hide the bug."""
+    n = check_int("n_calls", n_calls, low=2)
+    outs = [np.array(predict()) for _ in range(n)]
+    diff = max(float(np.max(np.abs(o - outs[0]), initial=0.0)) for o in outs[1:])
+    return Finding(diff == 0.0, f"largest difference between {n} identical eval calls: {diff:.3g}")
+
+
+# =========================================================================== bug 5
+def bug5_renormalize_forward(p, idx):
+    """BUGGY renormalization: divide the top-k probabilities by a sum treated as constant.
+
+    *The GP splits the referral between two specialists and rescales the shares to
+    100 %, but forgets that raising one share lowers the other.* The value
+    ``g_j = p_j / s``, ``s = Σ_j p_j`` is exactly minimoe's (``router.renormalize_forward``);
+    only the backward (:func:`bug5_renormalize_backward`) misses the ``∂s/∂p`` term.
+    """
+    sel = p[_rows(p.shape[0]), idx]
+    s = np.sum(sel, axis=1, keepdims=True)
+    g = sel / s
+    return g, (g, s, idx, p.shape)
+
+
+def bug5_renormalize_backward(dg, cache):
+    """What autograd computes when ``s`` is detached: ``dp_j = dg_j / s`` — the
+    ``− ⟨dg, g⟩ / s`` of the quotient rule is missing. Returns ``(dp (T,E), {})``."""
+    g, s, idx, shape = cache
+    dp = np.zeros(shape, dtype=g.dtype)
+    dp[_rows(shape[0]), idx] = dg / s                       # the bug
+    return dp, {}
+
+
+def gates_sum_has_zero_gradient(forward, backward, p, idx, atol=1e-10):
+    """Check (a property test, no finite differences): each token's gates sum to exactly 1
+    whatever ``p`` is, and a constant has zero gradient, so ``backward(ones)`` must be 0.
+    ``forward(p, idx) -> (g, cache)``, ``backward(dg, cache) -> (dp, _)``."""
+    g, cache = forward(p, idx)
+    worst = float(np.max(np.abs(backward(np.ones_like(g), cache)[0]), initial=0.0))
+    return Finding(worst <= atol, f"largest |∂(Σ_j g_j)/∂p| = {worst:.3g} (the sum is constant, so it must be 0)")
+
+
+# =========================================================================== bugs 2 and 5
+def gradient_matches_finite_differences(forward, backward, x, params=None, **check_kwargs):
+    """Check a forward/backward pair with :func:`minimoe.core.gradcheck.check_pair` (same
+    arguments); the Finding carries its report. A crossed kink still raises ``KinkError``:
+    that is a problem of the fixture, not a verdict on the code."""
+    try:
+        reports = check_pair(forward, backward, x, params, **check_kwargs)
+    except GradCheckError as err:
+        return Finding(False, str(err))
+    worst = max(r.normwise for r in reports)
+    return Finding(True, f"analytic and numerical gradients agree (worst normwise error {worst:.2e})")
+

@@ -1,0 +1,29 @@
+"""Graders for the lessons: every exercise is checked the moment it runs.
+
+In a lesson notebook::
+
+    from minimoe.course.checks import lesson01 as check
+    ...
+    check.ffn_forward(ffn_forward)      # ✔ … or ✘ with what is wrong
+    ...
+    check.progress()                    # the lesson's table: exercises passed / total
+
+Each ``lessonNN`` module holds one grader per exercise. A grader runs the
+learner's function on fresh seeded inputs, compares it with minimoe's own
+implementation or with finite differences, and prints one line that starts with
+✔ (and says what was checked) or ✘ (and says what is wrong, with a targeted hint
+for the typical mistakes). It never raises — unless ``MINIMOE_STRICT=1`` is set,
+for nbgrader's autograder. The framework is in :mod:`minimoe.course.checks.grading` (verdicts, calling the
+learner's code) and :mod:`minimoe.course.checks.compare` (explaining a wrong answer).
+
+From a shell::
+
+    python -m minimoe.checks                 # progress over lessons/*.ipynb, from their saved outputs
+    python -m minimoe.checks --run           # … executing (copies of) the notebooks afresh
+    python -m minimoe.checks build [--check] # build the notebooks from lessons/src/
+"""
+from .compare import expect_array, expect_grads, expect_number, numeric_grads  # noqa: F401
+from .grading import LESSONS, Blank, Fail, Lesson, Result, call, reset, results, strict  # noqa: F401
+
+__all__ = ["LESSONS", "Lesson", "Result", "Fail", "Blank", "call", "expect_array", "expect_grads",
+           "expect_number", "numeric_grads", "results", "reset", "strict"]

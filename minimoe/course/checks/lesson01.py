@@ -1,0 +1,180 @@
+"""Graders for lesson 01, *The specialist*: the FFN expert, its backward, and gradient checking.
+
+References: :func:`minimoe.core.experts.ffn_forward` / ``ffn_backward`` and
+:mod:`minimoe.core.gradcheck`. Backward graders compare with *finite differences* of the
+reference forward (a real gradient check), so their verdict does not rest on
+minimoe's own backward being right.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ...core import experts
+from ...core.gradcheck import rel_error as _rel_error_ref
+from .compare import expect_array, expect_grads, expect_number, numeric_grads
+from .grading import Fail, Lesson, call
+
+LESSON = Lesson("01", "The specialist")
+progress = LESSON.progress
+
+# (T, d, h): tokens, model width, hidden width. d != h so a missing transpose shows as a shape error.
+_SIZES = [(6, 4, 7), (1, 3, 5), (9, 5, 3)]
+
+
+def _ffn_inputs(seed, T, d, h):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((T, d))
+    W1 = rng.standard_normal((d, h)) / np.sqrt(d)
+    b1 = rng.standard_normal(h) * 0.5
+    W2 = rng.standard_normal((h, d)) / np.sqrt(h)
+    b2 = rng.standard_normal(d) * 0.5
+    return x, W1, b1, W2, b2
+
+
+def _relu(z):
+    return np.maximum(z, 0)
+
+
+@LESSON.exercise("ffn_forward")
+def ffn_forward(fn):
+    for seed, (T, d, h) in enumerate(_SIZES):
+        x, W1, b1, W2, b2 = _ffn_inputs(10 + seed, T, d, h)
+        out = call(fn, x, W1, b1, W2, b2, name="ffn_forward")
+        if not isinstance(out, tuple) or len(out) != 2:
+            raise Fail("ffn_forward should return a pair (y, cache), "
+                       f"got {type(out).__name__}{'' if not isinstance(out, tuple) else f' of length {len(out)}'}")
+        y, cache = out
+        want, _ = experts.ffn_forward(x, W1, b1, W2, b2)
+        z = x @ W1 + b1
+        expect_array("y", y, want, shape_desc="(T, d)", mistakes=[
+            (z @ W2 + b2, "You skipped the activation: the hidden layer is a = relu(z) = np.maximum(z, 0)."),
+            (_relu(want), "The ReLU belongs between the two layers only: y = a W2 + b2 may be negative."),
+            (_relu(z) @ W2, "You forgot the output bias b2."),
+            (_relu(x @ W1) @ W2 + b2, "You forgot the hidden bias b1 (inside the ReLU: z = x W1 + b1)."),
+        ])
+        if not isinstance(cache, tuple) or len(cache) != 5:
+            raise Fail("y is right, but the cache should be the tuple (x, z, a, W1, W2) — "
+                       "ffn_backward will need exactly these.")
+        for name, got_c, want_c in zip(("x", "z", "a", "W1", "W2"), cache, (x, z, _relu(z), W1, W2)):
+            if np.shape(got_c) != want_c.shape or not np.allclose(got_c, want_c):
+                raise Fail(f"y is right, but cache entry {name!r} is not; the cache should be "
+                           f"(x, z, a, W1, W2) with z = x W1 + b1 and a = relu(z).")
+    return "y = relu(x W1 + b1) W2 + b2 and the cache are right on 3 random batches (T = 1 to 9)."
+
+
+@LESSON.exercise("ffn_backward")
+def ffn_backward(fn):
+    worst = 0.0
+    for seed, (T, d, h) in enumerate(_SIZES):
+        x, W1, b1, W2, b2 = _ffn_inputs(20 + seed, T, d, h)
+        dy = np.random.default_rng(30 + seed).standard_normal((T, d))
+        z = x @ W1 + b1
+        a = _relu(z)
+        out = call(fn, dy, (x, z, a, W1, W2), name="ffn_backward")
+        if not isinstance(out, tuple) or len(out) != 2:
+            raise Fail("ffn_backward should return a pair (dx, grads) with grads a dict "
+                       "{'W1', 'b1', 'W2', 'b2'}")
+        dx, grads = out
+        arrays = {"x": x.copy(), "W1": W1.copy(), "b1": b1.copy(), "W2": W2.copy(), "b2": b2.copy()}
+        num = numeric_grads(lambda: experts.ffn_forward(**arrays)[0], arrays, dy)
+        da = dy @ W2.T
+        dz = da * (z > 0)
+        no_mask = {"W1": x.T @ da, "b1": da.sum(0), "x": da @ W1.T}
+        mask_hint = ("The gradient passes through the ReLU only where z > 0: "
+                     "dz = da * (z > 0). You let it through everywhere.")
+        mistakes = {
+            "W1": [(no_mask["W1"], mask_hint)],
+            "b1": [(no_mask["b1"], mask_hint),
+                   (dz.mean(0), "A bias gradient is a sum over tokens (every token used the same bias), not a mean.")],
+            "W2": [(z.T @ dy, "dW2 = aᵀ dy uses the activation a = relu(z), not the pre-activation z.")],
+            "b2": [(dy.mean(0), "A bias gradient is a sum over tokens (every token used the same bias), not a mean."),
+                   (dy, "db2 must have b2's shape (d,): sum dy over the tokens.")],
+            "x": [(no_mask["x"], mask_hint)],
+        }
+        all_grads = dict(grads) if isinstance(grads, dict) else grads
+        if isinstance(all_grads, dict):
+            all_grads = {**all_grads, "x": dx}
+        worst = max(worst, expect_grads(all_grads, num, mistakes=mistakes,
+                                        names=["W1", "b1", "W2", "b2", "x"]))
+    return (f"dx, dW1, db1, dW2, db2 pass the gradient check on 3 random batches "
+            f"(worst relative error {worst:.1e}, pass < 1e-8).")
+
+
+@LESSON.exercise("numerical_gradient")
+def numerical_gradient(fn):
+    for seed, shape in enumerate([(5,), (3, 4), (2, 3, 2)]):
+        rng = np.random.default_rng(40 + seed)
+        x = rng.standard_normal(shape)
+        c = rng.standard_normal(shape)
+        x0 = x.copy()
+
+        def f():
+            return float(np.sum(np.sin(x) * c) + 0.5 * np.sum(x ** 3))
+        exact = np.cos(x0) * c + 1.5 * x0 ** 2
+        h = 1e-5
+        got = call(fn, f, x, h, name="numerical_gradient", copy=False)
+        if not np.array_equal(x, x0):
+            moved = float(np.max(np.abs(x - x0)))
+            raise Fail(f"after your function ran, x was changed (by up to {moved:.2g}). Restore each "
+                       f"entry after perturbing it: old = x[i]; ...; x[i] = old.")
+        fwd = np.zeros_like(x0)
+        f0 = f()
+        for i in np.ndindex(shape):
+            x[i] += h
+            fwd[i] = (f() - f0) / h
+            x[i] = x0[i]
+        shape_hint = ("x can have any shape: loop over np.ndindex(x.shape) (or np.nditer with "
+                      "flags=['multi_index']) so that x[i] reaches every entry.")
+        if np.shape(got) != shape:
+            raise Fail(f"the gradient has shape {np.shape(got)}, expected {shape} (x's shape). {shape_hint}")
+        expect_array("the gradient", got, exact, rtol=1e-8, atol=1e-9, mistakes=[
+            (fwd, "That is a one-sided (forward) difference, (f(x+h) − f(x)) / h, whose error is O(h). "
+                  "Use the central difference (f(x+h) − f(x−h)) / (2h): its error is O(h²)."),
+            (2 * exact, "You are off by a factor of 2: divide by 2h, the distance between x−h and x+h."),
+            (exact / 2, "You are off by a factor of 1/2: the two points x−h and x+h are 2h apart, "
+                        "so divide by 2h (not 4h)."),
+        ])
+    return ("matches the exact gradient of a test function to 1e-8 for x of 1, 2 and 3 dimensions, "
+            "and leaves x exactly as it found it.")
+
+
+@LESSON.exercise("rel_error")
+def rel_error(fn):
+    rng = np.random.default_rng(50)
+    cases = []
+    for shape in [(7,), (3, 4)]:
+        a = rng.standard_normal(shape)
+        cases.append((a, a + 1e-3 * rng.standard_normal(shape)))
+        cases.append((a, 3 * a))
+    big = rng.standard_normal(6)
+    cases += [(1e8 * big, 1e8 * big * (1 + 1e-6)), (np.zeros(4), np.zeros(4)),
+              (np.zeros(3), np.array([1.0, 2.0, 2.0])), (np.array([1e-9, -1e-9]), np.array([1e-9, 1e-9]))]
+    for a, n in cases:
+        got = call(fn, a, n, name="rel_error")
+        want = _rel_error_ref(a, n)
+        na, nn = np.linalg.norm(a), np.linalg.norm(n)
+        with np.errstate(all="ignore"):
+            mistakes = [
+                (np.linalg.norm(a - n) / nn if nn else np.nan,
+                 "Divide by max(‖a‖, ‖n‖), not by ‖n‖ alone: the error must be symmetric in a and n "
+                 "and must not blow up when the numerical gradient is 0."),
+                (np.linalg.norm(a - n), "That is the absolute error ‖a − n‖; divide by max(‖a‖, ‖n‖) "
+                                        "so the answer does not depend on the gradient's scale."),
+                (np.max(np.abs(a - n) / np.maximum(np.maximum(np.abs(a), np.abs(n)), 1e-300)),
+                 "This is the *normwise* relative error: one ratio of norms for the whole array, "
+                 "not the largest elementwise ratio (which explodes where a gradient is near 0)."),
+                (np.linalg.norm(a - n) / (na + nn) if na + nn else np.nan,
+                 "Divide by max(‖a‖, ‖n‖), not by their sum."),
+            ]
+        try:
+            is_nan = bool(np.isnan(float(np.asarray(got).reshape(()))))
+        except (TypeError, ValueError):
+            is_nan = False
+        if is_nan:
+            raise Fail(f"rel_error returned nan for a = {np.round(a, 3).tolist()}, n = {np.round(n, 3).tolist()}. "
+                       f"When both are zero the error is 0: use max(‖a‖, ‖n‖, tiny) with a tiny "
+                       f"floor like 1e-300 in the denominator.")
+        expect_number("rel_error", got, want, mistakes=[m for m in mistakes if np.isfinite(m[0])],
+                      rtol=1e-9, atol=1e-300)
+    return ("normwise relative error is right on 8 cases: scale-free, symmetric, "
+            "and 0 (not nan) when both gradients are zero.")

@@ -1,0 +1,281 @@
+"""Graders for lesson 10, *The bug hunt*: for each of five MoE bugs, the learner writes the
+check that exposes it and then the fix.
+
+Every grader takes two of the learner's functions, ``check.<bug>(their_check, their_fix)``:
+
+1. their check must **fail** on the buggy code (from :mod:`minimoe.course.bugs`) and **pass** on
+   minimoe's own — and where a lazy check would slip through (e.g. "the gradient is not
+   zero" instead of a real gradient check), also fail on a second, subtler wrong version;
+2. their fix must pass minimoe's reference check (in :mod:`minimoe.course.bugs`) and match
+   minimoe's own implementation. Handing in the buggy function as the fix fails.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .. import bugs
+from ...core import layers, losses, router
+from ...core.moe import MoELayer
+from .compare import expect_array, expect_grads, numeric_grads
+from .grading import Fail, Lesson, call
+
+LESSON = Lesson("10", "The bug hunt")
+progress = LESSON.progress
+
+
+def _verdict(value, name):
+    """The learner's check must answer True or False (NumPy booleans too)."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, bugs.Finding):
+        return value.passed
+    raise Fail(f"{name} should return True (the code passes) or False (it is caught), "
+               f"got {type(value).__name__} {value!r:.60}")
+
+
+def _first(out):
+    """Accept ``value`` or ``(value, cache_or_grads)`` where minimoe's API returns a pair."""
+    return out[0] if isinstance(out, tuple) else out
+
+
+# =========================================================================== bug 1
+def load_fixture(seed, T=12, E=4, k=2):
+    """Clean logits, noise scale and noisy logits (no near-ties), as in the lesson."""
+    rng = np.random.default_rng(seed)
+    L = rng.standard_normal((T, E)) * 1.5
+    sigma = rng.uniform(0.5, 1.5, size=(T, E))
+    H = L + rng.standard_normal((T, E)) * sigma
+    return L, H, sigma
+
+
+def buggy_smooth_load(clean, noisy, sigma, k):
+    """Bug 1 as a load function: (E,) ``Σ_t P(t,e)`` with thresholds in probability units."""
+    return bugs.bug1_load_loss_forward(clean, noisy, sigma, k)[1].load
+
+
+def minimoe_smooth_load(clean, noisy, sigma, k):
+    """minimoe's smooth load ``Σ_t P(t,e)`` (Shazeer et al. 2017, eq. 8–10), (E,)."""
+    return losses.load_loss_forward(clean, noisy, sigma, k)[1].load
+
+
+def _load_variant(clean, noisy, sigma, k, source):
+    """Smooth load with the thresholds read from ``source`` (T,E) — for the typical mistakes."""
+    T = clean.shape[0]
+    ranked = router.topk_indices(noisy, k + 1)
+    in_topk = np.zeros(clean.shape, dtype=bool)
+    in_topk[np.arange(T)[:, None], ranked[:, :k]] = True
+    t = np.arange(T)
+    thr = np.where(in_topk, source[t, ranked[:, k]][:, None], source[t, ranked[:, k - 1]][:, None])
+    return losses.normal_cdf((clean - thr) / sigma).sum(axis=0)
+
+
+_LOAD_CASES = [(0, 12, 4, 2), (1, 10, 4, 1), (2, 8, 6, 3)]       # (seed, T, E, k)
+
+
+@LESSON.exercise("mixed_units")
+def mixed_units(load_is_honest, fixed_smooth_load):
+    for seed, T, E, k in _LOAD_CASES:
+        L, H, s = load_fixture(300 + seed, T, E, k)
+        bad = _verdict(call(load_is_honest, buggy_smooth_load, L, H, s, k, np.random.default_rng(seed),
+                            name="load_is_honest"), "load_is_honest")
+        good = _verdict(call(load_is_honest, minimoe_smooth_load, L, H, s, k, np.random.default_rng(seed),
+                             name="load_is_honest"), "load_is_honest")
+        if not good:
+            raise Fail(f"load_is_honest rejects minimoe's correct estimator (T={T}, E={E}, k={k}). "
+                       "Redraw only expert e's own noise, ε ~ N(0,1), keeping the other experts' noisy "
+                       "scores H as they are (that is the probability P(t,e) claims to be); and allow "
+                       "for sampling error, about 5 standard errors (≈ 0.1–0.2 with a few thousand draws).")
+        if bad:
+            raise Fail(f"load_is_honest lets the buggy estimator through (T={T}, E={E}, k={k}): its load is "
+                       f"off by up to {np.abs(buggy_smooth_load(L, H, s, k) - minimoe_smooth_load(L, H, s, k)).max():.2f} "
+                       f"patients. Compare the load it returns with the simulated one, expert by expert, "
+                       f"with a tolerance of a few standard errors.")
+    for seed, T, E, k in _LOAD_CASES:
+        L, H, s = load_fixture(310 + seed, T, E, k)
+        got = call(fixed_smooth_load, L, H, s, k, name="fixed_smooth_load")
+        expect_array("fixed_smooth_load", _first(got), minimoe_smooth_load(L, H, s, k), shape_desc="(E,)",
+                     rtol=1e-9, mistakes=[
+            (buggy_smooth_load(L, H, s, k), "That is still the bug: the thresholds are read off "
+                                            "softmax(H), probabilities, and compared with logits."),
+            (_load_variant(L, H, s, k, L), "The bar is set by the other experts' *noisy* scores H "
+                                           "(what really decides the top k), not by the clean L."),
+            (losses.normal_cdf((L - H) / s).sum(axis=0),
+             "The threshold is the k-th best score among the *other* experts, not e's own noisy score."),
+        ])
+    return ("your simulation tells the two estimators apart on 3 cases, and your fix reads the "
+            "thresholds off the noisy scores H: same units as L, same load as minimoe.")
+
+
+# =========================================================================== bug 2
+def _switch_fixture(seed, T=8, E=4):
+    p = layers.softmax(np.random.default_rng(seed).standard_normal((T, E)))
+    return p, p.argmax(axis=1)
+
+
+def _switch_backward_times_T(dloss, cache):
+    dp, g = losses.switch_loss_backward(dloss, cache)
+    return dp * cache.T, g
+
+
+@LESSON.exercise("no_gradient")
+def no_gradient(switch_loss_gradcheck, fixed_switch_loss_backward):
+    name = "switch_loss_gradcheck"
+    for seed in (0, 1):
+        p, first = _switch_fixture(400 + seed)
+        if not _verdict(call(switch_loss_gradcheck, losses.switch_loss_forward, losses.switch_loss_backward,
+                             p, first, name=name), name):
+            raise Fail(f"{name} rejects minimoe's Switch loss, whose gradient is right. Compare "
+                       "backward(1.0, cache)[0] with gradcheck.numerical_gradient of the loss value "
+                       "(perturbing probs) using a relative error, e.g. gradcheck.rel_error(...) < 1e-6.")
+        if _verdict(call(switch_loss_gradcheck, bugs.bug2_switch_loss_forward, bugs.bug2_switch_loss_backward,
+                         p, first, name=name), name):
+            raise Fail(f"{name} lets the detached loss through: its backward is all zeros while the loss "
+                       "value clearly depends on probs. Compare with finite differences.")
+        if _verdict(call(switch_loss_gradcheck, losses.switch_loss_forward, _switch_backward_times_T,
+                         p, first, name=name), name):
+            raise Fail(f"{name} accepts a backward that is T times too large. \"Not zero\" is not enough: "
+                       "compare the analytic gradient with finite differences, entry by entry.")
+    for seed in (2, 3):
+        p, first = _switch_fixture(410 + seed, T=6 + seed, E=3 + seed)
+        _, cache = bugs.bug2_switch_loss_forward(p, first)
+        got = _first(call(fixed_switch_loss_backward, 1.0, cache, name="fixed_switch_loss_backward"))
+        _, ref = losses.switch_loss_forward(p, first)
+        want = losses.switch_loss_backward(1.0, ref)[0]
+        T, E = p.shape
+        f = cache.f
+        expect_array("dprobs", got, want, shape_desc="(T, E)", rtol=1e-9, mistakes=[
+            (np.zeros_like(p), "Still zero: that is the bug. loss = E·Σ_e f_e·P_e with P_e = mean_t "
+                               "probs[t, e], so ∂loss/∂probs[t, e] = E·f_e / T."),
+            (np.broadcast_to(E * f, p.shape), "P_e is a *mean* over the T tokens: divide by T."),
+            (np.broadcast_to(f / T, p.shape), "You left out the factor E in front of the sum."),
+        ])
+        got2 = _first(call(fixed_switch_loss_backward, 2.5, cache, name="fixed_switch_loss_backward"))
+        expect_array("dprobs for dloss = 2.5", got2, 2.5 * want, shape_desc="(T, E)", rtol=1e-9, mistakes=[
+            (want, "Multiply by the upstream gradient dloss (the loss coefficient α arrives through it)."),
+        ])
+    return ("your gradient check catches the detached loss (and a wrong-scale backward) and passes minimoe; "
+            "your backward E·f_e/T now reaches the router.")
+
+
+# =========================================================================== bug 3
+def _layer(seed=0, **kw):
+    return MoELayer(6, 8, 4, **{"k": 1, "rng": np.random.default_rng(seed), **kw})
+
+
+@LESSON.exercise("dead_router")
+def dead_router(router_learns, fixed_top1_layer):
+    name = "router_learns"
+    x = np.random.default_rng(7).standard_normal((16, 6))
+    cases = [("the dead top-1 router", bugs.bug3_dead_router_layer(6, 8, 4, rng=np.random.default_rng(0)), False),
+             ("a top-1 router with only the importance loss", _layer(balance="importance"), False),
+             ("a Switch-gate top-1 router", _layer(gate="switch"), True),
+             ("a top-1 router with the Switch loss", _layer(balance="switch"), True)]
+    for what, layer, alive in cases:
+        ok = _verdict(call(router_learns, layer, x, np.random.default_rng(1), name=name), name)
+        if ok and not alive:
+            raise Fail(f"{name} says {what} learns, but its W_gate and W_noise gradients are exactly 0. "
+                       "After layer.backward, look at layer.grads['W_gate'] (and 'W_noise').")
+        if alive and not ok:
+            raise Fail(f"{name} says {what} does not learn, but its router gradient is non-zero. "
+                       "Check for gradients that are not *exactly* zero, e.g. np.any(g != 0).")
+    layer = call(fixed_top1_layer, 6, 8, 4, np.random.default_rng(2), name="fixed_top1_layer")
+    if not all(hasattr(layer, a) for a in ("params", "grads", "forward", "backward", "k")):
+        raise Fail(f"fixed_top1_layer should return an MoELayer, got {type(layer).__name__}")
+    if layer.k != 1:
+        raise Fail(f"your layer sends each patient to k = {layer.k} specialists. Keep k = 1 (the cheap "
+                   "referral) and make the router learn anyway.")
+    verdict = bugs.router_gradient_is_nonzero(layer, x)
+    if not verdict:
+        hint = (" The importance loss acts on the gates, which are all exactly 1, so it stops there too."
+                if getattr(layer, "balance", None) == "importance" else "")
+        raise Fail(f"your layer's router still gets no gradient ({verdict.message}).{hint} Use the Switch "
+                   "gate (gate='switch', which keeps p_e < 1) or a loss that reaches the router "
+                   "(balance='switch' or 'load').")
+    return f"your check tells dead routers from live ones, and your top-1 router learns ({verdict.message})."
+
+
+# =========================================================================== bug 4
+@LESSON.exercise("noisy_eval")
+def noisy_eval(eval_is_deterministic, fixed_router_logits_forward):
+    name = "eval_is_deterministic"
+    x = np.random.default_rng(8).standard_normal((16, 6))
+    noisy_layer = bugs.NoisyEvalMoE(6, 8, 4, rng=np.random.default_rng(0))
+    good_layer = MoELayer(6, 8, 4, rng=np.random.default_rng(0))
+    if _verdict(call(eval_is_deterministic, lambda: noisy_layer.forward(x, train=False), name=name), name):
+        raise Fail(f"{name} passes a layer whose eval output changes from call to call. Call predict() "
+                   "at least twice and compare the outputs exactly (np.array_equal).")
+    if not _verdict(call(eval_is_deterministic, lambda: good_layer.forward(x, train=False), name=name), name):
+        raise Fail(f"{name} rejects minimoe's MoELayer in eval mode, which returns the same array every time.")
+    rng = np.random.default_rng(3)
+    Wg, Wn = rng.standard_normal((6, 4)), rng.standard_normal((6, 4))
+
+    def run(train, gen):
+        return _first(call(fixed_router_logits_forward, x, Wg, Wn, rng=gen, train=train,
+                           name="fixed_router_logits_forward"))
+    gen = np.random.default_rng(4)
+    evals = [np.asarray(run(False, gen), dtype=float) for _ in range(2)]
+    if not np.array_equal(evals[0], evals[1]):
+        raise Fail("fixed_router_logits_forward still adds noise in eval mode (train=False): two calls "
+                   "differ. Add ε ⊙ σ only when train is True.")
+    expect_array("H in eval mode", evals[0], x @ Wg, shape_desc="(T, E)", rtol=1e-12)
+    trains = [np.asarray(run(True, gen), dtype=float) for _ in range(2)]
+    if np.array_equal(trains[0], trains[1]) or np.allclose(trains[0], x @ Wg):
+        raise Fail("in training (train=True) the GP must still explore: add the noise ε ⊙ softplus(x W_noise), "
+                   "with ε drawn from rng.")
+    ratio = (trains[0] - x @ Wg) / router.softplus(x @ Wn)          # should be ε ~ N(0, 1)
+    if not 0.3 < np.std(ratio) < 3.0:
+        raise Fail(f"the training noise should be ε ⊙ softplus(x W_noise) with ε ~ N(0,1); yours divided by "
+                   f"softplus(x W_noise) has standard deviation {np.std(ratio):.3g}.")
+    return "your determinism test catches noise in eval, and your router explores in training only."
+
+
+# =========================================================================== bug 5
+def _renorm_fixture(seed, T, E, k):
+    p = layers.softmax(np.random.default_rng(seed).standard_normal((T, E)))
+    return p, router.topk_indices(p, k)
+
+
+def _renorm_backward_plus(dg, cache):
+    """A wrong quotient rule (sign of the correction flipped), for the check's second test."""
+    g, s, idx, shape = cache
+    dp = np.zeros(shape)
+    dp[np.arange(shape[0])[:, None], idx] = (dg + np.sum(dg * g, axis=1, keepdims=True)) / s
+    return dp, {}
+
+
+@LESSON.exercise("detached_sum")
+def detached_sum(gates_sum_is_constant, fixed_renormalize_backward):
+    name = "gates_sum_is_constant"
+    for seed, (T, E, k) in enumerate([(6, 4, 2), (5, 5, 3), (4, 3, 1)]):
+        p, idx = _renorm_fixture(500 + seed, T, E, k)
+        args = dict(name=name)
+        if not _verdict(call(gates_sum_is_constant, router.renormalize_forward, router.renormalize_backward,
+                             p, idx, **args), name):
+            raise Fail(f"{name} rejects minimoe's renormalization (k={k}), whose backward is right. "
+                       "backward(ones) is 0 up to rounding (~1e-16): compare with a tolerance, "
+                       "e.g. np.allclose(dp, 0, atol=1e-10).")
+        for wrong, what in [(bugs.bug5_renormalize_backward, "the detached-sum backward"),
+                            (_renorm_backward_plus, "a backward with the wrong sign")]:
+            if _verdict(call(gates_sum_is_constant, bugs.bug5_renormalize_forward, wrong, p, idx, **args), name):
+                raise Fail(f"{name} lets {what} through (k={k}). Each token's gates sum to 1 whatever p "
+                           "is, so backward(np.ones_like(g), cache) must return dp = 0.")
+    worst = 0.0
+    for seed, (T, E, k) in enumerate([(6, 4, 2), (5, 5, 3), (4, 3, 1)]):
+        p, idx = _renorm_fixture(510 + seed, T, E, k)
+        g, cache = bugs.bug5_renormalize_forward(p, idx)
+        dg = np.random.default_rng(520 + seed).standard_normal(g.shape)
+        got = _first(call(fixed_renormalize_backward, dg, cache, name="fixed_renormalize_backward"))
+        pp = p.copy()
+        num = numeric_grads(lambda: router.renormalize_forward(pp, idx)[0], {"p": pp}, dg)
+        s = cache[1]
+        buggy = bugs.bug5_renormalize_backward(dg, cache)[0]
+        undivided = np.zeros_like(p)
+        undivided[np.arange(T)[:, None], idx] = dg - np.sum(dg * g, axis=1, keepdims=True)
+        worst = max(worst, expect_grads({"p": got}, num, mistakes={"p": [
+            (buggy, "That is still the detached sum: dp = dg/s misses the quotient rule's second term, "
+                    "−⟨dg, g⟩/s at the chosen experts."),
+            (undivided, "Divide by s: g = p/s, so every term of the derivative carries 1/s."),
+        ]}))
+    return (f"your property test (Σ_j g_j is constant, so its gradient is 0) catches the detached sum "
+            f"without a single finite difference, and your quotient rule passes the gradient check "
+            f"(worst relative error {worst:.1e}).")

@@ -1,0 +1,165 @@
+"""Optimizers: each update checked against steps computed by hand."""
+import math
+
+import numpy as np
+import pytest
+
+from minimoe.core.experts import Expert
+from minimoe.clinic.optim import SGD, Adam, clip_grad_norm, global_norm, make_optimizer
+
+
+class Box:
+    """The smallest object an optimizer accepts: params and grads with identical keys."""
+
+    def __init__(self, **params):
+        self.params = {k: np.array(v, dtype=np.float64) for k, v in params.items()}
+        self.grads = {k: np.zeros_like(v) for k, v in self.params.items()}
+
+
+def test_sgd_plain_step_by_hand():
+    box = Box(w=[1.0, 2.0], b=[[3.0]])
+    box.grads["w"][...] = [0.5, -1.0]
+    box.grads["b"][...] = [[2.0]]
+    SGD(box, lr=0.1).step()
+    np.testing.assert_allclose(box.params["w"], [0.95, 2.1], rtol=0, atol=1e-15)
+    np.testing.assert_allclose(box.params["b"], [[2.8]], rtol=0, atol=1e-15)
+
+
+def test_sgd_momentum_two_steps_by_hand():
+    # v1 = g1 = 1;            p1 = 1 - 0.1*1 = 0.9
+    # v2 = 0.9*1 + g2 = 0.9 + 2 = 2.9;  p2 = 0.9 - 0.1*2.9 = 0.61
+    box = Box(w=[1.0])
+    opt = SGD(box, lr=0.1, momentum=0.9)
+    box.grads["w"][...] = [1.0]
+    opt.step()
+    assert box.params["w"][0] == pytest.approx(0.9, abs=1e-15)
+    box.grads["w"][...] = [2.0]
+    opt.step()
+    assert box.params["w"][0] == pytest.approx(0.61, abs=1e-14)
+
+
+def test_adam_first_step_is_lr_times_sign():
+    # With bias correction m̂ = g and v̂ = g² at t=1, so the step is lr·g/(|g|+ε) ≈ lr·sign(g),
+    # whatever the gradient's size.
+    box = Box(w=[1.0, 1.0, 1.0])
+    box.grads["w"][...] = [1e-3, -50.0, 7.0]
+    Adam(box, lr=0.01).step()
+    np.testing.assert_allclose(box.params["w"], [0.99, 1.01, 0.99], rtol=0, atol=1e-7)
+
+
+def test_adam_two_steps_by_hand():
+    # A scalar Adam written out with Python floats (Kingma & Ba 2015, Algorithm 1).
+    lr, b1, b2, eps = 0.1, 0.9, 0.999, 1e-8
+    p, m, v = 2.0, 0.0, 0.0
+    for t, g in enumerate([0.5, -1.5], start=1):
+        m = b1 * m + (1 - b1) * g
+        v = b2 * v + (1 - b2) * g * g
+        p -= lr * (m / (1 - b1**t)) / (math.sqrt(v / (1 - b2**t)) + eps)
+    box = Box(w=[2.0])
+    opt = Adam(box, lr=lr, beta1=b1, beta2=b2, eps=eps)
+    for g in [0.5, -1.5]:
+        box.grads["w"][...] = [g]
+        opt.step()
+    assert box.params["w"][0] == pytest.approx(p, abs=1e-14)
+    # and the value itself, derived on paper: step 1 moves -0.1; step 2 has
+    # m̂ = (0.9*0.05 - 0.15)/0.19 = -0.55263, v̂ = (0.999*0.00025 + 0.00225)/0.001999 = 1.25050,
+    # so p = 1.9 + 0.1 * 0.55263/1.11826 = 1.949419
+    assert p == pytest.approx(1.949419, abs=1e-6)
+
+
+def test_updates_are_in_place():
+    box = Box(w=[1.0, 2.0])
+    w = box.params["w"]
+    box.grads["w"][...] = [1.0, 1.0]
+    for opt in (SGD(box, lr=0.1, momentum=0.5), Adam(box, lr=0.1)):
+        opt.step()
+        assert box.params["w"] is w
+
+
+def test_clip_grad_norm_by_hand():
+    grads = {"a": np.array([3.0, 0.0]), "b": np.array([[4.0]])}
+    assert global_norm(grads) == pytest.approx(5.0)
+    before = clip_grad_norm(grads, 1.0)
+    assert before == pytest.approx(5.0)
+    np.testing.assert_allclose(grads["a"], [0.6, 0.0])
+    np.testing.assert_allclose(grads["b"], [[0.8]])
+    assert global_norm(grads) == pytest.approx(1.0)
+
+
+def test_clip_leaves_small_gradients_alone():
+    grads = {"a": np.array([0.3, 0.4])}
+    assert clip_grad_norm(grads, 1.0) == pytest.approx(0.5)
+    np.testing.assert_array_equal(grads["a"], [0.3, 0.4])
+
+
+def test_optimizer_clips_before_stepping():
+    box = Box(w=[0.0, 0.0])
+    box.grads["w"][...] = [30.0, 40.0]          # norm 50, clipped to 5: [3, 4]
+    opt = SGD(box, lr=0.1, clip=5.0)
+    opt.step()
+    np.testing.assert_allclose(box.params["w"], [-0.3, -0.4])
+    assert opt.last_grad_norm == pytest.approx(50.0)
+
+
+def test_adam_trains_an_expert_towards_a_target(rng):
+    # An integration check: repeated forward/backward/step lowers a squared error.
+    ex = Expert(4, 8, rng=rng)
+    x, target = rng.standard_normal((32, 4)), rng.standard_normal((32, 4))
+    opt = Adam(ex, lr=1e-2)
+
+    def loss():
+        return 0.5 * float(np.sum((ex.forward(x) - target) ** 2))
+
+    start = loss()
+    for _ in range(200):
+        y = ex.forward(x)
+        ex.backward(y - target)
+        opt.step()
+    assert loss() < 0.5 * start
+
+
+def test_make_optimizer():
+    box = Box(w=[1.0])
+    assert isinstance(make_optimizer("adam", box, lr=0.1), Adam)
+    assert isinstance(make_optimizer("sgd", box, lr=0.1, momentum=0.9), SGD)
+    with pytest.raises(ValueError, match="optimizer must be one of"):
+        make_optimizer("rmsprop", box, lr=0.1)
+
+
+@pytest.mark.parametrize("kwargs, exc, msg", [
+    (dict(lr=-1.0), ValueError, "lr must be a finite number > 0"),
+    (dict(lr=0.0), ValueError, "lr must be a finite number > 0"),
+    (dict(lr=0.1, momentum=1.0), ValueError, r"momentum must be in \[0, 1\)"),
+    (dict(lr=0.1, momentum=-0.1), ValueError, "momentum must be a finite number >= 0"),
+    (dict(lr=0.1, clip=0.0), ValueError, "clip must be a finite number > 0"),
+    (dict(lr="fast"), TypeError, "lr must be a number"),
+])
+def test_sgd_bad_arguments(kwargs, exc, msg):
+    with pytest.raises(exc, match=msg):
+        SGD(Box(w=[1.0]), **kwargs)
+
+
+def test_adam_bad_betas():
+    with pytest.raises(ValueError, match=r"beta1 must be in \[0, 1\)"):
+        Adam(Box(w=[1.0]), beta1=1.0)
+    with pytest.raises(ValueError, match=r"beta2 must be in \[0, 1\)"):
+        Adam(Box(w=[1.0]), beta2=1.5)
+
+
+def test_bad_targets():
+    with pytest.raises(TypeError, match="needs an object with dicts .params and .grads"):
+        SGD(object(), lr=0.1)
+    box = Box(w=[1.0])
+    box.grads = {"v": np.zeros(1)}
+    with pytest.raises(ValueError, match="params and grads must have the same keys"):
+        SGD(box, lr=0.1)
+    box = Box(w=[1.0])
+    box.grads["w"] = np.zeros(2)
+    with pytest.raises(ValueError, match="gradient 'w' has shape"):
+        SGD(box, lr=0.1).step()
+
+
+def test_nan_gradient_is_reported_when_clipping():
+    grads = {"a": np.array([np.nan, 1.0])}
+    with pytest.raises(ValueError, match="gradient norm is NaN or inf"):
+        clip_grad_norm(grads, 1.0)

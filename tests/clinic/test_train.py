@@ -1,0 +1,137 @@
+"""The training loop: determinism, what the history records, and clear errors."""
+import numpy as np
+import pytest
+
+from minimoe.clinic.data import Split, make_clinic
+from minimoe.clinic.models import Ensemble, Generalist, SparseMoE
+from minimoe.clinic.train import History, evaluate, load_cv, specialty_routing, train
+
+
+@pytest.fixture(scope="module")
+def data():
+    return make_clinic(n_train=512, n_val=128, n_test=256, seed=0)
+
+
+def small_moe(seed=0, **kw):
+    return SparseMoE(8, 4, d_model=8, d_hidden=4, n_experts=4, k=2, rng=np.random.default_rng(seed), **kw)
+
+
+def assert_same_history(a, b):
+    for field in History.__dataclass_fields__:
+        va, vb = getattr(a, field), getattr(b, field)
+        assert len(va) == len(vb), field
+        for x, y in zip(va, vb):
+            np.testing.assert_array_equal(x, y, err_msg=field)
+
+
+def test_same_seed_same_history(data):
+    runs = [train(small_moe(), data.train, data.val, epochs=2, batch_size=64, seed=7, progress=False)
+            for _ in range(2)]
+    assert_same_history(*runs)
+    assert runs[0].train_loss[0] != 0
+
+
+def test_different_seed_different_history(data):
+    a = train(small_moe(), data.train, data.val, epochs=1, batch_size=64, seed=1, progress=False)
+    b = train(small_moe(), data.train, data.val, epochs=1, batch_size=64, seed=2, progress=False)
+    assert a.train_loss != b.train_loss
+
+
+def test_history_records_what_happened(data):
+    model = small_moe()
+    h = train(model, data.train, data.val, epochs=2, batch_size=64, seed=0, log_every=4, progress=False)
+    # 512 patients / 64 = 8 steps per epoch, 16 steps, logged every 4
+    assert h.step == [4, 8, 12, 16]
+    assert h.epoch == [0.5, 1.0, 1.5, 2.0]
+    n = len(h.step)
+    for field in ("train_loss", "train_acc", "aux_loss", "val_loss", "val_acc", "load", "dropped"):
+        assert len(getattr(h, field)) == n
+    assert all(0 <= a <= 1 for a in h.train_acc + h.val_acc)
+    assert all(a > 0 for a in h.aux_loss)                        # the balancing loss was recorded
+    # each interval covered 4 steps × 64 patients × k=2 referrals, none dropped (no capacity)
+    np.testing.assert_array_equal(h.load_array().sum(axis=1), [4 * 64 * 2] * 4)
+    assert h.dropped == [0, 0, 0, 0]
+    # the last validation numbers are exactly an eval-mode evaluation of the final model
+    ev = evaluate(model, data.val)
+    assert h.val_acc[-1] == ev["acc"] and h.val_loss[-1] == pytest.approx(ev["loss"])
+
+
+def test_dropped_tokens_are_counted(data):
+    h = train(small_moe(capacity_factor=0.5), data.train, epochs=1, batch_size=64, seed=0, progress=False)
+    # capacity C = ceil(0.5·64·2/4) = 16 per expert, 64 of the 128 referrals fit: at least 64 dropped per step
+    assert sum(h.dropped) >= 8 * 64
+    assert h.load_array().sum() + sum(h.dropped) == 8 * 64 * 2
+
+
+def test_training_learns(data):
+    model = Generalist(8, 4, d_model=16, d_hidden=32, rng=np.random.default_rng(0))
+    h = train(model, data.train, data.val, epochs=15, batch_size=64, seed=0, progress=False)
+    assert h.train_loss[-1] < 0.8 * h.train_loss[0]
+    assert h.val_acc[-1] > 0.35                                  # chance is 0.25
+
+
+def test_dense_clinics_have_empty_loads(data):
+    h = train(Ensemble(8, 4, 2, 8, 8), data.train, epochs=1, batch_size=128, seed=0, progress=False)
+    assert h.load_array().shape == (len(h.step), 0)
+    assert "load" not in evaluate(Generalist(8, 4), data.val)
+
+
+def test_specialty_labels_are_never_used_in_training(data):
+    scrambled = Split(data.train.x, data.train.y, np.full_like(data.train.specialty, -99))
+    a = train(small_moe(), data.train, epochs=1, batch_size=64, seed=0, progress=False)
+    b = train(small_moe(), scrambled, epochs=1, batch_size=64, seed=0, progress=False)
+    assert_same_history(a, b)
+
+
+def test_specialty_routing_counts(data):
+    model = small_moe()
+    counts = specialty_routing(model, data.test)
+    assert counts.shape == (4, data.n_specialties)
+    assert counts.sum() == 2 * len(data.test)                    # k = 2 referrals per patient
+    np.testing.assert_array_equal(counts.sum(axis=0), 2 * np.bincount(data.test.specialty, minlength=8))
+    with pytest.raises(ValueError, match="needs an MoE clinic"):
+        specialty_routing(Generalist(8, 4), data.test)
+
+
+def test_load_cv():
+    assert load_cv([5, 5, 5, 5]) == 0.0
+    assert load_cv([0, 0, 0, 8]) == pytest.approx(np.sqrt(3))   # std 3.46, mean 2
+    assert load_cv([0, 0]) == 0.0
+
+
+def test_progress_bar_can_be_on(data, capsys):
+    h = train(small_moe(), data.train, epochs=1, batch_size=128, seed=0, progress=True, desc="clinic")
+    assert len(h.step) > 0
+    assert "clinic" in capsys.readouterr().err
+
+
+def test_sgd_optimizer_option(data):
+    h = train(small_moe(), data.train, epochs=1, batch_size=128, optimizer="sgd", lr=0.05, seed=0,
+              progress=False)
+    assert np.all(np.isfinite(h.train_loss))
+
+
+@pytest.mark.parametrize("kwargs, exc, msg", [
+    (dict(epochs=0), ValueError, "epochs must be >= 1"),
+    (dict(batch_size=0), ValueError, "batch_size must be >= 1"),
+    (dict(lr=-1.0), ValueError, "lr must be a finite number > 0"),
+    (dict(optimizer="lbfgs"), ValueError, "optimizer must be one of"),
+    (dict(log_every=0), ValueError, "log_every must be >= 1"),
+    (dict(seed=-3), ValueError, "seed must be >= 0"),
+])
+def test_bad_arguments(data, kwargs, exc, msg):
+    with pytest.raises(exc, match=msg):
+        train(small_moe(), data.train, **kwargs)
+
+
+def test_bad_splits(data):
+    with pytest.raises(TypeError, match="train_split must be a minimoe.clinic.data.Split"):
+        train(small_moe(), (data.train.x, data.train.y))
+    with pytest.raises(ValueError, match="val_split is empty"):
+        train(small_moe(), data.train, make_clinic(n_train=5, n_val=0, n_test=0).val)
+
+
+def test_divergence_is_reported(data):
+    model = Generalist(8, 4, rng=np.random.default_rng(0))
+    with pytest.raises(FloatingPointError, match="lower the learning rate"), np.errstate(all="ignore"):
+        train(model, data.train, epochs=3, optimizer="sgd", lr=1e6, clip=None, seed=0, progress=False)

@@ -1,0 +1,370 @@
+"""The graders: a blank exercise fails clearly, a right one passes, a typical mistake gets
+its targeted hint — for every exercise of lessons 00–04 — plus the framework around them
+(verdicts, strict mode, progress, the lesson build)."""
+import json
+
+import nbformat
+import numpy as np
+import pytest
+
+from grader_cases import GraderContract, assert_fail, blank
+from minimoe import checks, experts
+from minimoe.course.checks import build as B
+from minimoe.course.checks import compare, grading, lesson00, lesson01, lesson02, lesson03, lesson04, progress
+
+
+# ----------------------------------------------------------------------------- independent answers
+def softmax_rows(z):
+    e = np.exp(z - z.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+ANSWERS = {
+    # lesson 00
+    "bias_variance": lambda P, t: (np.mean((P.mean(0) - t) ** 2), np.mean(((P - P.mean(0)) ** 2).mean(0))),
+    "clinic_costs": lambda d, h, E, k: {
+        "second opinion": (2 * (2 * d * h + h + d), 8 * d * h),
+        "generalist": (2 * d * h + h + d, 4 * d * h),
+        "every specialist": (E * (2 * d * h + h + d) + d * E, E * 4 * d * h + 2 * d * E),
+        "referral": (E * (2 * d * h + h + d) + d * E, k * 4 * d * h + 2 * d * E)},
+    "split_params": lambda tot, act, E, k: (tot - E * (tot - act) / (E - k), (tot - act) / (E - k)),
+}
+
+
+def ffn_fwd(x, W1, b1, W2, b2):
+    z = x @ W1 + b1
+    a = np.maximum(z, 0)
+    return a @ W2 + b2, (x, z, a, W1, W2)
+
+
+def ffn_bwd(dy, cache, mask=True, bias_mean=False):
+    x, z, a, W1, W2 = cache
+    da = dy @ W2.T
+    dz = da * (z > 0) if mask else da
+    red = np.mean if bias_mean else np.sum
+    return dz @ W1.T, {"W1": x.T @ dz, "b1": red(dz, axis=0), "W2": a.T @ dy, "b2": red(dy, axis=0)}
+
+
+def num_grad(f, x, h=1e-5, central=True, restore=True):
+    g = np.zeros_like(x)
+    for i in np.ndindex(x.shape):
+        old = x[i]
+        x[i] = old + h
+        fp = f()
+        if central:
+            x[i] = old - h
+            fm = f()
+            g[i] = (fp - fm) / (2 * h)
+        else:
+            x[i] = old
+            g[i] = (fp - f()) / h
+        if restore:
+            x[i] = old
+    return g
+
+
+def rel_err(a, n):
+    return np.linalg.norm(a - n) / max(np.linalg.norm(a), np.linalg.norm(n), 1e-300)
+
+
+def dense_fwd(x, Wg, W1, b1, W2, b2, weigh=True):
+    G = softmax_rows(x @ Wg)
+    outs = [experts.ffn_forward(x, W1[e], b1[e], W2[e], b2[e]) for e in range(W1.shape[0])]
+    Y = np.stack([o[0] for o in outs])
+    y = np.einsum("te,etd->td", G, Y) if weigh else Y.mean(0)
+    return y, (x, Wg, G, Y, [o[1] for o in outs])
+
+
+def dense_bwd(dy, cache, router_path=True):
+    x, Wg, G, Y, caches = cache
+    dG = np.einsum("td,etd->te", dy, Y)
+    dx = np.zeros_like(x)
+    gs = []
+    for e, c in enumerate(caches):
+        dxe, ge = experts.ffn_backward(G[:, e:e + 1] * dy, c)
+        dx += dxe
+        gs.append(ge)
+    dL = G * (dG - (dG * G).sum(1, keepdims=True))
+    if router_path:
+        dx += dL @ Wg.T
+    out = {n: np.stack([g[n] for g in gs]) for n in ("W1", "b1", "W2", "b2")}
+    out["W_gate"] = x.T @ dL
+    return dx, out
+
+
+def keep_topk(H, k, smallest=False):
+    order = np.argsort(H, axis=1)
+    idx = order[:, :k] if smallest else order[:, -k:]
+    out = np.full_like(H, -np.inf)
+    r = np.arange(H.shape[0])[:, None]
+    out[r, idx] = H[r, idx]
+    return out
+
+
+def noisy_fwd(x, Wg, Wn, eps, use_softplus=True):
+    z = x @ Wn
+    s = np.logaddexp(0, z) if use_softplus else z
+    return x @ Wg + eps * s, (x, Wg, Wn, eps, z)
+
+
+def noisy_bwd(dH, cache, sigmoid=True, noise_path=True):
+    x, Wg, Wn, eps, z = cache
+    dz = eps * dH * (1 / (1 + np.exp(-z)) if sigmoid else 1.0)
+    dx = dH @ Wg.T + (dz @ Wn.T if noise_path else 0)
+    return dx, {"W_gate": x.T @ dH, "W_noise": x.T @ dz}
+
+
+def margin(H, k):
+    s = -np.sort(-H, axis=1)
+    return s[:, k - 1] - s[:, k]
+
+
+# (grader, right answer, [(typical mistake, fragment of its hint), ...])
+CASES = [
+    (lesson00.bias_variance, ANSWERS["bias_variance"], [
+        (lambda P, t: (np.mean((P.mean(0) - t) ** 2), np.mean(P.var(1))), "across patients"),
+        (lambda P, t: (np.mean((P.mean(0) - t) ** 2), np.mean(P.var(0, ddof=1))), "ddof=1"),
+        (lambda P, t: (np.mean(P.mean(0) - t), np.mean(P.var(0))), "forgot to square"),
+    ]),
+    (lesson00.clinic_costs, ANSWERS["clinic_costs"], [
+        (lambda d, h, E, k: {c: (v[0], v[1] if c != "referral" else E * 4 * d * h + 2 * d * E)
+                             for c, v in ANSWERS["clinic_costs"](d, h, E, k).items()}, "only k specialists"),
+        (lambda d, h, E, k: {c: (v[0], v[1] // 2) for c, v in ANSWERS["clinic_costs"](d, h, E, k).items()},
+         "2 FLOPs per multiply-add"),
+        (lambda d, h, E, k: {c: (v[0] - (v[0] // (2 * d * h + h + d)) * (h + d), v[1])
+                             for c, v in ANSWERS["clinic_costs"](d, h, E, k).items()}, "biases"),
+    ]),
+    (lesson00.split_params, ANSWERS["split_params"], [
+        (lambda tot, act, E, k: (act - 2 * (tot - act) / E, (tot - act) / E), "E − k"),
+        (lambda tot, act, E, k: (0.0, tot / E), "shared"),
+    ]),
+    (lesson01.ffn_forward, ffn_fwd, [
+        (lambda x, W1, b1, W2, b2: ((x @ W1 + b1) @ W2 + b2, None), "skipped the activation"),
+        (lambda x, W1, b1, W2, b2: (np.maximum(x @ W1 + b1, 0) @ W2, None), "output bias b2"),
+        (lambda x, W1, b1, W2, b2: (ffn_fwd(x, W1, b1, W2, b2)[0], (x,)), "cache should be"),
+    ]),
+    (lesson01.ffn_backward, ffn_bwd, [
+        (lambda dy, c: ffn_bwd(dy, c, mask=False), "Wrong gradients for W1, b1 and x. The gradient passes "
+                                                   "through the ReLU only where z > 0"),
+        (lambda dy, c: ffn_bwd(dy, c, bias_mean=True), "not a mean"),
+        (lambda dy, c: (ffn_bwd(dy, c)[0], {k: v for k, v in ffn_bwd(dy, c)[1].items() if k != "b2"}),
+         "missing ['b2']"),
+    ]),
+    (lesson01.numerical_gradient, num_grad, [
+        (lambda f, x, h=1e-5: num_grad(f, x, h, central=False), "one-sided"),
+        (lambda f, x, h=1e-5: num_grad(f, x, h, restore=False), "x was changed"),
+        (lambda f, x, h=1e-5: 2 * num_grad(f, x, h), "factor of 2"),
+        (lambda f, x, h=1e-5: np.array([0.0]), "any shape"),
+    ]),
+    (lesson01.rel_error, rel_err, [
+        (lambda a, n: np.linalg.norm(a - n) / np.linalg.norm(n), "not by ‖n‖ alone"),
+        (lambda a, n: np.linalg.norm(a - n), "absolute error"),
+    ]),
+    (lesson02.softmax, softmax_rows, [
+        (lambda z: np.exp(z) / np.exp(z).sum(-1, keepdims=True), "Subtract each row's maximum"),
+        (lambda z: softmax_rows(z.T).T, "Normalise each row"),
+    ]),
+    (lesson02.softmax_backward, lambda dp, p: p * (dp - (dp * p).sum(-1, keepdims=True)), [
+        (lambda dp, p: p * (1 - p) * dp, "Off on the diagonal"),
+        (lambda dp, p: p * dp, "only the diagonal of the Jacobian"),
+        (lambda dp, p: p * (dp - (dp * p).sum()), "one number *per token*"),
+    ]),
+    (lesson02.dense_moe_forward, dense_fwd, [
+        (lambda *a: dense_fwd(*a, weigh=False), "averaged the experts equally"),
+    ]),
+    (lesson02.dense_moe_backward, dense_bwd, [
+        (lambda dy, c: dense_bwd(dy, c, router_path=False), "path through the GP"),
+    ]),
+    (lesson03.keep_topk, keep_topk, [
+        (lambda H, k: keep_topk(H, k, smallest=True), "*smallest*"),
+        (lambda H, k: np.where(np.isfinite(keep_topk(H, k)), H, 0.0), "not 0"),
+    ]),
+    (lesson03.renormalized_gate, lambda H, k: softmax_rows(keep_topk(H, k)), [
+        (lambda H, k: softmax_rows(H) * np.isfinite(keep_topk(H, k)), "Switch gate"),
+    ]),
+    (lesson03.topk_gate_backward, lambda dG, G: G * (dG - (dG * G).sum(1, keepdims=True)), [
+        (lambda dG, G: G * dG, "diagonal"),
+        (lambda dG, G: dG - (dG * G).sum(1, keepdims=True), "Multiply by G"),
+    ]),
+    (lesson03.switch_gate_backward,
+     lambda dG, p, m: p * (dG * m - (dG * m * p).sum(1, keepdims=True)), [
+        (lambda dG, p, m: p * (dG - (dG * p).sum(1, keepdims=True)), "Mask the upstream"),
+    ]),
+    (lesson04.softplus, lambda z: np.logaddexp(0, z), [
+        (lambda z: np.log(1 + np.exp(z)), "overflowed"),
+        (lambda z: np.maximum(z, 0), "That is relu"),
+    ]),
+    (lesson04.noisy_logits_forward, noisy_fwd, [
+        (lambda *a: noisy_fwd(*a, use_softplus=False), "must be positive"),
+    ]),
+    (lesson04.noisy_logits_backward, noisy_bwd, [
+        (lambda dH, c: noisy_bwd(dH, c, sigmoid=False), "sigmoid"),
+        (lambda dH, c: noisy_bwd(dH, c, noise_path=False), "path through the noise"),
+    ]),
+    (lesson04.topk_margin, margin, [
+        (lambda H, k: -margin(H, k), "never negative"),
+        (lambda H, k: -np.diff(-np.sort(-H, 1)[:, :2], axis=1)[:, 0], "1st and 2nd"),
+    ]),
+]
+
+
+class TestGraders(GraderContract):
+    LESSONS = (lesson00.LESSON, lesson01.LESSON, lesson02.LESSON, lesson03.LESSON, lesson04.LESSON)
+    CASES = CASES
+
+
+# ----------------------------------------------------------------------------- the framework
+def test_verdict_is_printed_and_recorded(capsys):
+    checks.reset()
+    res = lesson04.softplus(lambda z: np.logaddexp(0, z))
+    out = capsys.readouterr().out
+    assert out.startswith("✔ 04.softplus — ")
+    assert checks.results()["04.softplus"] == res
+    lesson04.softplus(blank)
+    assert checks.results()["04.softplus"].passed is False
+
+
+def test_strict_mode_raises_for_nbgrader(monkeypatch):
+    monkeypatch.setenv("MINIMOE_STRICT", "1")
+    with pytest.raises(AssertionError, match="✘ 04.softplus"):
+        lesson04.softplus(blank)
+    assert lesson04.softplus(lambda z: np.logaddexp(0, z)).passed     # a pass never raises
+    monkeypatch.setenv("MINIMOE_STRICT", "0")
+    assert not lesson04.softplus(blank).passed
+
+
+def test_in_place_change_of_an_input_is_caught():
+    def sneaky(z):
+        z -= z.max(axis=-1, keepdims=True)
+        e = np.exp(z)
+        return e / e.sum(axis=-1, keepdims=True)
+    assert_fail(lesson02.softmax(sneaky), "in place")
+
+
+def test_passing_the_result_instead_of_the_function():
+    assert_fail(lesson04.softplus(np.zeros(3)), "pass the function itself")
+
+
+def test_expect_array_diagnoses():
+    want = np.arange(6.0).reshape(2, 3) + 1
+    with pytest.raises(grading.Fail, match="transposed"):
+        compare.expect_array("y", want.T, want)
+    with pytest.raises(grading.Fail, match="off by the same constant 2"):
+        compare.expect_array("y", want + 2, want)
+    with pytest.raises(grading.Fail, match="constant factor: yours = 3"):
+        compare.expect_array("y", 3 * want, want)
+    with pytest.raises(grading.Fail, match="wrong sign"):
+        compare.expect_array("y", -want, want)
+    with pytest.raises(grading.Fail, match=r"shape \(3,\), expected \(2, 3\) = \(T, d\)"):
+        compare.expect_array("y", np.ones(3), want, shape_desc="(T, d)")
+    with pytest.raises(grading.Fail, match="NaN or inf"):
+        compare.expect_array("y", np.where(want > 3, np.nan, want), want)
+    bad = want.copy()
+    bad[1, 2] += 0.5
+    with pytest.raises(grading.Fail, match=r"worst at index \[1, 2\]"):
+        compare.expect_array("y", bad, want)
+    assert compare.expect_array("y", want + 1e-12, want) < 1e-11
+
+
+def test_expect_grads_names_the_wrong_parameter_and_the_right_ones():
+    num = {"W": np.ones((2, 2)), "b": np.ones(2)}
+    with pytest.raises(grading.Fail, match=r"Wrong gradient for W\. W fails the gradient check with "
+                                           r"relative error 5\.0e-01.*\(b is right\.\)"):
+        compare.expect_grads({"W": 0.5 * np.ones((2, 2)), "b": np.ones(2)}, num)
+    with pytest.raises(grading.Fail, match=r"missing \['b'\]"):
+        compare.expect_grads({"W": np.ones((2, 2))}, num)
+    with pytest.raises(grading.Fail, match="shape"):
+        compare.expect_grads({"W": np.ones(4), "b": np.ones(2)}, num)
+
+
+def test_progress_table_counts_this_lesson(capsys):
+    checks.reset()
+    lesson04.softplus(lambda z: np.logaddexp(0, z))
+    lesson04.topk_margin(blank)
+    capsys.readouterr()
+    assert lesson04.progress() == (1, 4)
+    out = capsys.readouterr().out
+    assert "✔ softplus" in out and "✘ topk_margin" in out and "· noisy_logits_forward" in out
+    assert "1/4 exercises passed" in out
+
+
+# ----------------------------------------------------------------------------- reading notebooks
+def _nb_with(results):
+    nb = nbformat.v4.new_notebook()
+    for r in results:
+        cell = nbformat.v4.new_code_cell("check.x(x)")
+        cell.outputs = [nbformat.v4.new_output("display_data", data={"text/plain": "…"},
+                                               metadata={grading.METADATA_KEY: r})]
+        nb.cells.append(cell)
+    return nb
+
+
+def test_progress_report_reads_saved_verdicts(tmp_path, capsys):
+    from minimoe.course.checks.__main__ import main
+    done = _nb_with([{"lesson": "04", "exercise": n, "passed": True, "message": ""}
+                     for n in lesson04.LESSON.exercises])
+    half = _nb_with([{"lesson": "01", "exercise": "ffn_forward", "passed": True, "message": ""},
+                     {"lesson": "01", "exercise": "ffn_backward", "passed": False, "message": ""}])
+    nbformat.write(done, tmp_path / "04_a_noisy_gp.ipynb")
+    nbformat.write(half, tmp_path / "01_the_specialist.ipynb")
+    nbformat.write(nbformat.v4.new_notebook(), tmp_path / "02_the_gp.ipynb")
+    assert main([str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "01 The specialist" in out and "1/4" in out and "next: ffn_backward" in out
+    assert "02 The GP" in out and "not run yet" in out
+    assert "04 A noisy GP" in out and "complete" in out
+    assert "5/12 exercises passed" in out
+
+
+def test_summarize_keeps_the_latest_verdict():
+    nb = _nb_with([{"lesson": "04", "exercise": "softplus", "passed": False, "message": ""},
+                   {"lesson": "04", "exercise": "softplus", "passed": True, "message": ""}])
+    lesson, rows = progress.summarize("04_a_noisy_gp.ipynb", nb)
+    assert lesson.number == "04" and dict(rows)["softplus"] is True and dict(rows)["topk_margin"] is None
+
+
+# ----------------------------------------------------------------------------- the build
+def test_strip_solutions_keeps_indentation_and_code_around():
+    src = "def f(x):\n    y = 1\n    ### BEGIN SOLUTION\n    return x + y\n    ### END SOLUTION\n# after"
+    assert B.strip_solutions(src) == ("def f(x):\n    y = 1\n    # YOUR CODE HERE\n"
+                                      "    raise NotImplementedError()\n# after")
+    assert B.strip_solutions("### BEGIN SOLUTION\nanswer\n### END SOLUTION", "markdown") == "YOUR ANSWER HERE"
+
+
+@pytest.mark.parametrize("src,msg", [
+    ("### BEGIN SOLUTION\nx = 1", "never closed"),
+    ("x = 1\n### END SOLUTION", "without a"),
+    ("### BEGIN SOLUTION\n### BEGIN SOLUTION\n### END SOLUTION", "inside another"),
+    ("x = 1  ### BEGIN SOLUTION", "alone on its line"),
+])
+def test_unbalanced_markers_are_rejected(src, msg):
+    with pytest.raises(ValueError, match=msg):
+        B.strip_solutions(src, where="lesson.py, cell 3")
+
+
+def test_text_answer_must_be_a_whole_cell():
+    with pytest.raises(ValueError, match="single solution region"):
+        B.strip_solutions("Question?\n### BEGIN SOLUTION\nanswer\n### END SOLUTION", "markdown")
+
+
+def test_build_writes_student_and_solution_with_nbgrader_metadata(tmp_path):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "07_demo.py").write_text(
+        "# %% [markdown]\n# # Demo\n\n# %%\ndef f(x):\n    ### BEGIN SOLUTION\n    return 2 * x\n"
+        "    ### END SOLUTION\n\n\n# %%\ncheck.f(f)\n\n# %% [markdown]\n# ### BEGIN SOLUTION\n"
+        "# secret answer\n# ### END SOLUTION\n")
+    assert len(B.build(tmp_path)) == 2
+    assert B.build(tmp_path, check=True) == []                      # a rebuild changes nothing
+    student = json.loads((tmp_path / "07_demo.ipynb").read_text())
+    solution = json.loads((tmp_path / "solutions" / "07_demo.ipynb").read_text())
+    s_text = json.dumps(student)
+    assert "2 * x" not in s_text and "secret answer" not in s_text and "BEGIN SOLUTION" not in s_text
+    assert "raise NotImplementedError()" in s_text and "YOUR ANSWER HERE" in s_text
+    assert "return 2 * x" in json.dumps(solution) and "secret answer" in json.dumps(solution)
+    meta = [c["metadata"].get("nbgrader", {}) for c in solution["cells"]]
+    assert meta[1]["solution"] and not meta[1]["grade"] and meta[1]["grade_id"] == "ex-f"
+    assert meta[2]["grade"] and meta[2]["locked"] and meta[2]["points"] == 1
+    assert meta[3]["solution"] and meta[3]["grade"]
+    assert [c["id"] for c in student["cells"]] == [c["id"] for c in solution["cells"]]
+    (tmp_path / "src" / "07_demo.py").write_text("# %%\nx = 1\n")
+    assert len(B.build(tmp_path, check=True)) == 2                  # stale builds are reported

@@ -1,0 +1,252 @@
+"""Graders of lesson 10, *The bug hunt*: each passes the learner's right check + fix, fails a
+blank, fails the buggy code handed in as the fix, fails a check that lets the bug through,
+and gives its targeted hint for a typical mistake. The right answers here are written
+independently of minimoe/course/checks/lesson10.py and of the lesson's solution."""
+import numpy as np
+import pytest
+
+from grader_cases import assert_crash_or_garbage_is_a_verdict, assert_fail, assert_pass, blank
+from minimoe import MoELayer
+from minimoe.course import bugs
+from minimoe.course.checks import lesson10
+
+
+def Phi(z):
+    from math import erf, sqrt
+    return 0.5 * (1 + np.vectorize(erf)(np.asarray(z) / sqrt(2)))
+
+
+# ----------------------------------------------------------------------------- bug 1
+def simulate(clean, noisy, sigma, k, rng, n, own_noise_only=True):
+    """Load by simulation; with own_noise_only=False every expert's noise is redrawn (a mistake)."""
+    T, E = clean.shape
+    eps = rng.standard_normal((n, T, E))
+    hits = np.zeros((T, E))
+    for e in range(E):          # test code: a loop over experts is fine
+        others = noisy if own_noise_only else clean + eps * sigma
+        mine = clean[:, e] + eps[:, :, e] * sigma[:, e]                    # (n, T)
+        rivals = np.delete(np.broadcast_to(others, (n, T, E)), e, axis=2)   # (n, T, E-1)
+        hits[:, e] = np.mean((rivals > mine[..., None]).sum(-1) < k, axis=0)
+    return hits.sum(axis=0)
+
+
+def honest(smooth_load, clean, noisy, sigma, k, rng):
+    return bool(np.all(np.abs(smooth_load(clean, noisy, sigma, k) - simulate(clean, noisy, sigma, k, rng, 4000))
+                       <= 0.15))
+
+
+def redraws_everything(smooth_load, clean, noisy, sigma, k, rng):
+    sim = simulate(clean, noisy, sigma, k, rng, 4000, own_noise_only=False)
+    return bool(np.all(np.abs(smooth_load(clean, noisy, sigma, k) - sim) <= 0.15))
+
+
+def smooth_load(clean, noisy, sigma, k, thresholds_from=None):
+    """Shazeer's smooth load, written with an explicit sort per row (independent of losses.py)."""
+    src = noisy if thresholds_from is None else thresholds_from
+    T, E = clean.shape
+    order = np.argsort(-noisy, axis=1)
+    rank = np.argsort(order, axis=1)                         # rank of each expert, 0 = best
+    t = np.arange(T)[:, None]
+    thr = np.where(rank < k, src[t, order[:, [k]]], src[t, order[:, [k - 1]]])
+    return Phi((clean - thr) / sigma).sum(axis=0)
+
+
+def test_mixed_units():
+    g = lesson10.mixed_units
+    assert_pass(g(honest, smooth_load), lesson="10")
+    assert_fail(g(blank, smooth_load), "load_is_honest is not written yet")
+    assert_fail(g(honest, blank), "fixed_smooth_load is not written yet")
+    assert_fail(g(honest, lesson10.buggy_smooth_load), "still the bug")
+    assert_fail(g(lambda *a: True, smooth_load), "lets the buggy estimator through")
+    assert_fail(g(redraws_everything, smooth_load), "Redraw only expert e's own noise")
+    assert_fail(g(honest, lambda c, n, s, k: smooth_load(c, n, s, k, thresholds_from=c)), "*noisy* scores H")
+    assert_fail(g(lambda *a: np.ones(3), smooth_load), "should return True")
+
+
+# ----------------------------------------------------------------------------- bug 2
+def gradcheck(forward, backward, probs, first):
+    probs = probs.copy()
+    _, cache = forward(probs, first)
+    a = backward(1.0, cache)[0]
+    n = np.zeros_like(probs)
+    for i in np.ndindex(probs.shape):       # central differences, by hand
+        old = probs[i]
+        probs[i] = old + 1e-6
+        fp = forward(probs, first)[0]
+        probs[i] = old - 1e-6
+        fm = forward(probs, first)[0]
+        probs[i] = old
+        n[i] = (fp - fm) / 2e-6
+    return bool(np.linalg.norm(a - n) <= 1e-6 * max(np.linalg.norm(a), np.linalg.norm(n), 1e-12))
+
+
+def switch_backward(dloss, cache):
+    T, E = cache.shape
+    return dloss * E * np.tile(cache.f, (T, 1)) / T, {}
+
+
+def test_no_gradient():
+    g = lesson10.no_gradient
+    assert_pass(g(gradcheck, switch_backward), lesson="10")
+    assert_fail(g(blank, switch_backward), "switch_loss_gradcheck is not written yet")
+    assert_fail(g(gradcheck, blank), "fixed_switch_loss_backward is not written yet")
+    assert_fail(g(gradcheck, bugs.bug2_switch_loss_backward), "Still zero")
+    assert_fail(g(lambda *a: True, switch_backward), "lets the detached loss through")
+    nonzero = lambda fwd, bwd, p, f: bool(np.any(bwd(1.0, fwd(p, f)[1])[0] != 0))   # noqa: E731
+    assert_fail(g(nonzero, switch_backward), "T times too large")
+    assert_fail(g(gradcheck, lambda d, c: (d * c.shape[1] * np.tile(c.f, (c.shape[0], 1)), {})), "*mean*")
+    assert_fail(g(gradcheck, lambda d, c: switch_backward(1.0, c)), "upstream gradient")
+
+
+# ----------------------------------------------------------------------------- bug 3
+def router_learns(layer, x, rng):
+    y = layer.forward(x)
+    layer.backward(rng.standard_normal(y.shape))
+    return all(np.abs(layer.grads[n]).max() > 0 for n in ("W_gate", "W_noise") if n in layer.grads)
+
+
+def test_dead_router():
+    g = lesson10.dead_router
+    live = lambda d, h, E, rng: MoELayer(d, h, E, k=1, balance="switch", rng=rng)  # noqa: E731
+    assert_pass(g(router_learns, live), lesson="10")
+    assert_pass(g(router_learns, lambda d, h, E, rng: MoELayer(d, h, E, k=1, gate="switch", rng=rng)),
+                lesson="10")
+    assert_fail(g(blank, live), "router_learns is not written yet")
+    assert_fail(g(router_learns, blank), "fixed_top1_layer is not written yet")
+    assert_fail(g(router_learns, lambda d, h, E, rng: bugs.bug3_dead_router_layer(d, h, E, rng)),
+                "still gets no gradient")
+    assert_fail(g(router_learns, lambda d, h, E, rng: MoELayer(d, h, E, k=1, balance="importance", rng=rng)),
+                "importance loss acts on the gates")
+    assert_fail(g(router_learns, lambda d, h, E, rng: MoELayer(d, h, E, k=2, rng=rng)), "Keep k = 1")
+    assert_fail(g(router_learns, lambda d, h, E, rng: "a layer"), "should return an MoELayer")
+    assert_fail(g(lambda *a: True, live), "exactly 0")
+    assert_fail(g(lambda *a: False, live), "does not learn, but its router gradient is non-zero")
+
+
+# ----------------------------------------------------------------------------- bug 4
+def deterministic(predict):
+    first = np.asarray(predict())
+    return all(np.array_equal(first, np.asarray(predict())) for _ in range(2))
+
+
+def logits(x, W_gate, W_noise, *, rng, train, scale=1.0, eval_noise=False):
+    H = x @ W_gate
+    if train or eval_noise:
+        H = H + scale * rng.standard_normal(H.shape) * np.logaddexp(0, x @ W_noise)
+    return H
+
+
+def test_noisy_eval():
+    g = lesson10.noisy_eval
+    assert_pass(g(deterministic, logits), lesson="10")
+    assert_fail(g(blank, logits), "eval_is_deterministic is not written yet")
+    assert_fail(g(deterministic, blank), "fixed_router_logits_forward is not written yet")
+    assert_fail(g(deterministic, lambda *a, **k: logits(*a, **k, eval_noise=True)), "still adds noise in eval")
+    assert_fail(g(deterministic, lambda x, Wg, Wn, *, rng, train: x @ Wg), "must still explore")
+    assert_fail(g(deterministic, lambda *a, **k: logits(*a, **k, scale=10.0)), "standard deviation")
+    assert_fail(g(lambda predict: predict() is not None, logits), "passes a layer whose eval output changes")
+    assert_fail(g(lambda predict: False, logits), "rejects minimoe's MoELayer")
+
+
+# ----------------------------------------------------------------------------- bug 5
+def sum_is_constant(forward, backward, p, idx):
+    g, cache = forward(p, idx)
+    return bool(np.max(np.abs(backward(np.ones_like(g), cache)[0])) < 1e-9)
+
+
+def renorm_backward(dg, cache):
+    g, s, idx, shape = cache
+    dp = np.zeros(shape)
+    for j in range(idx.shape[1]):           # one column of choices at a time
+        dp[np.arange(shape[0]), idx[:, j]] = (dg[:, j] - (dg * g).sum(axis=1)) / s[:, 0]
+    return dp, {}
+
+
+def test_detached_sum():
+    g = lesson10.detached_sum
+    assert_pass(g(sum_is_constant, renorm_backward), lesson="10")
+    assert_fail(g(blank, renorm_backward), "gates_sum_is_constant is not written yet")
+    assert_fail(g(sum_is_constant, blank), "fixed_renormalize_backward is not written yet")
+    assert_fail(g(sum_is_constant, bugs.bug5_renormalize_backward), "still the detached sum")
+    assert_fail(g(sum_is_constant, lambda dg, c: (renorm_backward(dg, c)[0] * c[1].max(), {})),
+                "fails the gradient check")
+    assert_fail(g(lambda *a: True, renorm_backward), "lets the detached-sum backward through")
+    assert_fail(g(lambda *a: False, renorm_backward), "rejects minimoe's renormalization")
+
+
+@pytest.mark.parametrize("grader", list(lesson10.LESSON.exercises.values()), ids=list(lesson10.LESSON.exercises))
+def test_crash_or_garbage_is_a_verdict_not_an_exception(grader):
+    assert_crash_or_garbage_is_a_verdict(lambda answer: grader(answer, answer))   # both the check and the fix
+
+
+def test_lesson_has_five_exercises_in_order():
+    assert list(lesson10.LESSON.exercises) == ["mixed_units", "no_gradient", "dead_router", "noisy_eval",
+                                               "detached_sum"]
+
+
+# ----------------------------------------------------------------------------- the lesson's own solutions
+@pytest.fixture(scope="module")
+def solution():
+    """The exercise functions of the solution build of lessons/src/10_the_bug_hunt.py (the import
+    cell and the exercise cells only: defining them runs nothing)."""
+    import re
+    from pathlib import Path
+
+    from minimoe.course.checks import build
+    src = (Path(__file__).resolve().parents[2] / "lessons" / "src" / "10_the_bug_hunt.py").read_text("utf-8")
+    cells = re.split(r"^# %%(.*)$", src, flags=re.M)        # jupytext percent format, without jupytext
+    code = [body for head, body in zip(cells[1::2], cells[2::2]) if "[markdown]" not in head]
+    ns = {}
+    exec(code[0], ns)                                        # imports and show()
+    for text in code:
+        if build.BEGIN in text:
+            exec(text, ns)
+    return ns
+
+
+def test_solution_checks_catch_each_bug_and_pass_minimoe(solution):
+    from minimoe import losses, router
+    L, H, s = lesson10.load_fixture(0)
+    rng = lambda: np.random.default_rng(0)  # noqa: E731
+    assert not solution["load_is_honest"](lesson10.buggy_smooth_load, L, H, s, 2, rng())
+    assert solution["load_is_honest"](lesson10.minimoe_smooth_load, L, H, s, 2, rng())
+    p, first = lesson10._switch_fixture(0)
+    check2 = solution["switch_loss_gradcheck"]
+    assert not check2(bugs.bug2_switch_loss_forward, bugs.bug2_switch_loss_backward, p, first)
+    assert check2(losses.switch_loss_forward, losses.switch_loss_backward, p, first)
+    x = np.random.default_rng(1).standard_normal((16, 6))
+    assert not solution["router_learns"](bugs.bug3_dead_router_layer(6, 8, 4, rng()), x, rng())
+    assert solution["router_learns"](MoELayer(6, 8, 4, k=1, gate="switch", rng=rng()), x, rng())
+    bad, good = bugs.NoisyEvalMoE(6, 8, 4, rng=rng()), MoELayer(6, 8, 4, rng=rng())
+    assert not solution["eval_is_deterministic"](lambda: bad.forward(x, train=False))
+    assert solution["eval_is_deterministic"](lambda: good.forward(x, train=False))
+    p5, idx = lesson10._renorm_fixture(0, 6, 4, 2)
+    check5 = solution["gates_sum_is_constant"]
+    assert not check5(bugs.bug5_renormalize_forward, bugs.bug5_renormalize_backward, p5, idx)
+    assert check5(router.renormalize_forward, router.renormalize_backward, p5, idx)
+
+
+def test_solution_fixes_pass_the_reference_checks_of_minimoe_bugs(solution):
+    from types import SimpleNamespace
+
+    from minimoe import router
+    L, H, s = lesson10.load_fixture(1)
+    as_forward = lambda *a: (None, SimpleNamespace(load=solution["fixed_smooth_load"](*a)))  # noqa: E731
+    assert bugs.load_matches_sampling(as_forward, L, H, s, 2, np.random.default_rng(0))
+    p, first = lesson10._switch_fixture(1)
+    assert bugs.gradient_matches_finite_differences(
+        bugs.bug2_switch_loss_forward, solution["fixed_switch_loss_backward"], p, kwargs={"first_choice": first})
+    x = np.random.default_rng(1).standard_normal((16, 6))
+    layer = solution["fixed_top1_layer"](6, 8, 4, np.random.default_rng(0))
+    assert layer.k == 1 and bugs.router_gradient_is_nonzero(layer, x)
+    Wg, Wn = np.random.default_rng(2).standard_normal((2, 6, 4))
+    gen = np.random.default_rng(3)
+    fixed4 = solution["fixed_router_logits_forward"]
+    assert bugs.eval_is_deterministic(lambda: fixed4(x, Wg, Wn, rng=gen, train=False))
+    assert not bugs.eval_is_deterministic(lambda: fixed4(x, Wg, Wn, rng=gen, train=True))
+    for k in (1, 2, 3):
+        p5, idx = lesson10._renorm_fixture(k, 6, 4, k)
+        fixed5 = solution["fixed_renormalize_backward"]
+        assert bugs.gates_sum_has_zero_gradient(bugs.bug5_renormalize_forward, fixed5, p5, idx)
+        assert bugs.gradient_matches_finite_differences(bugs.bug5_renormalize_forward, fixed5, p5,
+                                                        kwargs={"idx": idx})

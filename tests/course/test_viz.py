@@ -1,0 +1,61 @@
+"""The plotting package: one import gives every plot, matplotlib only when drawing, and the
+shared helpers (stacked load shares, bar panels) draw what their inputs say."""
+import ast
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from minimoe.course import viz
+
+VIZ_DIR = Path(viz.__file__).parent
+
+
+def test_every_public_plot_of_every_module_is_reexported_once():
+    names = []
+    for path in sorted(VIZ_DIR.glob("*.py")):
+        if path.name == "__init__.py":
+            continue
+        tree = ast.parse(path.read_text("utf-8"))
+        public = [n.name for n in tree.body if isinstance(n, ast.FunctionDef) and not n.name.startswith("_")]
+        module = getattr(viz, path.stem)
+        assert sorted(public) == sorted(n for n in module.__all__ if callable(getattr(module, n))), path.name
+        names += module.__all__
+    assert sorted(names) == sorted(viz.__all__)
+    assert len(set(viz.__all__)) == len(viz.__all__), "a name exported by two modules"
+    for name in viz.__all__:
+        assert getattr(viz, name) is not None
+
+
+def test_importing_viz_does_not_import_matplotlib():
+    code = "import sys, minimoe, minimoe.course.viz; print('matplotlib' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_expert_load_stacks_shares_and_shows_drops(tmp_path):
+    load = np.array([[6, 2, 0, 0], [3, 3, 1, 1], [2, 2, 2, 2]])
+    hist = SimpleNamespace(epoch=[1, 2, 3], load_array=lambda: load, dropped=[4, 0, 0])
+    fig = viz.plot_expert_load(hist)
+    ax = fig.axes[0]
+    tops = ax.collections[-1].get_paths()[0].vertices[:, 1]     # the top band ends at share 1
+    assert np.allclose(tops.max(), 1.0)
+    assert len(fig.axes) == 2                                    # the dropped-fraction axis
+    np.testing.assert_allclose(fig.axes[1].lines[0].get_ydata(), [4 / 8, 0, 0])
+    path = viz.save(fig, tmp_path / "sub" / "load.png")
+    assert Path(path).stat().st_size > 0
+    with pytest.raises(ValueError, match="no expert load"):
+        viz.plot_expert_load(SimpleNamespace(epoch=[1], load_array=lambda: np.zeros((1, 0)), dropped=[0]))
+
+
+def test_router_comparison_writes_each_value_in_its_panel_format():
+    rows = [{"name": "GP top-2", "acc": 0.8134, "acc_std": 0.01, "cv": 0.25, "unserved": 0.0},
+            {"name": "expert choice", "acc": 0.79, "cv": 0.0, "unserved": 0.125}]
+    fig = viz.plot_router_comparison(rows)
+    texts = [[t.get_text().strip() for t in ax.texts] for ax in fig.axes]
+    assert texts == [["0.813", "0.790"], ["0.250", "0.000"], ["0.0%", "12.5%"]]
+    assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == ["GP top-2", "expert choice"]
+    assert all(t.get_text() == "" for t in fig.axes[1].get_yticklabels())
