@@ -183,7 +183,7 @@ check.numerical_gradient(numerical_gradient)
 # Using the larger of the two norms makes it symmetric and at most 2; the tiny floor (say
 # $10^{-300}$) makes $\mathrm{rel}(0, 0) = 0$ instead of $0/0$. Why not the elementwise ratio
 # $|a_i - n_i| / |n_i|$? Where a gradient entry is almost zero, that ratio is noise divided
-# by almost nothing. minimoe's pass rule (DESIGN.md §4) is normwise $< 10^{-8}$ *and* every
+# by almost nothing. minimoe's pass rule (docs/design.md §4) is normwise $< 10^{-8}$ *and* every
 # entry within $|a_i - n_i| \le 10^{-7} + 10^{-5} |n_i|$.
 #
 # ### Exercise 4 — relative error

@@ -10,7 +10,7 @@ hand-written backward says (central differences, error O(h²)):
 The scalar loss for a function with output ``out`` is ``L = Σ out ⊙ dout`` with a
 fixed random ``dout``, so ``∂L/∂out = dout`` and the backward is fed exactly that.
 
-The pass criterion (DESIGN.md §4), per parameter, with analytic ``a`` and numeric ``n``:
+The pass criterion (docs/design.md §4), per parameter, with analytic ``a`` and numeric ``n``:
 
 * normwise relative error  ``‖a − n‖ / max(‖a‖, ‖n‖, tiny) < 1e-8``, **and**
 * elementwise              ``|a − n| ≤ 1e-7 + 1e-5·|n|`` for every entry.
@@ -135,7 +135,7 @@ def numerical_gradient(f, x, h=1e-5, name="x", selection0=None):
 
 
 def compare(name, analytic, numeric, h=float("nan")):
-    """Compare an analytic and a numerical gradient with the DESIGN.md §4 criterion."""
+    """Compare an analytic and a numerical gradient with the docs/design.md §4 criterion."""
     a = np.asarray(analytic, dtype=np.float64)
     n = np.asarray(numeric, dtype=np.float64)
     if a.shape != n.shape:

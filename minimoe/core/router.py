@@ -12,7 +12,7 @@ also learns, per token and expert,
     σ = softplus(x W_noise),   H = L + ε ⊙ σ,        ε ~ N(0,1), shape (T,E)
 
 In eval mode there is no noise: ``H = L``. The gate then turns the scores into
-referral weights. Three variants (DESIGN.md §3):
+referral weights. Three variants (docs/design.md §3):
 
 1. **dense**  — ``G = softmax(H)``: every specialist is consulted (k = E);
 2. **top-k**  — ``G = softmax(KeepTopK(H, k))`` (Shazeer eq. 3, 5): the k best

@@ -97,7 +97,7 @@ def expect_number(name, got, want, *, mistakes=(), rtol=1e-6, atol=1e-12):
 def expect_grads(got, numeric, *, mistakes=None, names=None):
     """Check a dict of gradients against finite differences, parameter by parameter.
 
-    Uses the DESIGN.md §4 criterion from :mod:`minimoe.core.gradcheck`, and reports every
+    Uses the docs/design.md §4 criterion from :mod:`minimoe.core.gradcheck`, and reports every
     parameter that fails with its normwise relative error and which ones are right.
 
     Args:
