@@ -11,7 +11,7 @@ import numbers
 
 import numpy as np
 
-__all__ = ["check_tokens", "check_array", "all_finite", "check_int", "check_positive_float", "check_choice", "check_rng", "check_dtype"]
+__all__ = ["check_tokens", "check_array", "check_shapes", "all_finite", "check_int", "check_positive_float", "check_choice", "check_rng", "check_dtype"]
 
 
 def _fmt_shape(shape):
@@ -59,6 +59,59 @@ def check_array(name, x, *, ndim=None, shape=None, finite=True, floating=True):
     if finite and x.size and not all_finite(x):
         raise ValueError(f"{name} contains NaN or inf; check the input data or lower the learning rate")
     return x
+
+
+def check_shapes(*, finite=True, integer=(), **arrays):
+    """Check several arrays against shape specs with named sizes, in one line.
+
+        check_shapes(W1=(W1, ("E", "d", "h")), x=(x, ("N", "d")), b1=(b1, ("E", "h")))
+
+    Each keyword is an argument's name and ``(array, spec)`` or ``(array, spec, why)``.
+    A spec is a tuple of sizes: a symbol (a str such as ``"d"``), an int, or ``"..."``
+    first for any leading dimensions. The first array to show a symbol binds it; every
+    later one must agree, so the message names the argument and the size it broke:
+
+        W1 must have 3 dimensions, got shape (4, 5)        (nothing bound yet: the rank)
+        x must have shape (?, 4), got (5, 3)               (d = 4 was bound by W1; N is free)
+        x has width 3 but W1 expects d=4 (W1 has shape (4, 8))    (the last axis after "...")
+        labels must have shape (3,) (one per row of logits), got (2,)   (``why`` in brackets)
+
+    Args:
+        finite: reject NaN and inf: True (every floating array), False, or a tuple of names.
+        integer: names of arrays that must hold integers (all others must be floating).
+        **arrays: ``name=(array, spec[, why])``.
+
+    Returns:
+        dict of the bound sizes, ``{"d": 4, ...}`` (``"..."``: the leading shape).
+    """
+    sizes, binder = {}, {}
+    for name, (a, spec, *why) in arrays.items():
+        is_int = name in integer
+        check_array(name, a, finite=not is_int and (finite if isinstance(finite, bool) else name in finite),
+                    floating=not is_int)
+        if is_int and not np.issubdtype(a.dtype, np.integer):
+            raise TypeError(f"{name} must be integers, got dtype {a.dtype}")
+        lead = bool(spec) and spec[0] == "..."
+        tail = spec[1:] if lead else spec
+        want = [sizes.get(s) if isinstance(s, str) else s for s in tail]
+        if lead and "..." in sizes:
+            want = list(sizes["..."]) + want
+        elif lead or all(w is None for w in want):
+            check_array(name, a, ndim=range(len(tail), 8) if lead else len(tail), finite=False, floating=False)
+        got = a.shape[a.ndim - len(want):] if lead and "..." not in sizes else a.shape
+        if len(got) != len(want) or any(w is not None and w != g for w, g in zip(want, got)):
+            if lead and "..." not in sizes and len(tail) == 1 and isinstance(tail[0], str):
+                s, first = tail[0], binder[tail[0]]
+                raise ValueError(f"{name} has width {a.shape[-1]} but {first} expects {s}={sizes[s]} "
+                                 f"({first} has shape {arrays[first][0].shape})")
+            hint = f" ({why[0]})" if why else ""
+            raise ValueError(f"{name} must have shape {_fmt_shape(want)}{hint}, got {a.shape}")
+        for s, n in zip(tail, a.shape[a.ndim - len(tail):]):
+            if isinstance(s, str) and s not in sizes:
+                sizes[s], binder[s] = n, name
+        if lead and "..." not in sizes:
+            sizes["..."] = a.shape[:a.ndim - len(tail)]
+    return sizes
 
 
 def all_finite(x):

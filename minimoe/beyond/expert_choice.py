@@ -41,8 +41,8 @@ from ..core.dispatch import expert_capacity
 from ..core.experts import experts_backward, experts_forward, init_expert_params
 from ..core.layers import SoftmaxCache, softmax, softmax_backward
 from ..core.router import init_gate_weights, router_logits_backward, router_logits_forward
-from ..validate import (check_array, check_choice, check_dtype, check_int, check_positive_float,
-                       check_rng, check_tokens)
+from ..core.moe import MoEBase
+from ..validate import check_array, check_int
 
 __all__ = ["expert_choice_capacity", "expert_choice_forward", "expert_choice_backward",
            "ExpertChoiceMoELayer"]
@@ -133,7 +133,12 @@ def expert_choice_backward(dy, cache):
     return dx, {**rgrads, **grads}
 
 
-class ExpertChoiceMoELayer:
+class LayerCache(NamedTuple):
+    shape: tuple                  # x's shape
+    choice: ExpertChoiceCache     # expert_choice_forward's cache
+
+
+class ExpertChoiceMoELayer(MoEBase):
     """Expert-choice MoE layer (Zhou et al. 2022): every expert takes exactly C tokens.
 
     Same surface as :class:`~minimoe.core.moe.MoELayer`, so models can take either.
@@ -162,24 +167,15 @@ class ExpertChoiceMoELayer:
             the gate there (0 elsewhere) — so ``topk_idx[kept]`` lists the real assignments.
     """
 
+    repr_fields = MoEBase.repr_fields[:4] + ("capacity_factor",)
+    router_keys = ("W_gate",)
+
     def __init__(self, d_model, d_hidden, n_experts, k=2, capacity_factor=1.0, activation="relu",
                  dtype=np.float64, rng=None):
-        d = check_int("d_model", d_model, low=1)
-        h = check_int("d_hidden", d_hidden, low=1)
-        E = check_int("n_experts", n_experts, low=1)
-        self.k = check_int("k", k, low=1, high=E)
         if capacity_factor is None:
-            expert_choice_capacity(1, E, 1, None)                # raises the explanatory error
-        self.capacity_factor = check_positive_float("capacity_factor", capacity_factor)
-        check_choice("activation", activation, ("relu", "gelu"))
-        self.dtype = check_dtype("dtype", dtype).type
-        rng = np.random.default_rng(0) if rng is None else check_rng("rng", rng)
-        self.d_model, self.d_hidden, self.n_experts = d, h, E
-        self.activation, self.rng = activation, rng
-        self.params = {"W_gate": init_gate_weights(d, E, rng, self.dtype)}   # as MoELayer's
-        self.params.update(init_expert_params(E, d, h, rng, self.dtype))
-        self.grads = {name: np.zeros_like(p) for name, p in self.params.items()}
-        self.aux_loss, self.stats, self._cache = 0.0, {}, None
+            expert_choice_capacity(1, 1, 1, None)                # raises the explanatory error
+        self._setup(d_model, d_hidden, n_experts, k, capacity_factor, activation, dtype, rng,
+                    router=("W_gate",))                           # W_gate as MoELayer's
 
     def forward(self, x, train=True, noise=None):
         """Let every expert pick its C tokens among all tokens of ``x`` and mix their answers.
@@ -194,7 +190,7 @@ class ExpertChoiceMoELayer:
         """
         if noise is not None:
             raise ValueError("noise must be None: expert-choice routing uses clean affinities")
-        x2, shape = check_tokens(x, self.d_model, self.dtype)   # (T, d); B·S tokens route together
+        x2, shape = self._start_forward(x)
         T, E = x2.shape[0], self.n_experts
         C = expert_choice_capacity(T, E, self.k, self.capacity_factor)
         p = self.params
@@ -217,7 +213,7 @@ class ExpertChoiceMoELayer:
             "topk_gates": np.where(kept, cache.probs, 0),
             "kept": kept,
         }
-        self._cache = (shape, cache)
+        self._cache = LayerCache(shape, cache)
         return y.reshape(shape)
 
     def routing_signature(self):
@@ -225,38 +221,16 @@ class ExpertChoiceMoELayer:
         a column's top-C set crosses a kink; a reordering inside the set does not."""
         if self._cache is None:
             raise RuntimeError("call forward before routing_signature")
-        return np.sort(self._cache[1].idx, axis=1)
+        return np.sort(self._cache.choice.idx, axis=1)
 
     def backward(self, dy):
         """Gradient of ⟨dy, y⟩: returns dx (x's shape) and fills ``grads``."""
-        if self._cache is None:
-            raise RuntimeError("call forward before backward")
-        shape, cache = self._cache
-        check_array("dy", dy, shape=shape)
-        dx, grads = expert_choice_backward(dy.reshape(-1, self.d_model).astype(self.dtype, copy=False), cache)
-        for name in self.params:
-            self.grads[name] = grads[name]
-        return dx.reshape(shape)
+        c, dy2 = self._start_backward(dy)
+        dx, grads = expert_choice_backward(dy2, c.choice)
+        self._store_grads(grads)
+        return dx.reshape(c.shape)
 
     @property
-    def n_params(self):
-        """Total number of parameters (router and every expert)."""
-        return int(sum(p.size for p in self.params.values()))
-
-    @property
-    def n_active_params(self):
-        """Parameters an *average* token touches: the router plus k·capacity_factor experts."""
-        per_expert = sum(self.params[n][0].size for n in ("W1", "b1", "W2", "b2"))
-        return int(round(self.params["W_gate"].size + self.k * self.capacity_factor * per_expert))
-
-    def flops_per_token(self):
-        """Forward FLOPs per *average* token (2 per multiply-add, products only): the affinities
-        (2dE) plus k·capacity_factor experts (4dh each) and their weighted combine (2d each).
-        The per-expert top-C sort is not counted."""
-        d, h, E = self.d_model, self.d_hidden, self.n_experts
-        return int(round(2 * d * E + self.k * self.capacity_factor * (4 * d * h + 2 * d)))
-
-    def __repr__(self):
-        return (f"ExpertChoiceMoELayer(d_model={self.d_model}, d_hidden={self.d_hidden}, "
-                f"n_experts={self.n_experts}, k={self.k}, capacity_factor={self.capacity_factor}, "
-                f"dtype={np.dtype(self.dtype).name})")
+    def experts_per_token(self):
+        """An *average* token is served by k·capacity_factor experts (the counting uses it)."""
+        return self.k * self.capacity_factor

@@ -37,10 +37,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from typing import NamedTuple
+
 from ..core.dispatch import dispatch_combine_backward, dispatch_combine_forward, expert_capacity
-from ..core.experts import init_expert_params
-from ..validate import (check_array, check_choice, check_dtype, check_int, check_positive_float,
-                       check_rng, check_tokens)
+from ..core.moe import MoEBase
+from ..validate import check_array, check_int
 
 __all__ = ["mix64", "content_ids", "hash_route", "HashMoELayer"]
 
@@ -70,7 +71,9 @@ def content_ids(x):
     hash. Equal rows get equal ids; any change to a row gives an unrelated id.
     """
     check_array("x", x, ndim=2)
-    bits = np.ascontiguousarray(x, dtype=np.float64).view(np.uint64)
+    # + 0.0 turns −0.0 into +0.0: equal rows (−0.0 == 0.0) must get equal ids, and the two
+    # zeros differ in their sign bit.
+    bits = np.ascontiguousarray(x + 0.0, dtype=np.float64).view(np.uint64)
     h = np.full(x.shape[0], np.uint64(x.shape[1]), dtype=np.uint64)
     for j in range(x.shape[1]):
         h = mix64(h ^ bits[:, j]) + _GOLDEN
@@ -91,7 +94,7 @@ def hash_route(ids, n_experts, k=1, seed=0):
     """
     E = check_int("n_experts", n_experts, low=1)
     k = check_int("k", k, low=1, high=E)
-    seed = check_int("seed", seed, low=0)
+    seed = check_int("seed", seed, low=0, high=2**64 - 1)   # a uint64 hash key
     ids = np.asarray(ids)
     if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
         raise ValueError(f"ids must be a 1-D integer array (one id per token), got {ids.dtype} {ids.shape}")
@@ -104,7 +107,12 @@ def hash_route(ids, n_experts, k=1, seed=0):
     return np.argsort(~scores, axis=1, kind="stable")[:, :k].astype(np.int64)
 
 
-class HashMoELayer:
+class HashCache(NamedTuple):
+    shape: tuple      # x's shape
+    dispatch: tuple   # dispatch_combine_forward's cache
+
+
+class HashMoELayer(MoEBase):
     """An MoE layer whose "router" is a fixed hash of each token's id (Roller et al. 2021).
 
     The same surface as :class:`~minimoe.core.moe.MoELayer` (so a model can swap one for
@@ -132,24 +140,13 @@ class HashMoELayer:
     """
 
     uses_ids = True     # models pass token ids to forward (transformer.py reads this)
+    router_keys = ()    # no router: a token touches only its k experts
+    repr_fields = MoEBase.repr_fields[:4] + ("seed", "capacity_factor")
 
     def __init__(self, d_model, d_hidden, n_experts, k=1, seed=0, capacity_factor=None,
                  activation="relu", dtype=np.float64, rng=None):
-        d = check_int("d_model", d_model, low=1)
-        h = check_int("d_hidden", d_hidden, low=1)
-        E = check_int("n_experts", n_experts, low=1)
-        self.k = check_int("k", k, low=1, high=E)
-        self.seed = check_int("seed", seed, low=0)
-        if capacity_factor is not None:
-            check_positive_float("capacity_factor", capacity_factor)
-        check_choice("activation", activation, ("relu", "gelu"))
-        self.dtype = check_dtype("dtype", dtype).type
-        rng = np.random.default_rng(0) if rng is None else check_rng("rng", rng)
-        self.d_model, self.d_hidden, self.n_experts = d, h, E
-        self.capacity_factor, self.activation, self.rng = capacity_factor, activation, rng
-        self.params = init_expert_params(E, d, h, rng, self.dtype)
-        self.grads = {name: np.zeros_like(p) for name, p in self.params.items()}
-        self.aux_loss, self.stats, self._cache = 0.0, {}, None
+        self.seed = check_int("seed", seed, low=0, high=2**64 - 1)     # a uint64 hash key
+        self._setup(d_model, d_hidden, n_experts, k, capacity_factor, activation, dtype, rng)
 
     def forward(self, x, train=True, noise=None, ids=None):
         """Send each token to the experts its id hashes to, and average their answers.
@@ -165,7 +162,7 @@ class HashMoELayer:
         """
         if noise is not None:
             raise ValueError("noise must be None: hash routing has no router scores to perturb")
-        x2, shape = check_tokens(x, self.d_model, self.dtype)   # (T, d); B·S tokens route together
+        x2, shape = self._start_forward(x)
         T, E, k = x2.shape[0], self.n_experts, self.k
         if ids is None:
             keys = content_ids(x2)
@@ -180,56 +177,13 @@ class HashMoELayer:
         p = self.params
         y, dcache = dispatch_combine_forward(x2, idx, gates, p["W1"], p["b1"], p["W2"], p["b2"],
                                              capacity=C, activation=self.activation)
-        plan = dcache.plan
-        self.stats = {
-            "load": plan.load.copy(),
-            "importance": np.bincount(idx.reshape(-1), minlength=E) / k,
-            "dropped": plan.dropped,
-            "topk_idx": idx,
-            "topk_gates": gates,
-            "kept": plan.kept,
-            "capacity": C,
-            "losses": {},
-        }
-        self._cache = (shape, dcache)
+        self.stats = self._routing_stats(idx, gates, dcache.plan)
+        self._cache = HashCache(shape, dcache)
         return y.reshape(shape)
-
-    def routing_signature(self):
-        """Chosen experts and kept mask of the last forward. With explicit ids they never
-        change under a gradient-check nudge; with content hashing any nudge of x does."""
-        if self._cache is None:
-            raise RuntimeError("call forward before routing_signature")
-        return (self.stats["topk_idx"], self.stats["kept"])
 
     def backward(self, dy):
         """Gradient of ⟨dy, y⟩: dx (x's shape); fills ``grads``. The fixed gates get none."""
-        if self._cache is None:
-            raise RuntimeError("call forward before backward")
-        shape, dcache = self._cache
-        check_array("dy", dy, shape=shape)
-        dx, grads = dispatch_combine_backward(dy.reshape(-1, self.d_model).astype(self.dtype, copy=False),
-                                              dcache)
-        for name in self.params:
-            self.grads[name] = grads[name]
-        return dx.reshape(shape)
-
-    @property
-    def n_params(self):
-        """All expert parameters (there is no router)."""
-        return int(sum(p.size for p in self.params.values()))
-
-    @property
-    def n_active_params(self):
-        """Parameters one token touches: its k experts."""
-        return int(self.k * sum(self.params[n][0].size for n in ("W1", "b1", "W2", "b2")))
-
-    def flops_per_token(self):
-        """Forward FLOPs per token (2 per multiply-add, products only): k experts (k·4dh)
-        and the weighted combine (2kd). Hashing costs a few integer operations, not counted."""
-        d, h, k = self.d_model, self.d_hidden, self.k
-        return int(k * 4 * d * h + 2 * k * d)
-
-    def __repr__(self):
-        return (f"HashMoELayer(d_model={self.d_model}, d_hidden={self.d_hidden}, n_experts={self.n_experts}, "
-                f"k={self.k}, seed={self.seed}, capacity_factor={self.capacity_factor}, "
-                f"dtype={np.dtype(self.dtype).name})")
+        c, dy2 = self._start_backward(dy)
+        dx, _, grads = dispatch_combine_backward(dy2, c.dispatch)
+        self._store_grads(grads)
+        return dx.reshape(c.shape)

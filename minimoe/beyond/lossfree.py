@@ -39,11 +39,10 @@ from typing import NamedTuple
 import numpy as np
 
 from ..core.dispatch import dispatch_combine_backward, dispatch_combine_forward, expert_capacity
-from ..core.experts import init_expert_params
 from ..core.layers import SoftmaxCache, softmax, softmax_backward
-from ..core.router import init_gate_weights, router_logits_backward, router_logits_forward, topk_indices
-from ..validate import (check_array, check_choice, check_dtype, check_int, check_positive_float,
-                       check_rng, check_tokens)
+from ..core.router import router_logits_backward, router_logits_forward, sigmoid, topk_indices
+from ..core.moe import MoEBase, check_bool
+from ..validate import check_array, check_choice, check_positive_float
 
 __all__ = ["SCORES", "scores_forward", "scores_backward", "biased_topk_forward", "biased_topk_backward",
            "bias_update", "LossFreeMoELayer"]
@@ -51,21 +50,25 @@ __all__ = ["SCORES", "scores_forward", "scores_backward", "biased_topk_forward",
 SCORES = ("softmax", "sigmoid")
 
 
+class ScoresCache(NamedTuple):
+    kind: str          # "softmax" or "sigmoid"
+    s: np.ndarray      # (T,E) the scores
+
+
 def scores_forward(L, kind="softmax"):
     """Router scores from logits L (T,E): ``softmax(L)`` per row, or ``sigmoid(L)`` per entry."""
     check_choice("score", kind, SCORES)
-    if kind == "softmax":
-        return softmax(L), (kind, None)
-    s = np.exp(-np.logaddexp(0, -L))            # sigmoid, stable for any L
-    return s, (kind, s)
+    s = softmax(L) if kind == "softmax" else sigmoid(L)
+    return s, ScoresCache(kind, s)
 
 
-def scores_backward(ds, cache, s):
-    """dL from ds: softmax backward ``s ⊙ (ds − ⟨ds, s⟩)``, or sigmoid's ``ds ⊙ s(1 − s)``."""
-    kind, _ = cache
+def scores_backward(ds, cache):
+    """dL from ds: softmax backward ``s ⊙ (ds − ⟨ds, s⟩)``, or sigmoid's ``ds ⊙ s(1 − s)``.
+    Returns (dL (T,E), {})."""
+    kind, s = cache
     if kind == "softmax":
-        return softmax_backward(ds, SoftmaxCache(s, -1))[0]
-    return ds * s * (1.0 - s)
+        return softmax_backward(ds, SoftmaxCache(s, -1))
+    return ds * s * (1.0 - s), {}
 
 
 class BiasedTopKCache(NamedTuple):
@@ -113,11 +116,26 @@ def bias_update(bias, load, rate):
     Returns:
         the new (E,) bias (a new array). An expert exactly at the mean is left alone.
     """
-    load = np.asarray(load, dtype=np.float64)
+    load = np.asarray(load)
+    if load.shape != bias.shape or not (np.issubdtype(load.dtype, np.integer) or np.issubdtype(load.dtype, np.floating)):
+        raise ValueError(f"load must have shape {bias.shape} (one count per expert, a number), "
+                         f"got {load.dtype} {load.shape}")
+    if not np.all(np.isfinite(load)) or np.any(load < 0):
+        raise ValueError(f"load must hold finite counts >= 0 (tokens per expert), got {load.tolist()}")
+    load = load.astype(np.float64)
     return bias + rate * np.sign(load.mean() - load).astype(bias.dtype)
 
 
-class LossFreeMoELayer:
+class LossFreeCache(NamedTuple):
+    shape: tuple          # x's shape
+    train: bool           # a training forward (its load is what update_bias balances)
+    logits: tuple         # router_logits_forward's cache
+    scores: ScoresCache
+    topk: BiasedTopKCache
+    dispatch: tuple       # dispatch_combine_forward's cache
+
+
+class LossFreeMoELayer(MoEBase):
     """Top-k MoE balanced by a selection-only bias instead of an auxiliary loss (Wang et al. 2024).
 
     Same surface as :class:`~minimoe.core.moe.MoELayer`, plus ``bias`` and :meth:`update_bias`.
@@ -153,27 +171,17 @@ class LossFreeMoELayer:
             uses it (None otherwise).
     """
 
+    repr_fields = MoEBase.repr_fields[:4] + ("bias_update_rate", "score", "capacity_factor")
+    router_keys = ("W_gate",)
+
     def __init__(self, d_model, d_hidden, n_experts, k=2, bias_update_rate=1e-3, score="softmax",
                  capacity_factor=None, auto_update=False, activation="relu", dtype=np.float64, rng=None):
-        d = check_int("d_model", d_model, low=1)
-        h = check_int("d_hidden", d_hidden, low=1)
-        E = check_int("n_experts", n_experts, low=1)
-        self.k = check_int("k", k, low=1, high=E)
         self.bias_update_rate = check_positive_float("bias_update_rate", bias_update_rate, allow_zero=True)
         self.score = check_choice("score", score, SCORES)
-        if capacity_factor is not None:
-            check_positive_float("capacity_factor", capacity_factor)
-        check_choice("activation", activation, ("relu", "gelu"))
-        self.dtype = check_dtype("dtype", dtype).type
-        rng = np.random.default_rng(0) if rng is None else check_rng("rng", rng)
-        self.d_model, self.d_hidden, self.n_experts = d, h, E
-        self.capacity_factor, self.auto_update = capacity_factor, bool(auto_update)
-        self.activation, self.rng = activation, rng
-        self.params = {"W_gate": init_gate_weights(d, E, rng, self.dtype)}   # as MoELayer's
-        self.params.update(init_expert_params(E, d, h, rng, self.dtype))
-        self.grads = {name: np.zeros_like(p) for name, p in self.params.items()}
-        self.bias = np.zeros(E, dtype=self.dtype)
-        self.aux_loss, self.stats, self._cache = 0.0, {}, None
+        self.auto_update = check_bool("auto_update", auto_update)
+        self._setup(d_model, d_hidden, n_experts, k, capacity_factor, activation, dtype, rng,
+                    router=("W_gate",))                           # W_gate as MoELayer's
+        self.bias = np.zeros(self.n_experts, dtype=self.dtype)
         self.pending_load = None       # "requested" of the last training forward, not yet used
 
     def forward(self, x, train=True, noise=None):
@@ -189,7 +197,7 @@ class LossFreeMoELayer:
         """
         if noise is not None:
             raise ValueError("noise must be None: the loss-free router has no noise term")
-        x2, shape = check_tokens(x, self.d_model, self.dtype)   # (T, d); B·S tokens route together
+        x2, shape = self._start_forward(x)
         T, E, k, p = x2.shape[0], self.n_experts, self.k, self.params
         L, lcache = router_logits_forward(x2, p["W_gate"])
         s, scache = scores_forward(L, self.score)
@@ -197,31 +205,11 @@ class LossFreeMoELayer:
         C = expert_capacity(T, E, k, self.capacity_factor)
         y, dcache = dispatch_combine_forward(x2, idx, gates, p["W1"], p["b1"], p["W2"], p["b2"],
                                              capacity=C, activation=self.activation)
-        requested = np.bincount(idx.reshape(-1), minlength=E)
+        self.stats = self._routing_stats(idx, gates, dcache.plan, s, bias=self.bias.copy())
         if train:                       # eval forwards leave a pending training load alone
-            self.pending_load = requested
-        plan = dcache.plan
-        self.stats = {
-            "load": plan.load.copy(),
-            "requested": requested,
-            "importance": np.bincount(idx.reshape(-1), weights=gates.reshape(-1), minlength=E),
-            "dropped": plan.dropped,
-            "topk_idx": idx,
-            "topk_gates": gates,
-            "kept": plan.kept,
-            "probs": s,
-            "bias": self.bias.copy(),
-            "capacity": C,
-            "losses": {},
-        }
-        self._cache = (shape, lcache, s, scache, tcache, dcache)
+            self.pending_load = self.stats["requested"]
+        self._cache = LossFreeCache(shape, train, lcache, scache, tcache, dcache)
         return y.reshape(shape)
-
-    def routing_signature(self):
-        """Chosen experts and kept mask of the last forward (kinks: ties in L + b)."""
-        if self._cache is None:
-            raise RuntimeError("call forward before routing_signature")
-        return (self.stats["topk_idx"], self.stats["kept"])
 
     def backward(self, dy):
         """Gradient of ⟨dy, y⟩ (there is no auxiliary loss): dx, and fills ``grads``.
@@ -230,22 +218,17 @@ class LossFreeMoELayer:
         backward) → dW_gate, dx. The bias is a constant here: it moved *which* entries
         of s are read, never their values.
         """
-        if self._cache is None:
-            raise RuntimeError("call forward before backward")
-        shape, lcache, s, scache, tcache, dcache = self._cache
-        check_array("dy", dy, shape=shape)
-        dx, grads = dispatch_combine_backward(dy.reshape(-1, self.d_model).astype(self.dtype, copy=False),
-                                              dcache)
-        ds, _ = biased_topk_backward(grads.pop("gates"), tcache)
-        dL = scores_backward(ds, scache, s)
-        dx_router, rgrads = router_logits_backward(dL, lcache)
+        c, dy2 = self._start_backward(dy)
+        dx, dgates, grads = dispatch_combine_backward(dy2, c.dispatch)
+        ds, _ = biased_topk_backward(dgates, c.topk)
+        dL, _ = scores_backward(ds, c.scores)
+        dx_router, rgrads = router_logits_backward(dL, c.logits)
         dx += dx_router
         grads.update(rgrads)
-        for name in self.params:
-            self.grads[name] = grads[name]
-        if self.auto_update:
+        self._store_grads(grads)
+        if self.auto_update and c.train:     # an eval forward has no load to balance
             self.update_bias()
-        return dx.reshape(shape)
+        return dx.reshape(c.shape)
 
     def update_bias(self, load=None):
         """Nudge the bias against the last training forward's load (call once per step).
@@ -262,29 +245,5 @@ class LossFreeMoELayer:
                 raise RuntimeError("update_bias needs a training forward first (forward(x, train=True)), "
                                    "or an explicit load")
             load, self.pending_load = self.pending_load, None
-        load = np.asarray(load)
-        if load.shape != (self.n_experts,):
-            raise ValueError(f"load must have shape ({self.n_experts},) (one count per expert), got {load.shape}")
         self.bias = bias_update(self.bias, load, self.bias_update_rate)
         return self.bias
-
-    @property
-    def n_params(self):
-        """Total number of parameters (the bias is state, not a parameter)."""
-        return int(sum(p.size for p in self.params.values()))
-
-    @property
-    def n_active_params(self):
-        """Parameters one token touches: the router plus k experts."""
-        per_expert = sum(self.params[n][0].size for n in ("W1", "b1", "W2", "b2"))
-        return int(self.params["W_gate"].size + self.k * per_expert)
-
-    def flops_per_token(self):
-        """As MoELayer: scores (2dE) + k experts (k·4dh) + combine (2kd); adding b is free."""
-        d, h, E, k = self.d_model, self.d_hidden, self.n_experts, self.k
-        return int(2 * d * E + k * 4 * d * h + 2 * k * d)
-
-    def __repr__(self):
-        return (f"LossFreeMoELayer(d_model={self.d_model}, d_hidden={self.d_hidden}, n_experts={self.n_experts}, "
-                f"k={self.k}, bias_update_rate={self.bias_update_rate}, score={self.score!r}, "
-                f"capacity_factor={self.capacity_factor}, dtype={np.dtype(self.dtype).name})")

@@ -36,15 +36,17 @@ from typing import NamedTuple
 import numpy as np
 
 from ..core.experts import experts_backward, experts_forward, init_expert_params
-from ..core.moe import MoELayer
-from ..validate import check_array, check_choice, check_dtype, check_int, check_rng
+from ..core.moe import MoEBase, MoELayer, layer_dtype
+from ..validate import check_array, check_int, check_rng, check_shapes
 
 __all__ = ["shared_experts_forward", "shared_experts_backward", "SharedExpertMoELayer"]
 
 
 class SharedCache(NamedTuple):
     experts: tuple    # experts_forward cache on the tiled input
-    T: int
+    T: int            # tokens
+    S: int            # shared experts K_s
+    d: int            # width
 
 
 def shared_experts_forward(x, W1, b1, W2, b2, activation="relu"):
@@ -66,15 +68,14 @@ def shared_experts_forward(x, W1, b1, W2, b2, activation="relu"):
     check_array("W1", W1, ndim=3)
     S, T = W1.shape[0], x.shape[0]
     yg, ecache = experts_forward(np.tile(x, (S, 1)), np.arange(S + 1) * T, W1, b1, W2, b2, activation)
-    return yg.reshape(S, T, -1).sum(axis=0), SharedCache(ecache, T)
+    return yg.reshape(S, T, -1).sum(axis=0), SharedCache(ecache, T, S, x.shape[1])
 
 
 def shared_experts_backward(dy, cache):
     """Each shared expert receives the whole ``dy`` (gate 1); the input's gradient is the
     sum of their input gradients. Returns dx (T, d) and ``{"W1", "b1", "W2", "b2"}``."""
-    ecache, T = cache
-    S = ecache.W1.shape[0]
-    check_array("dy", dy, shape=(T, ecache.W1.shape[1]), finite=False)
+    ecache, T, S, d = cache
+    check_array("dy", dy, shape=(T, d), finite=False)
     dxg, grads = experts_backward(np.tile(dy, (S, 1)), ecache)
     return dxg.reshape(S, T, -1).sum(axis=0), grads
 
@@ -82,7 +83,12 @@ def shared_experts_backward(dy, cache):
 _SHARED_KEYS = {"W1": "W1_shared", "b1": "b1_shared", "W2": "W2_shared", "b2": "b2_shared"}
 
 
-class SharedExpertMoELayer:
+class SharedLayerCache(NamedTuple):
+    shape: tuple                  # x's shape
+    shared: SharedCache | None    # shared_experts_forward's cache (None: no shared experts)
+
+
+class SharedExpertMoELayer(MoEBase):
     """K_s shared experts (always on) plus an :class:`~minimoe.core.moe.MoELayer` of routed ones.
 
     Same surface as MoELayer, so models can take either.
@@ -111,19 +117,22 @@ class SharedExpertMoELayer:
         aux_loss, stats: the routed layer's (the shared experts need no balancing).
     """
 
+    repr_fields = MoEBase.repr_fields[:4] + ("n_shared", "gate", "noisy", "balance")
+
     def __init__(self, d_model, d_hidden, n_experts, k=2, n_shared=1, activation="relu",
                  dtype=np.float64, rng=None, **routed_kwargs):
         self.n_shared = check_int("n_shared", n_shared, low=0)
-        check_choice("activation", activation, ("relu", "gelu"))
-        dtype = check_dtype("dtype", dtype).type
+        dtype = layer_dtype(dtype)
         rng = np.random.default_rng(0) if rng is None else check_rng("rng", rng)
         self.routed = MoELayer(d_model, d_hidden, n_experts, k=k, activation=activation, dtype=dtype,
                                rng=rng, **routed_kwargs)
-        self.d_model, self.d_hidden, self.n_experts, self.k = d_model, d_hidden, n_experts, self.routed.k
-        self.activation, self.dtype, self.rng = activation, dtype, rng
-        self.params = dict(self.routed.params)
+        r = self.routed
+        self.d_model, self.d_hidden, self.n_experts, self.k = r.d_model, r.d_hidden, r.n_experts, r.k
+        self.capacity_factor, self.activation, self.dtype, self.rng = r.capacity_factor, r.activation, dtype, rng
+        self.gate, self.noisy, self.balance = r.gate, r.noisy, r.balance
+        self.params = dict(r.params)
         if self.n_shared:
-            shared = init_expert_params(self.n_shared, d_model, d_hidden, rng, dtype)
+            shared = init_expert_params(self.n_shared, self.d_model, self.d_hidden, rng, dtype)
             self.params.update({_SHARED_KEYS[name]: v for name, v in shared.items()})
         self.grads = {name: np.zeros_like(p) for name, p in self.params.items()}
         self._cache = None
@@ -162,17 +171,29 @@ class SharedExpertMoELayer:
             train, noise: passed to the routed MoELayer (noise is (T, E) for the routed experts).
 
         Returns:
-            y with x's shape.
+            y with x's shape. If either branch fails, neither keeps a cache (backward raises).
         """
+        self._cache = None
         y = self.routed.forward(x, train=train, noise=noise)    # validates x
+        scache = None
         if self.n_shared:
-            p = self.params
-            x2 = x.reshape(-1, self.d_model).astype(self.dtype, copy=False)
-            ys, scache = shared_experts_forward(x2, p["W1_shared"], p["b1_shared"], p["W2_shared"],
-                                                p["b2_shared"], self.activation)
+            try:
+                ys, scache = self._shared_forward(x.reshape(-1, self.d_model).astype(self.dtype, copy=False))
+            except Exception:
+                self.routed._cache = None        # no half-finished batch for the routed branch either
+                raise
             y = y + ys.reshape(y.shape)
-            self._cache = scache
+        self._cache = SharedLayerCache(x.shape, scache)
         return y
+
+    def _shared_forward(self, x2):
+        """The shared branch, its weights checked under their own names (W1_shared, ...)."""
+        p = self.params
+        check_shapes(x=(x2, ("T", "d")), W1_shared=(p["W1_shared"], ("S", "d", "h")),
+                     b1_shared=(p["b1_shared"], ("S", "h")), W2_shared=(p["W2_shared"], ("S", "h", "d")),
+                     b2_shared=(p["b2_shared"], ("S", "d")))
+        return shared_experts_forward(x2, p["W1_shared"], p["b1_shared"], p["W2_shared"], p["b2_shared"],
+                                      self.activation)
 
     @property
     def aux_loss(self):
@@ -189,22 +210,20 @@ class SharedExpertMoELayer:
         return self.routed.routing_signature()
 
     def backward(self, dy):
-        """Gradient of ⟨dy, y⟩ + aux_loss: the two branches' input gradients add up."""
+        """Gradient of ⟨dy, y⟩ + aux_loss: the two branches' input gradients add up.
+        Both are computed before ``grads`` changes."""
+        if self._cache is None:
+            raise RuntimeError("call forward before backward")
+        check_array("dy", dy, shape=self._cache.shape)
         dx = self.routed.backward(dy)
-        for name, g in self.routed.grads.items():
-            self.grads[name] = g
+        grads = dict(self.routed.grads)
         if self.n_shared:
             dy2 = dy.reshape(-1, self.d_model).astype(self.dtype, copy=False)
-            dxs, grads = shared_experts_backward(dy2, self._cache)
+            dxs, sgrads = shared_experts_backward(dy2, self._cache.shared)
             dx = dx + dxs.reshape(dx.shape)
-            for name, g in grads.items():
-                self.grads[_SHARED_KEYS[name]] = g
+            grads.update({_SHARED_KEYS[name]: g for name, g in sgrads.items()})
+        self._store_grads(grads)
         return dx
-
-    @property
-    def n_params(self):
-        """Total parameters: router, routed and shared experts."""
-        return int(sum(p.size for p in self.params.values()))
 
     @property
     def n_active_params(self):
@@ -216,9 +235,3 @@ class SharedExpertMoELayer:
         """Routed layer's FLOPs (router, k experts, weighted combine) plus 4dh for each of the
         K_s shared experts (their outputs are summed with gate 1: additions, not counted)."""
         return int(self.routed.flops_per_token() + self.n_shared * 4 * self.d_model * self.d_hidden)
-
-    def __repr__(self):
-        r = self.routed
-        return (f"SharedExpertMoELayer(d_model={self.d_model}, d_hidden={self.d_hidden}, "
-                f"n_experts={self.n_experts}, k={self.k}, n_shared={self.n_shared}, gate={r.gate!r}, "
-                f"noisy={r.noisy}, balance={r.balance!r}, dtype={np.dtype(self.dtype).name})")

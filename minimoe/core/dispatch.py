@@ -37,11 +37,11 @@ from typing import NamedTuple
 import numpy as np
 
 from .experts import experts_backward, experts_forward
-from ..validate import check_array, check_int, check_positive_float
+from ..validate import check_int, check_positive_float, check_shapes
 
 __all__ = [
     "expert_capacity", "DispatchPlan", "make_plan",
-    "dispatch_forward", "dispatch_backward", "combine_forward", "combine_backward",
+    "GatherCache", "CombineCache", "DispatchCache", "dispatch_forward", "dispatch_backward", "combine_forward", "combine_backward",
     "dispatch_combine_forward", "dispatch_combine_backward",
 ]
 
@@ -114,22 +114,30 @@ def make_plan(idx, n_experts, capacity=None):
 
 # --------------------------------------------------------------------------- dispatch (gather)
 def _sum_slots(rows, plan, dtype):
-    """Scatter grouped rows (N,d) to their flat slots (T·k, d) and sum each token's k slots."""
+    """Scatter grouped rows (N,d) to their flat slots (T·k, d) and sum each token's k slots.
+
+    A dropped slot stays 0, so a token all of whose assignments were dropped gets 0.
+    """
     T, k = plan.kept.shape
-    full = (np.empty if plan.dropped == 0 else np.zeros)((T * k, rows.shape[1]), dtype=dtype)
+    full = np.zeros((T * k, rows.shape[1]), dtype=dtype)
     full[plan.order] = rows          # indices are unique: a plain scatter, no np.add.at
-    return full.reshape(T, k, -1).sum(axis=1) if k > 1 else full
+    return full.reshape(T, k, -1).sum(axis=1)
+
+
+class GatherCache(NamedTuple):
+    plan: DispatchPlan
+    shape: tuple         # (T, d) of x
+    dtype: np.dtype
 
 
 def dispatch_forward(x, plan):
     """Gather the kept tokens into expert order: x (T,d) -> x_g (N,d), ``x_g = x[plan.token]``."""
-    return np.take(x, plan.token, axis=0), (plan, x.shape, x.dtype)
+    return np.take(x, plan.token, axis=0), GatherCache(plan, x.shape, x.dtype)
 
 
 def dispatch_backward(dxg, cache):
     """A gathered token gets back the sum of its copies' gradients: dx_g (N,d) -> (dx (T,d), {})."""
-    plan, _, dtype = cache
-    return _sum_slots(dxg, plan, dtype), {}
+    return _sum_slots(dxg, cache.plan, cache.dtype), {}
 
 
 # --------------------------------------------------------------------------- combine (scatter)
@@ -159,20 +167,20 @@ def combine_forward(yg, gates, plan):
 def combine_backward(dy, cache):
     """``dy_g = G · dy[token]`` and ``dG_tj = ⟨dy_t, y_g[row(t,j)]⟩`` (0 for dropped slots).
 
-    Returns (dyg (N,d), {"gates": dgates (T,k)}).
+    Returns dyg (N,d), dgates (T,k) — one gradient per input, in the forward's order —
+    and ``{}`` (no parameters).
     """
     yg, g, plan, shape = cache
-    dy_rows = np.take(dy, plan.token, axis=0)                 # (N,d), a fresh array
+    dy_rows = np.take(dy, plan.token, axis=0)                 # (N,d): each row's token gradient
     dgates = np.zeros(shape[0] * shape[1], dtype=yg.dtype)
     dgates[plan.order] = np.einsum("nd,nd->n", dy_rows, yg)
-    dy_rows *= g[:, None]                                     # reuse the gathered buffer
-    return dy_rows, {"gates": dgates.reshape(shape)}
+    return dy_rows * g[:, None], dgates.reshape(shape), {}
 
 
 # --------------------------------------------------------------------------- the whole trip
 class DispatchCache(NamedTuple):
     plan: DispatchPlan
-    gather: tuple
+    gather: GatherCache
     experts: tuple
     combine: CombineCache
 
@@ -190,8 +198,7 @@ def dispatch_combine_forward(x, idx, gates, W1, b1, W2, b2, *, capacity=None, ac
     Returns:
         y (T, d) and the cache; ``cache.plan`` holds kept, load and dropped.
     """
-    check_array("x", x, ndim=2)
-    check_array("gates", gates, shape=(x.shape[0], np.shape(idx)[-1]))
+    check_shapes(x=(x, ("T", "d")), gates=(gates, ("T", np.shape(idx)[-1])))
     plan = make_plan(idx, W1.shape[0], capacity)
     xg, gcache = dispatch_forward(x, plan)
     yg, ecache = experts_forward(xg, plan.offsets, W1, b1, W2, b2, activation)
@@ -199,16 +206,13 @@ def dispatch_combine_forward(x, idx, gates, W1, b1, W2, b2, *, capacity=None, ac
     return y, DispatchCache(plan, gcache, ecache, ccache)
 
 
-def dispatch_combine_backward(dy, cache, out=None):
+def dispatch_combine_backward(dy, cache):
     """Backward of :func:`dispatch_combine_forward`: the three steps in reverse.
 
-    ``out``: optional arrays for the expert weight gradients (see
-    :func:`minimoe.core.experts.experts_backward`).
-
     Returns:
-        dx (T, d) and ``{"gates": (T,k), "W1", "b1", "W2", "b2"}``.
+        dx (T, d), dgates (T, k), and ``{"W1", "b1", "W2", "b2"}`` (the expert bank's gradients).
     """
-    dyg, grads = combine_backward(dy, cache.combine)
-    dxg, egrads = experts_backward(dyg, cache.experts, out)
+    dyg, dgates, _ = combine_backward(dy, cache.combine)
+    dxg, grads = experts_backward(dyg, cache.experts)
     dx, _ = dispatch_backward(dxg, cache.gather)
-    return dx, {**grads, **egrads}
+    return dx, dgates, grads

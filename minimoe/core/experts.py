@@ -26,8 +26,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .layers import ReluCache, activation_backward, activation_forward, linear_backward, linear_forward
-from ..validate import all_finite, check_array, check_choice, check_dtype, check_int, check_rng
+from .layers import activation_backward, activation_forward, linear_backward, linear_forward
+from ..validate import all_finite, check_array, check_choice, check_dtype, check_int, check_rng, check_shapes
 
 __all__ = [
     "init_expert_params", "ffn_forward", "ffn_backward",
@@ -86,15 +86,8 @@ def ffn_forward(x, W1, b1, W2, b2, activation="relu"):
     Returns:
         y: (n, d); cache for :func:`ffn_backward`.
     """
-    # Check every shape here, so a mistake names W2 rather than the "W" of an inner linear.
-    check_array("W1", W1, ndim=2)
-    d, h = W1.shape
-    check_array("x", x, ndim=range(1, 8))
-    if x.shape[-1] != d:
-        raise ValueError(f"x has width {x.shape[-1]} but W1 expects d={d} (W1 has shape {W1.shape})")
-    check_array("b1", b1, shape=(h,))
-    check_array("W2", W2, shape=(h, d))
-    check_array("b2", b2, shape=(d,))
+    # Every shape is checked here, so a mistake names W2 rather than the "W" of an inner linear.
+    check_shapes(W1=(W1, ("d", "h")), x=(x, ("...", "d")), b1=(b1, ("h",)), W2=(W2, ("h", "d")), b2=(b2, ("d",)))
     z, c1 = linear_forward(x, W1, b1)        # (n, h)  pre-activation
     a, ca = activation_forward(z, activation)
     y, c2 = linear_forward(a, W2, b2)        # (n, d)
@@ -119,15 +112,12 @@ def ffn_backward(dy, cache):
 
 # --------------------------------------------------------------------------- a bank of experts
 class BankCache(NamedTuple):
-    x: np.ndarray        # (N, d) grouped input
     offsets: np.ndarray  # (E+1,) group boundaries
-    a: np.ndarray        # (N, h) hidden activations
-    act: tuple           # activation cache
-    W1: np.ndarray       # (E, d, h)
-    W2: np.ndarray       # (E, h, d)
+    ffn: tuple           # one FFNCache per expert, for its rows offsets[e]:offsets[e+1]
 
 
-def _check_offsets(offsets, E, N):
+def check_offsets(offsets, E, N):
+    """Check group boundaries: an (E+1,) integer array from 0 to N that never decreases."""
     offsets = np.asarray(offsets)
     if offsets.shape != (E + 1,) or not np.issubdtype(offsets.dtype, np.integer):
         raise ValueError(f"offsets must be an integer array of shape ({E + 1},) (E+1 group boundaries), "
@@ -137,8 +127,15 @@ def _check_offsets(offsets, E, N):
     return offsets
 
 
+def check_bank(x, offsets, W1, b1, W2, b2):
+    """The bank's shape checks (shared with ``fast.py``): returns (E, d, h) and the offsets."""
+    check_shapes(W1=(W1, ("E", "d", "h")), x=(x, ("N", "d")), b1=(b1, ("E", "h")),
+                 W2=(W2, ("E", "h", "d")), b2=(b2, ("E", "d")), finite=("x",))
+    return W1.shape, check_offsets(offsets, W1.shape[0], x.shape[0])
+
+
 def experts_forward(x, offsets, W1, b1, W2, b2, activation="relu"):
-    """Run a bank of E experts on tokens grouped by expert.
+    """Run a bank of E experts on tokens grouped by expert: :func:`ffn_forward` on each group.
 
     Args:
         x: (N, d) tokens, grouped: rows ``offsets[e]:offsets[e+1]`` go to expert e.
@@ -152,40 +149,19 @@ def experts_forward(x, offsets, W1, b1, W2, b2, activation="relu"):
         y: (N, d), row i is the output of its expert on row i of x, with dtype
         ``result_type(x, W1)`` (float32 in, float32 out); the cache.
     """
-    # The weights' shapes are checked at the door; their values through the output (below).
-    check_array("W1", W1, ndim=3, finite=False)
-    E, d, h = W1.shape
-    check_array("x", x, shape=(None, d))
-    check_array("b1", b1, shape=(E, h), finite=False)
-    check_array("W2", W2, shape=(E, h, d), finite=False)
-    check_array("b2", b2, shape=(E, d), finite=False)
-    offsets = _check_offsets(offsets, E, x.shape[0])
-    dtype = np.result_type(x, W1)
-    z = np.empty((x.shape[0], h), dtype=dtype)
+    (E, d, h), offsets = check_bank(x, offsets, W1, b1, W2, b2)
+    y = np.zeros((x.shape[0], d), dtype=np.result_type(x, W1))
+    caches = []
     for e in range(E):                      # a loop over experts, not tokens
         s, t = offsets[e], offsets[e + 1]
-        if s < t:
-            np.matmul(x[s:t], W1[e], out=z[s:t])
-            z[s:t] += b1[e]
-    a, act_cache = _activation_forward_inplace(z, activation)   # one vectorized call for all groups
-    y = np.empty((x.shape[0], d), dtype=dtype)
-    for e in range(E):
-        s, t = offsets[e], offsets[e + 1]
-        if s < t:
-            np.matmul(a[s:t], W2[e], out=y[s:t])
-            y[s:t] += b2[e]
-    _check_output_finite(y, W1=W1, b1=b1, W2=W2, b2=b2)
-    return y, BankCache(x, offsets, a, act_cache, W1, W2)
+        y[s:t], cache = ffn_forward(x[s:t], W1[e], b1[e], W2[e], b2[e], activation)
+        caches.append(cache)
+    check_output_finite(y, W1=W1, b1=b1, W2=W2, b2=b2)
+    return y, BankCache(offsets, tuple(caches))
 
 
-def _check_output_finite(y, **weights):
-    """Raise a clear error if y holds NaN or inf, naming the weight it came from.
-
-    Speed: the bank's weights are E·d·h numbers each; checking them on every forward
-    costs time that grows with E (the one thing a sparse layer should not do), while
-    checking the output costs N·d. A non-finite weight that no token reaches cannot
-    spoil y, and is reported the first time a token does.
-    """
+def check_output_finite(y, **weights):
+    """Raise a clear error if y holds NaN or inf, naming the weight it came from."""
     if all_finite(y):
         return
     for name, w in weights.items():
@@ -194,84 +170,31 @@ def _check_output_finite(y, **weights):
                              "finite; the weights or inputs are too large (lower the learning rate?)")
 
 
-def experts_backward(dy, cache, out=None):
+def experts_backward(dy, cache):
     """Backward of the bank: :func:`ffn_backward` applied to each group.
 
     An expert's weight gradient only collects the tokens in its own group; an
-    expert that received no tokens gets an exactly zero gradient.
+    expert that received no tokens gets an exactly zero gradient (its group is empty).
 
     Args:
         dy: (N, d) upstream gradient, grouped like the forward's input.
         cache: from :func:`experts_forward`.
-        out: optional dict of arrays ``{"W1", "b1", "W2", "b2"}`` of the gradients'
-            shapes and dtype to write into (a layer passes its own ``grads``; every
-            entry is overwritten). Speed only: the weight gradients are E·d·h numbers
-            each, and fresh arrays of that size every step cost page faults that grow
-            with E (32 MiB each at E=64, d=128, h=512 in float64).
 
     Returns:
-        dx (N, d) and ``{"W1": (E,d,h), "b1": (E,h), "W2": (E,h,d), "b2": (E,d)}``
-        (the arrays of ``out`` when given).
+        dx (N, d) and ``{"W1": (E,d,h), "b1": (E,h), "W2": (E,h,d), "b2": (E,d)}``.
     """
-    x, offsets, a, act_cache, W1, W2 = cache
-    check_array("dy", dy, shape=(x.shape[0], W2.shape[2]), finite=False)
-    E, d, h = W1.shape
-    # Speed: np.empty, not np.zeros — every expert with tokens overwrites its own slice
-    # below, so only idle experts are zeroed (zero-filling all of dW1 and dW2 costs time
-    # that grows with E: 64 MiB of writes at E=64, d=128, h=512 in float64).
-    shapes = {"W1": W1.shape, "b1": (E, h), "W2": W2.shape, "b2": (E, d)}
-    if out is None:
-        out = {name: np.empty(shape, dtype=W1.dtype) for name, shape in shapes.items()}
-    else:
-        for name, shape in shapes.items():
-            if name not in out or out[name].shape != shape or out[name].dtype != W1.dtype:
-                raise ValueError(f"out[{name!r}] must be a {W1.dtype} array of shape {shape}")
-    dW1, db1, dW2, db2 = out["W1"], out["b1"], out["W2"], out["b2"]
-    dx = np.empty_like(x)
-    # Speed: the backward runs one expert at a time, so da and dz are (n_e, h) blocks
-    # that stay in cache instead of (N, h) arrays (32 MiB at N=8192, h=512 in float64);
-    # and one workspace, as tall as the largest group, holds them for every expert,
-    # because a fresh multi-MiB block per expert costs page faults each time.
-    work = np.empty((int(np.max(np.diff(offsets), initial=0)), h), dtype=np.result_type(dy, W2))
-    for e in range(E):                      # ffn_backward on one group at a time
+    offsets, caches = cache
+    first = caches[0].lin1                 # LinearCache(x, W1[0]): the shapes of the bank
+    N, d = offsets[-1], first.W.shape[0]
+    check_array("dy", dy, shape=(N, d), finite=False)
+    dx = np.zeros((N, d), dtype=np.result_type(dy, first.W))
+    grads = {name: [] for name in ("W1", "b1", "W2", "b2")}
+    for e, c in enumerate(caches):           # ffn_backward on one group at a time
         s, t = offsets[e], offsets[e + 1]
-        if s == t:                          # no tokens: an exactly zero gradient
-            dW1[e], dW2[e], db1[e], db2[e] = 0, 0, 0, 0
-            continue
-        da = np.matmul(dy[s:t], W2[e].T, out=work[:t - s])      # (n_e, h)
-        np.matmul(a[s:t].T, dy[s:t], out=dW2[e])
-        db2[e] = dy[s:t].sum(axis=0)
-        dz = _activation_backward_rows(da, act_cache, s, t)      # (n_e, h)
-        np.matmul(dz, W1[e].T, out=dx[s:t])
-        np.matmul(x[s:t].T, dz, out=dW1[e])
-        db1[e] = dz.sum(axis=0)
-    return dx, {"W1": dW1, "b1": db1, "W2": dW2, "b2": db2}
-
-
-def _activation_forward_inplace(z, activation):
-    """``layers.activation_forward``, except that ReLU may overwrite z. Returns (a, cache).
-
-    Speed: the bank keeps its hidden activations for backward, and at N=8192, h=512
-    in float64 each (N, h) array is 32 MiB. ReLU in place turns z's buffer into a, so
-    only one is allocated. The cache is the same ``("relu", ReluCache(z > 0))`` that
-    ``layers.relu_forward`` makes. GELU's backward needs z itself: no shortcut there.
-    """
-    if activation != "relu":
-        return activation_forward(z, activation)
-    positive = z > 0
-    return np.maximum(z, 0, out=z), ("relu", ReluCache(positive))
-
-
-def _activation_backward_rows(da, act_cache, s, t):
-    """``layers.activation_backward`` for rows s:t of the bank; for ReLU it overwrites da.
-
-    Speed: ReLU's backward is a mask, applied in place (no new (n_e, h) block).
-    """
-    name, inner = act_cache
-    if name == "relu":
-        return np.multiply(da, inner.positive[s:t], out=da)
-    rows = inner._make(field[s:t] for field in inner)   # every field of the cache is (N, h)
-    return activation_backward(da, (name, rows))[0]
+        dx[s:t], g = ffn_backward(dy[s:t], c)
+        for name in grads:
+            grads[name].append(g[name])
+    return dx, {name: np.stack(g) for name, g in grads.items()}
 
 
 # --------------------------------------------------------------------------- thin classes

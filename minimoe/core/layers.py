@@ -25,13 +25,13 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ..validate import check_array
+from ..validate import check_array, check_choice, check_shapes
 
 __all__ = [
     "linear_forward", "linear_backward",
     "relu_forward", "relu_backward",
     "gelu_forward", "gelu_backward",
-    "activation_forward", "activation_backward", "ACTIVATIONS",
+    "ActivationCache", "activation_forward", "activation_backward", "ACTIVATIONS",
     "softmax", "softmax_forward", "softmax_backward",
     "log_softmax", "cross_entropy_forward", "cross_entropy_backward",
 ]
@@ -144,15 +144,16 @@ ACTIVATIONS = {
 }
 
 
-def activation_forward(x, name):
-    """Apply the activation called ``name`` (``"relu"`` or ``"gelu"``).
+class ActivationCache(NamedTuple):
+    name: str       # which activation, so backward knows which rule to use
+    inner: tuple    # that activation's own cache
 
-    Returns out and the cache ``(name, inner_cache)``, so backward knows which rule to use.
-    """
-    if name not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}; got {name!r}")
-    out, cache = ACTIVATIONS[name][0](x)
-    return out, (name, cache)
+
+def activation_forward(x, name):
+    """Apply the activation called ``name`` (``"relu"`` or ``"gelu"``). Returns out and the cache."""
+    forward, _ = ACTIVATIONS[check_choice("activation", name, tuple(ACTIVATIONS))]
+    out, cache = forward(x)
+    return out, ActivationCache(name, cache)
 
 
 def activation_backward(dout, cache):

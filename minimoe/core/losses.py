@@ -24,7 +24,7 @@ import numpy as np
 
 from .layers import softmax
 from .router import topk_indices
-from ..validate import check_array, check_int
+from ..validate import check_array, check_int, check_shapes
 
 __all__ = [
     "cv_squared_forward", "cv_squared_backward",
@@ -163,9 +163,7 @@ def load_loss_forward(clean, noisy, sigma, k):
     Returns:
         loss (float), cache (``cache.load`` is the (E,) smooth load).
     """
-    check_array("clean", clean, ndim=2)
-    check_array("noisy", noisy, shape=clean.shape)
-    check_array("sigma", sigma, shape=clean.shape)
+    check_shapes(clean=(clean, ("T", "E")), noisy=(noisy, ("T", "E")), sigma=(sigma, ("T", "E")))
     T, E = clean.shape
     k = check_int("k", k, low=1, high=E)
     rows = np.arange(T)[:, None]
@@ -173,7 +171,7 @@ def load_loss_forward(clean, noisy, sigma, k):
     in_topk = np.zeros((T, E), dtype=bool)
     in_topk[rows, ranked[:, :k]] = True
     if k == E:
-        thr = np.full((T, E), -np.inf)
+        thr = np.full((T, E), -np.inf, dtype=clean.dtype)   # nobody can be displaced
     else:
         kth = noisy[np.arange(T), ranked[:, k - 1]][:, None]    # k-th largest
         k1th = noisy[np.arange(T), ranked[:, k]][:, None]       # (k+1)-th largest
@@ -202,7 +200,8 @@ def load_loss_backward(dloss, cache):
     experts' noisy scores, hence W_gate, W_noise and x.
 
     Returns:
-        (d_clean (T,E), {"noisy": d_noisy (T,E), "sigma": d_sigma (T,E)}).
+        d_clean, d_noisy, d_sigma (each (T,E): one gradient per input, in the forward's
+        order) and ``{}`` (no parameters).
     """
     ranked, in_topk, z, live, sig, _, cv, k = cache
     T, E = z.shape
@@ -215,7 +214,7 @@ def load_loss_backward(dloss, cache):
         t = np.arange(T)
         d_noisy[t, ranked[:, k]] -= np.sum(np.where(in_topk, d_clean, 0), axis=1)
         d_noisy[t, ranked[:, k - 1]] -= np.sum(np.where(in_topk, 0, d_clean), axis=1)
-    return d_clean, {"noisy": d_noisy, "sigma": d_sigma}
+    return d_clean, d_noisy, d_sigma, {}
 
 
 # --------------------------------------------------------------------------- Switch
@@ -274,7 +273,13 @@ def z_loss_forward(logits):
     check_array("logits", logits, ndim=2)
     mx = logits.max(axis=1)
     lse = mx + np.log(np.exp(logits - mx[:, None]).sum(axis=1))
-    return float(np.mean(lse**2)), ZCache(lse, softmax(logits))
+    with np.errstate(over="ignore"):
+        loss = float(np.mean(lse**2))
+    if not np.isfinite(loss):
+        raise FloatingPointError(f"the z-loss overflowed: logits up to {np.max(np.abs(logits)):.3g} give "
+                                 f"logsumexp² beyond {np.finfo(logits.dtype).max:.3g} ({logits.dtype}); the "
+                                 "router's logits are too large (lower the learning rate?)")
+    return loss, ZCache(lse, softmax(logits))
 
 
 def z_loss_backward(dloss, cache):

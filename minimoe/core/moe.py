@@ -9,27 +9,197 @@
     backward:  the same steps in reverse; the losses add their gradients where
                their inputs were computed (gates, probs, clean logits, σ)
 
+``MoEBase`` (first below) holds what the five MoE layer classes share (this one, and the
+four of ``minimoe.beyond``): the constructor checks, the parameters' initialisation,
+counting, the cache guard, the ``stats`` dict and ``__repr__``. Each class adds its routing.
+
 Shapes: T tokens (B·S for (B,S,d) input), d = d_model, h = d_hidden, E experts, k per token.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
-from . import losses as L
+from . import fast as fast_path
+from . import losses
 from .dispatch import dispatch_combine_backward, dispatch_combine_forward, expert_capacity
 from .experts import init_expert_params
+from .layers import ACTIVATIONS
 from .router import (GATES, gate_backward, gate_forward, init_gate_weights, router_logits_backward,
                      router_logits_forward)
-from ..validate import check_array, check_choice, check_int, check_positive_float, check_rng, check_tokens
+from ..validate import (check_array, check_choice, check_dtype, check_int, check_positive_float, check_rng,
+                        check_tokens)
 
-__all__ = ["MoELayer", "BALANCES", "USUAL_BALANCE_COEF"]
+__all__ = ["MoEBase", "MoELayer", "BALANCES", "USUAL_BALANCE_COEF", "DTYPES"]
 
 BALANCES = (None, "importance", "load", "importance+load", "switch")
 # The coefficients the papers use (see losses.py): Shazeer et al. 2017 and Fedus et al. 2021.
 USUAL_BALANCE_COEF = {"importance": 0.1, "load": 0.1, "importance+load": 0.1, "switch": 0.01}
+DTYPES = (np.float32, np.float64)       # every layer class computes in one of these
+MAX_CAPACITY_FACTOR = 1e9               # C = ceil(cf·T·k/E) must stay a finite integer
 
 
-class MoELayer:
+class MoEBase:
+    """What every MoE layer class shares; a subclass adds its routing (forward, backward).
+
+    A subclass's ``__init__`` calls :meth:`_setup` (the shared checks and the expert bank,
+    after the router's own weights), its ``forward`` starts with :meth:`_start_forward`
+    (checks x, forgets the last batch) and ends by storing its cache, and its
+    ``backward`` starts with :meth:`_start_backward` (the cache guard and the dy check).
+
+    Attributes every layer has: ``d_model, d_hidden, n_experts, k, capacity_factor,
+    activation, dtype, rng``; ``params``/``grads`` (identical keys); ``aux_loss``; ``stats``.
+    """
+
+    router_keys = ("W_gate", "W_noise")          # parameters one token always touches
+    repr_fields = ("d_model", "d_hidden", "n_experts", "k", "capacity_factor")
+
+    def _setup(self, d_model, d_hidden, n_experts, k, capacity_factor, activation, dtype, rng,
+               router=(), k_max=None):
+        """The shared constructor: check the arguments, then make the weights.
+
+        ``router``: names of the (d, E) router weights to create before the experts,
+        ``"W_gate"`` (small random) and/or ``"W_noise"`` (zeros). ``k_max``: the largest k (E).
+        """
+        d = check_int("d_model", d_model, low=1)
+        h = check_int("d_hidden", d_hidden, low=1)
+        E = check_int("n_experts", n_experts, low=1)
+        self.k = check_int("k", k, low=1, high=E if k_max is None else k_max)
+        if capacity_factor is not None:
+            capacity_factor = check_positive_float("capacity_factor", capacity_factor)
+            if capacity_factor > MAX_CAPACITY_FACTOR:
+                raise ValueError(f"capacity_factor must be at most {MAX_CAPACITY_FACTOR:g} (C = ceil(capacity_factor·T·k/E) "
+                                 f"must stay a finite integer; use None for no dropping), got {capacity_factor!r}")
+        self.activation = check_choice("activation", activation, tuple(ACTIVATIONS))
+        self.dtype = layer_dtype(dtype)
+        self.rng = np.random.default_rng(0) if rng is None else check_rng("rng", rng)
+        self.d_model, self.d_hidden, self.n_experts, self.capacity_factor = d, h, E, capacity_factor
+        # Router: small random W_gate (see init_gate_weights); W_noise = 0 as in Shazeer
+        # et al. 2017, i.e. σ = softplus(0) ≈ 0.69 at the start: plenty of exploration.
+        self.params = {}
+        if "W_gate" in router:
+            self.params["W_gate"] = init_gate_weights(d, E, self.rng, self.dtype)
+        if "W_noise" in router:
+            self.params["W_noise"] = np.zeros((d, E), dtype=self.dtype)
+        self.params.update(init_expert_params(E, d, h, self.rng, self.dtype))
+        self.grads = {name: np.zeros_like(p) for name, p in self.params.items()}
+        self.aux_loss, self.stats, self._cache = 0.0, {}, None
+
+    # ------------------------------------------------------------------ forward / backward
+    def _start_forward(self, x):
+        """Forget the last batch (a failed forward leaves no cache to backward through), check x.
+
+        Returns ``(x2, shape)``: x as (T, d) tokens of the layer's dtype, and x's shape.
+        """
+        self._cache, self.aux_loss, self.stats = None, 0.0, {}
+        return check_tokens(x, self.d_model, self.dtype)        # (T, d); B·S tokens route together
+
+    def _start_backward(self, dy):
+        """The cache guard, then dy checked against the output: returns (cache, dy as (T, d))."""
+        if self._cache is None:
+            raise RuntimeError("call forward before backward")
+        check_array("dy", dy, shape=self._cache.shape)
+        return self._cache, dy.reshape(-1, self.d_model).astype(self.dtype, copy=False)
+
+    def _store_grads(self, grads):
+        """Copy the gradients of every parameter into ``self.grads``, after all were computed."""
+        for name in self.params:
+            self.grads[name] = grads[name]
+
+    def _routing_stats(self, idx, gates, plan, probs=None, **extra):
+        """The ``stats`` dict of a token-choice forward (see MoELayer's Attributes)."""
+        flat = idx.reshape(-1)
+        stats = {
+            "load": plan.load.copy(),
+            "requested": np.bincount(flat, minlength=self.n_experts),
+            "importance": np.bincount(flat, weights=gates.reshape(-1), minlength=self.n_experts),
+            "dropped": plan.dropped,
+            "topk_idx": np.array(idx),
+            "topk_gates": gates,
+            "kept": plan.kept,
+            "capacity": plan.capacity,
+            "losses": {},
+        }
+        if probs is not None:
+            stats["probs"] = probs
+        stats.update(extra)
+        return stats
+
+    def routing_signature(self):
+        """The discrete choices of the last forward: top-k indices and kept mask.
+        ``gradcheck.check_layer`` compares it before and after each nudge and raises
+        ``KinkError`` if a finite difference crossed a tie."""
+        if self._cache is None:
+            raise RuntimeError("call forward before routing_signature")
+        return (self.stats["topk_idx"], self.stats["kept"])
+
+    # ------------------------------------------------------------------ counting
+    @property
+    def n_params(self):
+        """Total number of parameters (every specialist on the payroll)."""
+        return int(sum(p.size for p in self.params.values()))
+
+    @property
+    def experts_per_token(self):
+        """How many experts one token uses (k; an average for expert choice)."""
+        return self.k
+
+    @property
+    def n_active_params(self):
+        """Parameters one token touches: the router (incl. W_noise if noisy) plus its experts."""
+        router = sum(self.params[n].size for n in self.router_keys if n in self.params)
+        per_expert = sum(self.params[n][0].size for n in ("W1", "b1", "W2", "b2"))
+        return int(round(router + self.experts_per_token * per_expert))
+
+    def flops_per_token(self):
+        """Forward FLOPs per token in eval mode, counting 2 FLOPs per multiply-add and only
+        the products: router scores x W_gate (2dE, if there is a router), two matmuls in each
+        of the token's experts (4dh each) and the weighted combine (2d each). Biases,
+        activations, softmax, sorting and the training-only noise matmul are not counted; no
+        token is assumed dropped."""
+        d, h, E = self.d_model, self.d_hidden, self.n_experts
+        router = 2 * d * E if "W_gate" in self.params else 0
+        return int(round(router + self.experts_per_token * (4 * d * h + 2 * d)))
+
+    def __repr__(self):
+        fields = ", ".join(f"{f}={getattr(self, f)!r}" for f in self.repr_fields)
+        return f"{type(self).__name__}({fields}, dtype={np.dtype(self.dtype).name})"
+
+
+def layer_dtype(dtype):
+    """The one dtype rule of the layer classes: np.float32 or np.float64 (as a type)."""
+    dt = check_dtype("dtype", dtype)
+    if dt.type not in DTYPES:
+        raise TypeError(f"dtype must be np.float32 or np.float64 (a layer computes in one of them), got {dt}")
+    return dt.type
+
+
+def check_bool(name, value):
+    """True or False, nothing else (a string such as 'no' is truthy, and would mean True)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
+
+
+class AuxCaches(NamedTuple):
+    """The caches of the auxiliary losses of one forward (None: that loss is off)."""
+    importance: tuple | None = None
+    load: tuple | None = None
+    switch: tuple | None = None
+    first_choice: np.ndarray | None = None   # (T,) the Switch loss's f counts these
+    z: tuple | None = None
+
+
+class MoECache(NamedTuple):
+    shape: tuple          # x's shape, given back to dx
+    logits: tuple         # router_logits_forward's cache (clean L and σ inside)
+    gate: tuple           # gate_forward's cache
+    dispatch: tuple       # dispatch_combine_forward's cache (plan inside)
+    aux: AuxCaches
+
+
+class MoELayer(MoEBase):
     """A sparse Mixture-of-Experts layer: a GP (router) refers each token to k of E specialists.
 
     Each token (a patient) is scored by the router, sent to its k best-scoring experts
@@ -76,6 +246,8 @@ class MoELayer:
         dtype: np.float64 (gradient checks) or np.float32 (speed); every array stays in it.
         rng: numpy.random.Generator for the initial weights and for the training noise
             (default ``np.random.default_rng(0)``).
+        fast: True (default) runs ``fast.py``'s dispatch and expert bank (workspaces, reused
+            buffers); False runs the textbook ``dispatch.py``/``experts.py``. Same numbers.
 
     Attributes:
         params / grads: dicts with identical keys ``W_gate (d,E)``, ``W_noise (d,E)`` (if
@@ -87,15 +259,14 @@ class MoELayer:
             the scores used, "capacity" (C or None), "losses" (each unweighted aux loss).
     """
 
+    repr_fields = MoEBase.repr_fields[:4] + ("gate", "noisy", "balance", "capacity_factor")
+
     def __init__(self, d_model, d_hidden, n_experts, k=2, gate="topk", noisy=True, balance=None,
                  balance_coef=None, z_loss_coef=0.0, capacity_factor=None, activation="relu",
-                 dtype=np.float64, rng=None):
-        d = check_int("d_model", d_model, low=1)
-        h = check_int("d_hidden", d_hidden, low=1)
-        E = check_int("n_experts", n_experts, low=1)
+                 dtype=np.float64, rng=None, fast=True):
         check_choice("gate", gate, GATES)
-        self.k = E if gate == "dense" else check_int("k", k, low=1, high=E)
         check_choice("balance", balance, BALANCES)
+        noisy, self.fast = check_bool("noisy", noisy), check_bool("fast", fast)
         if balance in ("load", "importance+load"):
             if not noisy:
                 raise ValueError(f"balance={balance!r} needs noisy=True: the smooth load estimator "
@@ -107,25 +278,11 @@ class MoELayer:
             balance_coef = USUAL_BALANCE_COEF.get(balance, 0.0)
         self.balance_coef = check_positive_float("balance_coef", balance_coef, allow_zero=True)
         self.z_loss_coef = check_positive_float("z_loss_coef", z_loss_coef, allow_zero=True)
-        if capacity_factor is not None:
-            check_positive_float("capacity_factor", capacity_factor)
-        check_choice("activation", activation, ("relu", "gelu"))
-        if not (isinstance(dtype, type) and dtype in (np.float32, np.float64)):
-            dtype = np.dtype(dtype).type
-            check_choice("dtype", dtype, (np.float32, np.float64))
-        rng = np.random.default_rng(0) if rng is None else check_rng("rng", rng)
-
-        self.d_model, self.d_hidden, self.n_experts = d, h, E
-        self.gate, self.noisy, self.balance = gate, bool(noisy), balance
-        self.capacity_factor, self.activation, self.dtype, self.rng = capacity_factor, activation, dtype, rng
-        # Router: small random W_gate (see init_gate_weights); W_noise = 0 as in Shazeer
-        # et al. 2017, i.e. σ = softplus(0) ≈ 0.69 at the start: plenty of exploration.
-        self.params = {"W_gate": init_gate_weights(d, E, rng, dtype)}
-        if self.noisy:
-            self.params["W_noise"] = np.zeros((d, E), dtype=dtype)
-        self.params.update(init_expert_params(E, d, h, rng, dtype))
-        self.grads = {name: np.zeros_like(p) for name, p in self.params.items()}
-        self.aux_loss, self.stats, self._cache = 0.0, {}, None
+        self.gate, self.noisy, self.balance = gate, noisy, balance
+        if gate == "dense":                  # the dense gate uses every expert: k is E
+            k = check_int("n_experts", n_experts, low=1)
+        self._setup(d_model, d_hidden, n_experts, k, capacity_factor, activation, dtype, rng,
+                    router=("W_gate", "W_noise") if noisy else ("W_gate",))
 
     # ------------------------------------------------------------------ forward
     def forward(self, x, train=True, noise=None):
@@ -140,129 +297,92 @@ class MoELayer:
         Returns:
             y, the same shape as x. Also sets ``aux_loss`` and ``stats``.
         """
-        x2, shape = check_tokens(x, self.d_model, self.dtype)   # (T, d); B·S tokens route together
+        x2, shape = self._start_forward(x)
         T, E, k, p = x2.shape[0], self.n_experts, self.k, self.params
-        if noise is not None:
-            if not self.noisy:
-                raise ValueError("noise was given but the layer was built with noisy=False")
-            check_array("noise", noise, ndim=(2, 3))
-            if noise.shape not in ((T, E), shape[:-1] + (E,)):
-                raise ValueError(f"noise must have shape {(T, E)} or {shape[:-1] + (E,)} (one ε per "
-                                 f"token and expert), got {noise.shape}")
-            noise = noise.reshape(T, E).astype(self.dtype, copy=False)
+        noise = self._check_noise(noise, T, shape) if train else None
 
         H, lcache = router_logits_forward(x2, p["W_gate"], p.get("W_noise"), noise=noise,
                                           rng=self.rng, train=train)
         routing, gcache = gate_forward(H, k, self.gate)
         C = expert_capacity(T, E, k, self.capacity_factor)
-        y, dcache = dispatch_combine_forward(x2, routing.idx, routing.gates, p["W1"], p["b1"], p["W2"],
-                                             p["b2"], capacity=C, activation=self.activation)
+        trip = fast_path.dispatch_combine_forward if self.fast else dispatch_combine_forward
+        y, dcache = trip(x2, routing.idx, routing.gates, p["W1"], p["b1"], p["W2"], p["b2"],
+                         capacity=C, activation=self.activation)
 
-        # Auxiliary losses (unweighted values in `terms`, caches for backward in `lc`).
-        terms, lc = {}, {}
+        # Auxiliary losses: unweighted values in `terms`, caches for backward in `aux`.
+        terms, aux = {}, {}
         if self.balance in ("importance", "importance+load"):
-            terms["importance"], lc["importance"] = L.importance_loss_forward(routing.gates, routing.idx, E)
+            terms["importance"], aux["importance"] = losses.importance_loss_forward(routing.gates, routing.idx, E)
         if self.balance in ("load", "importance+load"):
-            terms["load"], lc["load"] = L.load_loss_forward(lcache.clean, H, lcache.sigma, k)
+            terms["load"], aux["load"] = losses.load_loss_forward(lcache.clean, H, lcache.sigma, k)
         if self.balance == "switch":
             first = routing.probs.argmax(axis=1) if self.gate == "dense" else routing.idx[:, 0]
-            terms["switch"], lc["switch"] = L.switch_loss_forward(routing.probs, first)
-            lc["first_choice"] = first
+            terms["switch"], aux["switch"] = losses.switch_loss_forward(routing.probs, first)
+            aux["first_choice"] = first
         if self.z_loss_coef > 0:
-            terms["z"], lc["z"] = L.z_loss_forward(lcache.clean)
-        self.aux_loss = float(sum(self.z_loss_coef * v if name == "z" else self.balance_coef * v
-                                  for name, v in terms.items()))
+            terms["z"], aux["z"] = losses.z_loss_forward(lcache.clean)
+        aux_loss = float(sum(self.z_loss_coef * v if name == "z" else self.balance_coef * v
+                             for name, v in terms.items()))
+        if not np.isfinite(aux_loss):
+            raise FloatingPointError(f"the auxiliary loss overflowed ({', '.join(terms)}): the router's "
+                                     "logits are too large (lower the learning rate, or scale x or W_gate down)")
 
-        plan = dcache.plan
-        self.stats = {
-            "load": plan.load.copy(),
-            "requested": np.bincount(routing.idx.reshape(-1), minlength=E),
-            "importance": np.bincount(routing.idx.reshape(-1), weights=routing.gates.reshape(-1),
-                                      minlength=E),
-            "dropped": plan.dropped,
-            "topk_idx": np.array(routing.idx),
-            "topk_gates": routing.gates,
-            "kept": plan.kept,
-            "probs": routing.probs,
-            "capacity": C,
-            "losses": terms,
-        }
-        self._cache = (shape, lcache, gcache, dcache, lc)
+        self.aux_loss = aux_loss
+        self.stats = self._routing_stats(routing.idx, routing.gates, dcache.plan, routing.probs,
+                                         losses=terms)
+        self._cache = MoECache(shape, lcache, gcache, dcache, AuxCaches(**aux))
         return y.reshape(shape)
+
+    def _check_noise(self, noise, T, shape):
+        """An explicit ε for a training forward: (T, E) or x's leading shape + (E,)."""
+        if noise is None:
+            return None
+        if not self.noisy:
+            raise ValueError("noise was given but the layer was built with noisy=False")
+        E = self.n_experts
+        check_array("noise", noise, ndim=(2, 3))
+        allowed = sorted({(T, E), shape[:-1] + (E,)})
+        if noise.shape not in allowed:
+            want = " or ".join(map(str, allowed))
+            raise ValueError(f"noise must have shape {want} (one ε per token and expert), got {noise.shape}")
+        return noise.reshape(T, E).astype(self.dtype, copy=False)
 
     def routing_signature(self):
         """The discrete choices of the last forward: top-k indices and kept mask, plus each
         token's first choice (Switch loss) or its top-(k+1) ranking (load loss) when those
-        are used. ``gradcheck.check_layer`` compares it before and after each nudge and
-        raises ``KinkError`` if a finite difference crossed a tie."""
-        if self._cache is None:
-            raise RuntimeError("call forward before routing_signature")
-        lc = self._cache[4]
-        sig = (self.stats["topk_idx"], self.stats["kept"])
-        if "first_choice" in lc:
-            sig += (lc["first_choice"],)
-        if "load" in lc:
-            sig += (lc["load"].ranked,)
+        are used."""
+        sig = super().routing_signature()
+        aux = self._cache.aux
+        if aux.first_choice is not None:
+            sig += (aux.first_choice,)
+        if aux.load is not None:
+            sig += (aux.load.ranked,)
         return sig
 
     # ------------------------------------------------------------------ backward
     def backward(self, dy):
         """Gradient of ``⟨dy, y⟩ + aux_loss``: returns dx (x's shape) and fills ``self.grads``."""
-        if self._cache is None:
-            raise RuntimeError("call forward before backward")
-        shape, lcache, gcache, dcache, lc = self._cache
-        check_array("dy", dy, shape=shape)
-        dy2 = dy.reshape(-1, self.d_model).astype(self.dtype, copy=False)
-        wb, wz = self.balance_coef, self.z_loss_coef
-
-        # The expert gradients are written straight into self.grads (speed: no fresh
-        # E·d·h arrays per step); every entry is overwritten, nothing accumulates.
-        experts_out = {n: self.grads[n] for n in ("W1", "b1", "W2", "b2")}
-        dx, grads = dispatch_combine_backward(dy2, dcache, experts_out)   # experts + combine + gather
-        dgates = grads.pop("gates")
-        if "importance" in lc:                                    # importance acts on the gates
-            dgates = dgates + L.importance_loss_backward(wb, lc["importance"])[0]
-        dprobs = L.switch_loss_backward(wb, lc["switch"])[0] if "switch" in lc else None
-        dH, _ = gate_backward(dgates, gcache, dprobs)
+        c, dy2 = self._start_backward(dy)
+        aux, wb, wz = c.aux, self.balance_coef, self.z_loss_coef
+        if self.fast:     # the expert gradients go straight into self.grads (see fast.py)
+            dx, dgates, grads = fast_path.dispatch_combine_backward(dy2, c.dispatch, out=self.grads)
+        else:
+            dx, dgates, grads = dispatch_combine_backward(dy2, c.dispatch)
+        if aux.importance is not None:                            # importance acts on the gates
+            dgates = dgates + losses.importance_loss_backward(wb, aux.importance)[0]
+        dprobs = losses.switch_loss_backward(wb, aux.switch)[0] if aux.switch is not None else None
+        dH, _ = gate_backward(dgates, c.gate, dprobs)
         d_clean = d_sigma = None
-        if "load" in lc:                                          # load acts on L, H and σ
-            d_clean, g = L.load_loss_backward(wb, lc["load"])
-            dH = dH + g["noisy"]
-            d_sigma = g["sigma"]
-        if "z" in lc:                                             # z-loss acts on the clean logits
-            dz = L.z_loss_backward(wz, lc["z"])[0]
+        if aux.load is not None:                                  # load acts on L, H and σ
+            d_clean, d_noisy, d_sigma, _ = losses.load_loss_backward(wb, aux.load)
+            dH = dH + d_noisy
+        if aux.z is not None:                                     # z-loss acts on the clean logits
+            dz = losses.z_loss_backward(wz, aux.z)[0]
             d_clean = dz if d_clean is None else d_clean + dz
-        dx_router, rgrads = router_logits_backward(dH, lcache, d_clean=d_clean, d_sigma=d_sigma)
+        dx_router, rgrads = router_logits_backward(dH, c.logits, d_clean=d_clean, d_sigma=d_sigma)
         dx += dx_router
         grads.update(rgrads)
-        if "W_noise" in self.params and "W_noise" not in grads:
+        if self.noisy and "W_noise" not in grads:     # eval forward: σ was not used
             grads["W_noise"] = np.zeros_like(self.params["W_noise"])
-        for name in self.params:
-            self.grads[name] = grads[name]
-        return dx.reshape(shape)
-
-    # ------------------------------------------------------------------ counting
-    @property
-    def n_params(self):
-        """Total number of parameters (every specialist on the payroll)."""
-        return int(sum(p.size for p in self.params.values()))
-
-    @property
-    def n_active_params(self):
-        """Parameters one token touches: the router (incl. W_noise if noisy) plus k experts."""
-        router = sum(self.params[n].size for n in ("W_gate", "W_noise") if n in self.params)
-        per_expert = sum(self.params[n][0].size for n in ("W1", "b1", "W2", "b2"))
-        return int(router + self.k * per_expert)
-
-    def flops_per_token(self):
-        """Forward FLOPs per token in eval mode, counting 2 FLOPs per multiply-add and only
-        the products: router scores x W_gate (2dE), two matmuls in each of the k experts
-        (k·4dh) and the weighted combine (2kd). Biases, activations, softmax, sorting
-        and the training-only noise matmul are not counted; no token is assumed dropped."""
-        d, h, E, k = self.d_model, self.d_hidden, self.n_experts, self.k
-        return int(2 * d * E + k * 4 * d * h + 2 * k * d)
-
-    def __repr__(self):
-        return (f"MoELayer(d_model={self.d_model}, d_hidden={self.d_hidden}, n_experts={self.n_experts}, "
-                f"k={self.k}, gate={self.gate!r}, noisy={self.noisy}, balance={self.balance!r}, "
-                f"capacity_factor={self.capacity_factor}, dtype={np.dtype(self.dtype).name})")
+        self._store_grads(grads)
+        return dx.reshape(c.shape)

@@ -5,6 +5,7 @@ import pytest
 from minimoe import dispatch
 from minimoe.core.experts import ffn_forward, init_expert_params
 from minimoe.core.gradcheck import check_pair
+from moe_helpers import as_pair
 
 
 def random_idx(rng, T, E, k):
@@ -101,7 +102,7 @@ def test_dispatch_combine_matches_reference_and_gradcheck(T, E, k, capacity, act
         assert cache.plan.dropped > 0, "this case is meant to drop tokens"
     np.testing.assert_allclose(y, reference_moe(x, idx, gates, cache.plan.kept, params, activation),
                                rtol=1e-12, atol=1e-14)
-    check_pair(dispatch.dispatch_combine_forward, dispatch.dispatch_combine_backward, x,
+    check_pair(dispatch.dispatch_combine_forward, as_pair(dispatch.dispatch_combine_backward, "gates"), x,
                {"gates": gates, **params}, kwargs={"idx": idx, "capacity": capacity,
                                                     "activation": activation}, rng=rng)
 
@@ -114,8 +115,8 @@ def test_dropped_tokens_get_zero_output_and_zero_gradients(rng):
     y, c = dispatch.dispatch_combine_forward(x, idx, np.ones((T, 1)), **params, capacity=2)
     assert c.plan.kept[:, 0].tolist() == [True, True, False, False, False, False]
     assert np.all(y[2:] == 0) and np.all(y[:2] != 0)
-    dx, g = dispatch.dispatch_combine_backward(np.ones((T, d)), c)
-    assert np.all(dx[2:] == 0) and np.all(g["gates"][2:] == 0)
+    dx, dgates, g = dispatch.dispatch_combine_backward(np.ones((T, d)), c)
+    assert np.all(dx[2:] == 0) and np.all(dgates[2:] == 0)
     assert np.all(g["W1"][1] == 0) and np.all(g["b2"][1] == 0)      # expert 1 saw no one
 
 
@@ -130,8 +131,9 @@ def test_large_capacity_equals_none(rng):
     np.testing.assert_array_equal(y0, y1)
     g0, g1 = dispatch.dispatch_combine_backward(dy, c0), dispatch.dispatch_combine_backward(dy, c1)
     np.testing.assert_array_equal(g0[0], g1[0])
-    for key in g0[1]:
-        np.testing.assert_array_equal(g0[1][key], g1[1][key])
+    np.testing.assert_array_equal(g0[1], g1[1])
+    for key in g0[2]:
+        np.testing.assert_array_equal(g0[2][key], g1[2][key])
 
 
 def test_float32_stays_float32(rng):
@@ -140,8 +142,8 @@ def test_float32_stays_float32(rng):
     x = rng.standard_normal((T, d)).astype(np.float32)
     gates = rng.uniform(size=(T, k)).astype(np.float32)
     y, c = dispatch.dispatch_combine_forward(x, random_idx(rng, T, E, k), gates, **params, capacity=3)
-    dx, g = dispatch.dispatch_combine_backward(np.ones_like(y), c)
-    assert y.dtype == dx.dtype == np.float32 and all(v.dtype == np.float32 for v in g.values())
+    dx, dgates, g = dispatch.dispatch_combine_backward(np.ones_like(y), c)
+    assert y.dtype == dx.dtype == dgates.dtype == np.float32 and all(v.dtype == np.float32 for v in g.values())
 
 
 def test_capacity_is_not_inflated_by_float_error():

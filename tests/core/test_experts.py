@@ -10,8 +10,11 @@ import pytest
 
 from minimoe import experts
 from minimoe import gradcheck as gc
-from minimoe.core.experts import (Expert, ExpertBank, experts_backward, experts_forward, ffn_backward, ffn_forward,
-                             init_expert_params)
+from minimoe.core import fast
+from minimoe.core.experts import Expert, ExpertBank, ffn_backward, ffn_forward, init_expert_params
+
+# The textbook bank (a loop of ffn_forward/ffn_backward) and the fast one must pass the same tests.
+BANKS = pytest.mark.parametrize("bank", [experts, fast], ids=["textbook", "fast"])
 
 
 def _assert_passed(reports):
@@ -24,6 +27,8 @@ def _relu_mask(out, cache):
     A finite-difference step that switches a ReLU on or off crosses a kink; with
     this signature the checker raises KinkError instead of reporting a bogus error.
     """
+    if isinstance(cache, experts.BankCache):          # the textbook bank: one FFN cache per expert
+        return tuple(_relu_mask(None, c) for c in cache.ffn)
     name, inner = cache.act
     return inner.positive if name == "relu" else 0
 
@@ -78,32 +83,35 @@ BANK_CASES = [(3, 4, 5, [2, 0, 3]), (4, 3, 2, [0, 1, 4, 0]), (1, 4, 3, [1]),
 
 @pytest.mark.parametrize("E, d, h, sizes", BANK_CASES)
 @pytest.mark.parametrize("activation", ["relu", "gelu"])
-def test_experts_gradcheck(E, d, h, sizes, activation):
+@BANKS
+def test_experts_gradcheck(bank, E, d, h, sizes, activation):
     rng = np.random.default_rng(E * 100 + d * 10 + h)
     params = _random_params(rng, E, d, h)
     x = rng.standard_normal((sum(sizes), d))
-    _assert_passed(gc.check_pair(experts_forward, experts_backward, x, params, rng=rng,
+    _assert_passed(gc.check_pair(bank.experts_forward, bank.experts_backward, x, params, rng=rng,
                                  kwargs={"offsets": _offsets(sizes), "activation": activation},
                                  selection=_relu_mask))
 
 
 @pytest.mark.parametrize("E, d, h, sizes", BANK_CASES)
-def test_bank_matches_plain_numpy_per_group(E, d, h, sizes):
+@BANKS
+def test_bank_matches_plain_numpy_per_group(bank, E, d, h, sizes):
     rng = np.random.default_rng(7)
     p = _random_params(rng, E, d, h)
     x, offsets = rng.standard_normal((sum(sizes), d)), _offsets(sizes)
-    y, _ = experts_forward(x, offsets, **p)
+    y, _ = bank.experts_forward(x, offsets, **p)
     np.testing.assert_allclose(y, _reference_bank(x, offsets, **p), rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("activation", ["relu", "gelu"])
-def test_bank_equals_ffn_per_group_forward_and_backward(rng, activation):
+@BANKS
+def test_bank_equals_ffn_per_group_forward_and_backward(bank, rng, activation):
     E, d, h, sizes = 3, 4, 6, [3, 0, 2]
     p, offsets = _random_params(rng, E, d, h), _offsets(sizes)
     x = rng.standard_normal((sum(sizes), d))
     dy = rng.standard_normal(x.shape)
-    y, cache = experts_forward(x, offsets, **p, activation=activation)
-    dx, grads = experts_backward(dy, cache)
+    y, cache = bank.experts_forward(x, offsets, **p, activation=activation)
+    dx, grads = bank.experts_backward(dy, cache)
     for e in range(E):
         s, t = offsets[e], offsets[e + 1]
         if s == t:
@@ -117,11 +125,12 @@ def test_bank_equals_ffn_per_group_forward_and_backward(rng, activation):
             np.testing.assert_allclose(grads[k][e], ge[k], rtol=1e-13, atol=1e-14)
 
 
-def test_empty_group_gets_exactly_zero_grads(rng):
+@BANKS
+def test_empty_group_gets_exactly_zero_grads(bank, rng):
     E, d, h, sizes = 4, 3, 5, [2, 0, 3, 0]
     p, offsets = _random_params(rng, E, d, h), _offsets(sizes)
-    y, cache = experts_forward(rng.standard_normal((5, d)), offsets, **p)
-    _, grads = experts_backward(rng.standard_normal(y.shape), cache)
+    y, cache = bank.experts_forward(rng.standard_normal((5, d)), offsets, **p)
+    _, grads = bank.experts_backward(rng.standard_normal(y.shape), cache)
     for e in (1, 3):
         for k in ("W1", "b1", "W2", "b2"):
             assert np.all(grads[k][e] == 0.0), (k, e)
@@ -129,20 +138,22 @@ def test_empty_group_gets_exactly_zero_grads(rng):
         assert np.any(grads["W1"][e] != 0.0) and np.any(grads["b2"][e] != 0.0)
 
 
-def test_bank_with_no_tokens_at_all(rng):
+@BANKS
+def test_bank_with_no_tokens_at_all(bank, rng):
     p = _random_params(rng, 3, 4, 2)
-    y, cache = experts_forward(np.zeros((0, 4)), _offsets([0, 0, 0]), **p)
-    dx, grads = experts_backward(np.zeros((0, 4)), cache)
+    y, cache = bank.experts_forward(np.zeros((0, 4)), _offsets([0, 0, 0]), **p)
+    dx, grads = bank.experts_backward(np.zeros((0, 4)), cache)
     assert y.shape == dx.shape == (0, 4)
     assert all(np.all(g == 0) and g.shape == p[k].shape for k, g in grads.items())
 
 
-def test_bank_float32_in_float32_out(rng):
+@BANKS
+def test_bank_float32_in_float32_out(bank, rng):
     p = {k: v.astype(np.float32) for k, v in _random_params(rng, 3, 4, 5).items()}
     x = rng.standard_normal((6, 4)).astype(np.float32)
     offsets = _offsets([2, 1, 3])
-    y, cache = experts_forward(x, offsets, **p)
-    dx, grads = experts_backward(np.ones_like(y), cache)
+    y, cache = bank.experts_forward(x, offsets, **p)
+    dx, grads = bank.experts_backward(np.ones_like(y), cache)
     assert y.dtype == dx.dtype == np.float32
     assert all(g.dtype == np.float32 for g in grads.values())
     np.testing.assert_allclose(y, _reference_bank(x.astype(np.float64), offsets,
@@ -259,31 +270,33 @@ def test_ffn_bad_input_names_the_argument(rng):
         ffn_forward(np.array([[1.0, np.inf, 0.0, 0.0]]), **p)
 
 
-def test_bank_bad_input_names_the_argument(rng):
+@BANKS
+def test_bank_bad_input_names_the_argument(bank, rng):
     p = _random_params(rng, 3, 4, 5)
     x, offsets = np.ones((5, 4)), _offsets([2, 0, 3])
     with pytest.raises(ValueError, match=r"offsets must be an integer array of shape \(4,\)"):
-        experts_forward(x, offsets[:-1], **p)
+        bank.experts_forward(x, offsets[:-1], **p)
     with pytest.raises(ValueError, match=r"offsets must be an integer array .* got float64"):
-        experts_forward(x, offsets.astype(float), **p)
+        bank.experts_forward(x, offsets.astype(float), **p)
     with pytest.raises(ValueError, match=r"offsets must start at 0, end at N=5 and never decrease; got \[0, 2, 2, 4\]"):
-        experts_forward(x, np.array([0, 2, 2, 4]), **p)
+        bank.experts_forward(x, np.array([0, 2, 2, 4]), **p)
     with pytest.raises(ValueError, match=r"never decrease; got \[0, 3, 2, 5\]"):
-        experts_forward(x, np.array([0, 3, 2, 5]), **p)
+        bank.experts_forward(x, np.array([0, 3, 2, 5]), **p)
     with pytest.raises(ValueError, match=r"x must have shape \(\?, 4\), got \(5, 3\)"):
-        experts_forward(np.ones((5, 3)), offsets, **p)
+        bank.experts_forward(np.ones((5, 3)), offsets, **p)
     with pytest.raises(ValueError, match=r"W1 must have 3 dimensions, got shape \(4, 5\)"):
-        experts_forward(x, offsets, **{**p, "W1": np.ones((4, 5))})
+        bank.experts_forward(x, offsets, **{**p, "W1": np.ones((4, 5))})
     with pytest.raises(ValueError, match=r"b2 must have shape \(3, 4\), got \(4,\)"):
-        experts_forward(x, offsets, **{**p, "b2": np.ones(4)})
+        bank.experts_forward(x, offsets, **{**p, "b2": np.ones(4)})
     with pytest.raises(ValueError, match="x contains NaN or inf"):
-        experts_forward(np.full((5, 4), np.nan), offsets, **p)
-    _, cache = experts_forward(x, offsets, **p)
+        bank.experts_forward(np.full((5, 4), np.nan), offsets, **p)
+    _, cache = bank.experts_forward(x, offsets, **p)
     with pytest.raises(ValueError, match=r"dy must have shape \(5, 4\), got \(4,\)"):
-        experts_backward(np.ones(4), cache)
+        bank.experts_backward(np.ones(4), cache)
 
 
-def test_bank_names_a_non_finite_weight_that_reaches_a_token(rng):
+@BANKS
+def test_bank_names_a_non_finite_weight_that_reaches_a_token(bank, rng):
     """The bank checks weight values through its output (an O(N·d) check, not O(E·d·h))."""
     p = _random_params(rng, 3, 4, 5)
     x, offsets = rng.standard_normal((5, 4)), _offsets([2, 0, 3])       # expert 1 gets no token
@@ -291,15 +304,19 @@ def test_bank_names_a_non_finite_weight_that_reaches_a_token(rng):
         bad = {**p, name: p[name].copy()}
         bad[name][where] = np.nan
         with pytest.raises(ValueError, match=f"{name} contains NaN or inf"):
-            experts_forward(x, offsets, **bad)
-    # A bad weight no token reaches cannot spoil the output: the answer is the clean one.
+            bank.experts_forward(x, offsets, **bad)
     idle = {**p, "W1": p["W1"].copy()}
     idle["W1"][1] = np.inf
-    np.testing.assert_array_equal(experts_forward(x, offsets, **idle)[0], experts_forward(x, offsets, **p)[0])
+    if bank is fast:   # a bad weight no token reaches cannot spoil the output: the clean answer
+        np.testing.assert_array_equal(bank.experts_forward(x, offsets, **idle)[0],
+                                      bank.experts_forward(x, offsets, **p)[0])
+    else:              # the textbook's ffn_forward checks every expert's weights
+        with pytest.raises(ValueError, match="W1 contains NaN or inf"):
+            bank.experts_forward(x, offsets, **idle)
     # Finite but huge weights overflow: said so, not returned as inf.
     with np.errstate(over="ignore", invalid="ignore"), \
             pytest.raises(FloatingPointError, match="the experts' output overflowed"):
-        experts_forward(x, offsets, **{**p, "b1": np.full_like(p["b1"], 1e200),
+        bank.experts_forward(x, offsets, **{**p, "b1": np.full_like(p["b1"], 1e200),
                                        "W2": np.full_like(p["W2"], 1e200)})
 
 
@@ -308,11 +325,11 @@ def test_bank_backward_writes_into_out_and_matches_fresh_arrays(rng):
     p = init_expert_params(3, 4, 5, rng)
     x = rng.standard_normal((7, 4))
     offsets = np.array([0, 3, 3, 7])               # expert 1 idle: its slices must be zeroed
-    y, cache = experts_forward(x, offsets, **p)
+    y, cache = fast.experts_forward(x, offsets, **p)
     dy = rng.standard_normal(y.shape)
-    dx_ref, g_ref = experts_backward(dy, cache)
+    dx_ref, g_ref = fast.experts_backward(dy, cache)
     out = {k: np.full_like(v, np.nan) for k, v in g_ref.items()}   # stale garbage
-    dx, g = experts_backward(dy, cache, out)
+    dx, g = fast.experts_backward(dy, cache, out)
     assert all(g[k] is out[k] for k in out)
     np.testing.assert_array_equal(dx, dx_ref)
     for k in g_ref:
@@ -323,8 +340,8 @@ def test_bank_backward_writes_into_out_and_matches_fresh_arrays(rng):
 def test_bank_backward_rejects_a_wrong_out(rng):
     p = init_expert_params(2, 4, 5, rng)
     x = rng.standard_normal((3, 4))
-    _, cache = experts_forward(x, np.array([0, 1, 3]), **p)
+    _, cache = fast.experts_forward(x, np.array([0, 1, 3]), **p)
     bad = {"W1": np.zeros((2, 4, 5)), "b1": np.zeros((2, 5)), "W2": np.zeros((2, 5, 4)),
            "b2": np.zeros((2, 4), dtype=np.float32)}
     with pytest.raises(ValueError, match=r"out\['b2'\] must be a float64 array of shape \(2, 4\)"):
-        experts_backward(np.zeros((3, 4)), cache, bad)
+        fast.experts_backward(np.zeros((3, 4)), cache, bad)

@@ -1,0 +1,162 @@
+"""The fast path: the same mathematics as experts.py and dispatch.py, with every speed trick.
+
+Read experts.py and dispatch.py first: they are the textbook (a loop over experts calling
+``ffn_forward``/``ffn_backward``, fresh arrays everywhere). This file computes the same
+numbers, written for speed; ``MoELayer`` uses it by default (``MoELayer(..., fast=False)``
+runs the textbook), and tests/core/test_fast.py runs every MoE configuration through both
+and shows outputs and gradients equal to 1e-12.
+
+Speed: the tricks, and why each pays (T=4096, d=128, h=512, k=2 in float64, the benchmark
+of ``python -m minimoe.bench``; one hidden (N, h) array is 32 MiB at N = T·k = 8192):
+
+* **One matmul per expert into a preallocated output** (``np.matmul(..., out=z[s:t])``):
+  the bank's hidden activations are one (N, h) array written group by group, not E
+  arrays concatenated; the biases are added in place.
+* **ReLU in place** (:func:`_activation_forward_inplace`): z's buffer becomes a, so only
+  one (N, h) array is allocated; the cache is the same ``ReluCache(z > 0)`` that
+  ``layers.relu_forward`` makes. GELU's backward needs z itself: no shortcut there.
+* **The backward one expert at a time, in one workspace**: da and dz are (n_e, h) blocks
+  that stay in cache instead of (N, h) arrays, and one workspace, as tall as the largest
+  group, holds them for every expert (a fresh multi-MiB block per expert costs page
+  faults each time). ReLU's backward is a mask applied in place on that workspace.
+* **Reused gradient buffers** (``out=``): the expert weight gradients are E·d·h numbers
+  each; fresh arrays of that size every step cost page faults that grow with E (32 MiB
+  each at E=64). ``MoELayer`` passes its own ``grads``; every entry is overwritten.
+* **np.empty, not np.zeros**, where every entry is written anyway: the weight gradients
+  of experts with tokens (only idle experts are zeroed: zero-filling all of dW1 and dW2
+  is 64 MiB of writes at E=64), and the combine's (T·k, d) slots when nothing was dropped.
+* **The weights' values are checked through the output** (an N·d check, not E·d·h): a
+  non-finite weight that no token reaches cannot spoil y, and is reported the first time
+  a token does (the textbook's ``ffn_forward`` checks every expert's weights).
+* **The combine's backward reuses its gathered buffer** for ``G · dy[token]``.
+
+Measured (2 shared cores, one BLAS thread, float64, E=8, ``ceiling/moe`` of the
+benchmark): the textbook path reaches about 0.6 of the matmul ceiling, this one about
+0.8 (the figures of the last run are in the report of the change that split them).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from .dispatch import DispatchCache, GatherCache, CombineCache, make_plan
+from .experts import check_bank, check_output_finite
+from .layers import ActivationCache, ReluCache, activation_backward, activation_forward
+from ..validate import check_array, check_shapes
+
+__all__ = ["experts_forward", "experts_backward", "dispatch_combine_forward", "dispatch_combine_backward"]
+
+
+class FastBankCache(NamedTuple):
+    x: np.ndarray        # (N, d) grouped input
+    offsets: np.ndarray  # (E+1,) group boundaries
+    a: np.ndarray        # (N, h) hidden activations
+    act: ActivationCache  # activation cache, every field (N, h)
+    W1: np.ndarray       # (E, d, h)
+    W2: np.ndarray       # (E, h, d)
+
+
+# --------------------------------------------------------------------------- the bank
+def experts_forward(x, offsets, W1, b1, W2, b2, activation="relu"):
+    """:func:`minimoe.core.experts.experts_forward`, into preallocated arrays (same arguments and y)."""
+    (E, d, h), offsets = check_bank(x, offsets, W1, b1, W2, b2)
+    dtype = np.result_type(x, W1)
+    z = np.empty((x.shape[0], h), dtype=dtype)
+    for e in range(E):                      # a loop over experts, not tokens
+        s, t = offsets[e], offsets[e + 1]
+        if s < t:
+            np.matmul(x[s:t], W1[e], out=z[s:t])
+            z[s:t] += b1[e]
+    a, act_cache = _activation_forward_inplace(z, activation)   # one vectorized call for all groups
+    y = np.empty((x.shape[0], d), dtype=dtype)
+    for e in range(E):
+        s, t = offsets[e], offsets[e + 1]
+        if s < t:
+            np.matmul(a[s:t], W2[e], out=y[s:t])
+            y[s:t] += b2[e]
+    check_output_finite(y, W1=W1, b1=b1, W2=W2, b2=b2)
+    return y, FastBankCache(x, offsets, a, act_cache, W1, W2)
+
+
+def experts_backward(dy, cache, out=None):
+    """:func:`minimoe.core.experts.experts_backward`, one expert at a time in one workspace.
+
+    ``out``: optional dict of arrays ``{"W1", "b1", "W2", "b2"}`` of the gradients' shapes
+    and dtype to write into (every entry is overwritten); returned when given.
+    """
+    x, offsets, a, act_cache, W1, W2 = cache
+    check_array("dy", dy, shape=(x.shape[0], W2.shape[2]), finite=False)
+    E, d, h = W1.shape
+    shapes = {"W1": W1.shape, "b1": (E, h), "W2": W2.shape, "b2": (E, d)}
+    if out is None:
+        out = {name: np.empty(shape, dtype=W1.dtype) for name, shape in shapes.items()}
+    else:
+        for name, shape in shapes.items():
+            if name not in out or out[name].shape != shape or out[name].dtype != W1.dtype:
+                raise ValueError(f"out[{name!r}] must be a {W1.dtype} array of shape {shape}")
+    dW1, db1, dW2, db2 = out["W1"], out["b1"], out["W2"], out["b2"]
+    dx = np.empty_like(x)
+    work = np.empty((int(np.max(np.diff(offsets), initial=0)), h), dtype=np.result_type(dy, W2))
+    for e in range(E):                      # ffn_backward on one group at a time
+        s, t = offsets[e], offsets[e + 1]
+        if s == t:                          # no tokens: an exactly zero gradient
+            dW1[e], dW2[e], db1[e], db2[e] = 0, 0, 0, 0
+            continue
+        da = np.matmul(dy[s:t], W2[e].T, out=work[:t - s])      # (n_e, h)
+        np.matmul(a[s:t].T, dy[s:t], out=dW2[e])
+        db2[e] = dy[s:t].sum(axis=0)
+        dz = _activation_backward_rows(da, act_cache, s, t)      # (n_e, h)
+        np.matmul(dz, W1[e].T, out=dx[s:t])
+        np.matmul(x[s:t].T, dz, out=dW1[e])
+        db1[e] = dz.sum(axis=0)
+    return dx, {"W1": dW1, "b1": db1, "W2": dW2, "b2": db2}
+
+
+def _activation_forward_inplace(z, activation):
+    """``layers.activation_forward``, except that ReLU overwrites z. Returns (a, cache)."""
+    if activation != "relu":
+        return activation_forward(z, activation)
+    positive = z > 0
+    return np.maximum(z, 0, out=z), ActivationCache("relu", ReluCache(positive))
+
+
+def _activation_backward_rows(da, act_cache, s, t):
+    """``layers.activation_backward`` for rows s:t of the bank; for ReLU it overwrites da."""
+    name, inner = act_cache
+    if name == "relu":
+        return np.multiply(da, inner.positive[s:t], out=da)
+    rows = inner._make(field[s:t] for field in inner)   # every field of the cache is (N, h)
+    return activation_backward(da, ActivationCache(name, rows))[0]
+
+
+# --------------------------------------------------------------------------- the whole trip
+def _sum_slots(rows, plan, dtype):
+    """``dispatch._sum_slots`` with np.empty when no slot was dropped (every slot is written)."""
+    T, k = plan.kept.shape
+    full = (np.empty if plan.dropped == 0 else np.zeros)((T * k, rows.shape[1]), dtype=dtype)
+    full[plan.order] = rows
+    return full.reshape(T, k, -1).sum(axis=1) if k > 1 else full
+
+
+def dispatch_combine_forward(x, idx, gates, W1, b1, W2, b2, *, capacity=None, activation="relu"):
+    """:func:`minimoe.core.dispatch.dispatch_combine_forward` on the fast bank (same y and cache fields)."""
+    check_shapes(x=(x, ("T", "d")), gates=(gates, ("T", np.shape(idx)[-1])))
+    plan = make_plan(idx, W1.shape[0], capacity)
+    yg, ecache = experts_forward(np.take(x, plan.token, axis=0), plan.offsets, W1, b1, W2, b2, activation)
+    g = gates.reshape(-1)[plan.order]
+    y = _sum_slots(yg * g[:, None], plan, yg.dtype)
+    return y, DispatchCache(plan, GatherCache(plan, x.shape, x.dtype), ecache,
+                            CombineCache(yg, g, plan, gates.shape))
+
+
+def dispatch_combine_backward(dy, cache, out=None):
+    """:func:`minimoe.core.dispatch.dispatch_combine_backward` on the fast bank: returns
+    ``dx (T,d), dgates (T,k), {"W1", "b1", "W2", "b2"}`` (the arrays of ``out`` when given)."""
+    yg, g, plan, shape = cache.combine
+    dy_rows = np.take(dy, plan.token, axis=0)                 # (N,d), a fresh array
+    dgates = np.zeros(shape[0] * shape[1], dtype=yg.dtype)
+    dgates[plan.order] = np.einsum("nd,nd->n", dy_rows, yg)
+    dy_rows *= g[:, None]                                     # reuse the gathered buffer
+    dxg, grads = experts_backward(dy_rows, cache.experts, out)
+    return _sum_slots(dxg, plan, cache.gather.dtype), dgates.reshape(shape), grads
