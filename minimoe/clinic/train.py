@@ -26,7 +26,7 @@ from ..core.layers import cross_entropy_forward
 from .optim import make_optimizer
 from ..validate import all_finite, check_int, check_positive_float
 
-__all__ = ["History", "evaluate", "train", "load_cv", "specialty_routing"]
+__all__ = ["History", "evaluate", "train", "load_cv", "specialty_routing", "check_training_loss", "DIVERGE_FACTOR"]
 
 
 @dataclass
@@ -83,8 +83,16 @@ def _check_split(name, split):
 DIVERGE_FACTOR = 100.0
 
 
-def _check_loss(loss, start, step, lr):
-    """Stop a run whose loss is NaN/inf or has grown far beyond its start; name the learning rate."""
+def check_training_loss(loss, start, step, lr):
+    """Stop a run whose loss is NaN/inf or has grown far beyond its start; name the learning rate.
+
+    Args:
+        loss: this step's training loss (task + auxiliary).  start: the first step's (None at step 1).
+        step: the step number (from 1), for the message.  lr: the learning rate, for the message.
+
+    Raises:
+        FloatingPointError: the loss is not finite, or above ``DIVERGE_FACTOR · max(start, 1)``.
+    """
     if not np.isfinite(loss):
         raise FloatingPointError(f"training diverged at step {step}: the loss became {loss} with lr={lr:g}; "
                                  f"lower the learning rate (or clip the gradients)")
@@ -191,7 +199,7 @@ def train(model, train_split, val_split=None, *, epochs=10, batch_size=128, opti
                 idx = order[s:s + batch_size]
                 x, y = train_split.x[idx], train_split.y[idx]
                 loss = model.forward_loss(x, y, train=True, rng=rng)   # sets model.aux_loss
-                _check_loss(loss + model.aux_loss, start, step + 1, lr)
+                check_training_loss(loss + model.aux_loss, start, step + 1, lr)
                 start = loss + model.aux_loss if start is None else start
                 model.backward()                                       # grads of loss + aux_loss
                 opt.step()
