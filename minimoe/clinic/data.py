@@ -51,7 +51,13 @@ from ..validate import check_dtype, check_int, check_positive_float
 __all__ = ["Split", "Rules", "ClinicData", "make_clinic", "diagnose", "bayes_accuracy"]
 
 
-class Split(NamedTuple):
+class _SplitFields(NamedTuple):
+    x: np.ndarray
+    y: np.ndarray
+    specialty: np.ndarray
+
+
+class Split(_SplitFields):
     """One split of the clinic's records.
 
     Attributes:
@@ -59,10 +65,27 @@ class Split(NamedTuple):
         y: (N,) int diagnoses in ``[0, n_classes)``.
         specialty: (N,) int hidden specialty in ``[0, n_specialties)`` —
             for analysis only, never for training.
+
+    ``Split(x, y, specialty)`` checks that the three have one entry per patient: a ``y``
+    one shorter than ``x`` would otherwise pair every later patient with a wrong label.
     """
-    x: np.ndarray
-    y: np.ndarray
-    specialty: np.ndarray
+    __slots__ = ()
+
+    def __new__(cls, x, y, specialty):
+        n = [np.shape(a)[0] if np.ndim(a) >= 1 else None for a in (x, y, specialty)]
+        if n[0] is None:
+            raise ValueError(f"Split: x must be an (N, n_symptoms) array, got shape {np.shape(x)}")
+        for name, m in (("y", n[1]), ("specialty", n[2])):
+            if m != n[0]:
+                got = "a scalar" if m is None else f"{m} entries"
+                raise ValueError(f"Split: x has {n[0]} patients but {name} has {got}; x, y and specialty "
+                                 f"need one entry per patient")
+        return super().__new__(cls, x, y, specialty)
+
+    @classmethod
+    def _make(cls, iterable):
+        # namedtuple's own _make checks len(result) == 3, but len() here counts patients.
+        return cls(*iterable)
 
     def __len__(self):
         return self.x.shape[0]

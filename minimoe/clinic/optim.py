@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..validate import check_positive_float
+from ..validate import all_finite, check_positive_float
 
 __all__ = ["global_norm", "clip_grad_norm", "Optimizer", "SGD", "Adam", "make_optimizer"]
 
@@ -84,16 +84,28 @@ class Optimizer:
         self.last_grad_norm = None
 
     def step(self):
-        """Clip (if asked), then update every parameter in place from ``target.grads``."""
+        """Check every gradient, then clip (if asked), then update every parameter in place.
+
+        All gradients are checked (present, an array of the parameter's shape, finite)
+        *before* anything changes: a bad one raises and leaves the parameters, the
+        gradients, the optimizer state and ``t`` exactly as they were.
+        """
         grads = self.target.grads
+        for name, p in self.target.params.items():
+            g = grads.get(name) if isinstance(grads, dict) else None
+            if not isinstance(g, np.ndarray):
+                raise TypeError(f"gradient {name!r} must be a numpy array, got {type(g).__name__}; "
+                                f"run backward() before step()")
+            if g.shape != p.shape:
+                raise ValueError(f"gradient {name!r} has shape {g.shape} but the parameter has {p.shape}")
+            if not all_finite(g):
+                raise ValueError(f"gradient {name!r} contains NaN or inf; lower the learning rate or "
+                                 f"check the backward pass")
         if self.clip is not None:
             self.last_grad_norm = clip_grad_norm(grads, self.clip)
         self.t += 1
         for name, p in self.target.params.items():
-            g = grads[name]
-            if g.shape != p.shape:
-                raise ValueError(f"gradient {name!r} has shape {g.shape} but the parameter has {p.shape}")
-            self._update(name, p, g)
+            self._update(name, p, grads[name])
 
     def _update(self, name, p, g):  # pragma: no cover - abstract
         raise NotImplementedError

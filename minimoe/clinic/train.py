@@ -24,9 +24,9 @@ import numpy as np
 from .data import Split
 from ..core.layers import cross_entropy_forward
 from .optim import make_optimizer
-from ..validate import check_int, check_positive_float
+from ..validate import all_finite, check_int, check_positive_float
 
-__all__ = ["History", "evaluate", "train", "load_cv", "specialty_routing"]
+__all__ = ["History", "evaluate", "train", "load_cv", "specialty_routing", "check_training_loss", "DIVERGE_FACTOR"]
 
 
 @dataclass
@@ -69,7 +69,36 @@ def _check_split(name, split):
         raise TypeError(f"{name} must be a minimoe.clinic.data.Split (e.g. data.train), got {type(split).__name__}")
     if len(split) == 0:
         raise ValueError(f"{name} is empty; it needs at least one patient")
+    # Bad data is bad data: caught here, it is never mistaken for a training that diverged.
+    if np.issubdtype(np.asarray(split.x).dtype, np.floating) and not all_finite(split.x):
+        rows = np.flatnonzero(~np.all(np.isfinite(split.x), axis=tuple(range(1, np.ndim(split.x)))))
+        raise ValueError(f"bad data: {name}.x contains NaN or inf ({rows.size} patient(s), the first at "
+                         f"row {rows[0]}); clean or drop those records before training")
     return split
+
+
+# A loss above DIVERGE_FACTOR × its value at the first step (or DIVERGE_FACTOR nats, if the
+# start was below 1) is not a noisy step any more: the weights are running away. (Cross-entropy
+# starts near log C, a few nats; a bad but sane step moves it by a factor of 2 or so.)
+DIVERGE_FACTOR = 100.0
+
+
+def check_training_loss(loss, start, step, lr):
+    """Stop a run whose loss is NaN/inf or has grown far beyond its start; name the learning rate.
+
+    Args:
+        loss: this step's training loss (task + auxiliary).  start: the first step's (None at step 1).
+        step: the step number (from 1), for the message.  lr: the learning rate, for the message.
+
+    Raises:
+        FloatingPointError: the loss is not finite, or above ``DIVERGE_FACTOR · max(start, 1)``.
+    """
+    if not np.isfinite(loss):
+        raise FloatingPointError(f"training diverged at step {step}: the loss became {loss} with lr={lr:g}; "
+                                 f"lower the learning rate (or clip the gradients)")
+    if start is not None and loss > DIVERGE_FACTOR * max(start, 1.0):
+        raise FloatingPointError(f"training diverged at step {step}: the loss grew from {start:.3g} to "
+                                 f"{loss:.3g} with lr={lr:g}; lower the learning rate (or clip the gradients)")
 
 
 def evaluate(model, split, batch_size=4096):
@@ -103,6 +132,7 @@ def specialty_routing(model, split, batch_size=4096):
     labels are read here, for analysis, and nowhere in training.
     """
     _check_split("split", split)
+    batch_size = check_int("batch_size", batch_size, low=1)
     if model.moe is None:
         raise ValueError(f"specialty_routing needs an MoE clinic; {type(model).__name__} has no router")
     S = int(split.specialty.max()) + 1
@@ -139,6 +169,9 @@ def train(model, train_split, val_split=None, *, epochs=10, batch_size=128, opti
         optimizer: ``"adam"`` or ``"sgd"``; lr: learning rate; clip: global-norm
             gradient clipping threshold (``None`` to switch off).
         seed: seeds the shuffling and the router noise (same seed ⇒ same history).
+        (A run whose loss turns NaN/inf or grows beyond ``DIVERGE_FACTOR`` × its start
+        stops with a ``FloatingPointError`` naming ``lr``; NaN or inf in the data is a
+        ``ValueError`` "bad data" before any step.)
         log_every: steps per logging interval (default: about 40 intervals in all).
         progress: show a tqdm progress bar (``None``: only on a terminal).
         desc: label of the progress bar.
@@ -158,7 +191,7 @@ def train(model, train_split, val_split=None, *, epochs=10, batch_size=128, opti
 
     hist, interval = History(), _Interval()
     bar = _progress_bar(total, desc, progress)
-    step = 0
+    step, start = 0, None
     try:
         for _ in range(epochs):
             order = rng.permutation(N)
@@ -166,6 +199,8 @@ def train(model, train_split, val_split=None, *, epochs=10, batch_size=128, opti
                 idx = order[s:s + batch_size]
                 x, y = train_split.x[idx], train_split.y[idx]
                 loss = model.forward_loss(x, y, train=True, rng=rng)   # sets model.aux_loss
+                check_training_loss(loss + model.aux_loss, start, step + 1, lr)
+                start = loss + model.aux_loss if start is None else start
                 model.backward()                                       # grads of loss + aux_loss
                 opt.step()
                 step += 1
@@ -181,8 +216,8 @@ def train(model, train_split, val_split=None, *, epochs=10, batch_size=128, opti
         # A layer's input check found NaN/inf: the weights blew up. Say so in training terms.
         if "NaN or inf" not in str(err):
             raise
-        raise FloatingPointError(f"training diverged near step {step} ({err}); lower the learning rate "
-                                 f"or clip the gradients") from err
+        raise FloatingPointError(f"training diverged near step {step} ({err}) with lr={lr:g}; lower the "
+                                 f"learning rate or clip the gradients") from err
     finally:
         if bar is not None:
             bar.close()

@@ -27,6 +27,7 @@ from .embedding import check_ids
 from ..core.layers import softmax
 from .model import MoELM
 from ..clinic.optim import make_optimizer
+from ..clinic.train import check_training_loss
 from ..validate import check_int, check_positive_float, check_rng
 
 __all__ = ["LMHistory", "evaluate_lm", "train_lm", "QUICK", "QuickLM", "quick_lm", "sample", "ExpertUsage",
@@ -95,6 +96,9 @@ def train_lm(model, train_ids, val_ids=None, *, steps=300, batch_size=16, seq_le
         lr, clip: Adam learning rate and gradient clipping norm (None: no clipping).
         eval_every: steps between evaluations (default: about 10 in all).
         progress: tqdm progress bar (None: only on a terminal).  desc: its label.
+
+    A run whose loss turns NaN/inf or grows far beyond its start (see
+    :func:`minimoe.clinic.train.check_training_loss`) stops with a ``FloatingPointError`` naming ``lr``.
     """
     train_ids = check_ids("train_ids", np.asarray(train_ids), model.vocab_size)
     val_ids = train_ids if val_ids is None else check_ids("val_ids", np.asarray(val_ids), model.vocab_size)
@@ -112,29 +116,38 @@ def train_lm(model, train_ids, val_ids=None, *, steps=300, batch_size=16, seq_le
         from tqdm.auto import tqdm
         bar = tqdm(total=steps, desc=desc, leave=False, dynamic_ncols=True)
     losses, auxes, loads = [], [], [0] * len(model.blocks)      # since the last evaluation
-    for step, (x, y) in enumerate(data, start=1):
-        loss = model.forward_loss(x, y, train=True)
-        if not np.isfinite(loss):
-            raise FloatingPointError(f"training loss became {loss} at step {step}; lower the learning rate")
-        model.backward()
-        opt.step()
-        model.after_step()
-        losses.append(loss)
-        auxes.append(model.aux_loss)
-        loads = [a + np.asarray(b.stats.get("load", 0)) for a, b in zip(loads, model.blocks)]
-        if step % eval_every == 0 or step == steps:
-            hist.step.append(step)
-            hist.train_loss.append(float(np.mean(losses)))
-            hist.aux_loss.append(float(np.mean(auxes)))
-            hist.val_loss.append(evaluate_lm(model, val_ids, S))
-            hist.load_cv.append(np.array([_load_cv(a) for a in loads]))
-            losses, auxes, loads = [], [], [0] * len(model.blocks)
+    step, start = 0, None                                      # start: the first step's loss
+    try:
+        for step, (x, y) in enumerate(data, start=1):
+            loss = model.forward_loss(x, y, train=True)
+            check_training_loss(loss + model.aux_loss, start, step, lr)     # stop a run that diverges
+            start = loss + model.aux_loss if start is None else start
+            model.backward()
+            opt.step()
+            model.after_step()
+            losses.append(loss)
+            auxes.append(model.aux_loss)
+            loads = [a + np.asarray(b.stats.get("load", 0)) for a, b in zip(loads, model.blocks)]
+            if step % eval_every == 0 or step == steps:
+                hist.step.append(step)
+                hist.train_loss.append(float(np.mean(losses)))
+                hist.aux_loss.append(float(np.mean(auxes)))
+                hist.val_loss.append(evaluate_lm(model, val_ids, S))
+                hist.load_cv.append(np.array([_load_cv(a) for a in loads]))
+                losses, auxes, loads = [], [], [0] * len(model.blocks)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{hist.train_loss[-1]:.3f}", val=f"{hist.val_loss[-1]:.3f}")
             if bar is not None:
-                bar.set_postfix(loss=f"{hist.train_loss[-1]:.3f}", val=f"{hist.val_loss[-1]:.3f}")
+                bar.update(1)
+    except ValueError as err:
+        # A layer's input check found NaN/inf: the weights blew up. Say so in training terms.
+        if "NaN or inf" not in str(err):
+            raise
+        raise FloatingPointError(f"training diverged near step {step} ({err}) with lr={lr:g}; lower the "
+                                 f"learning rate or clip the gradients") from err
+    finally:
         if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
+            bar.close()
     return hist
 
 

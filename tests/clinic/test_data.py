@@ -176,3 +176,47 @@ def test_more_specialties_than_symptoms_still_works():
     data = make_clinic(**SMALL, n_symptoms=3, n_specialties=6, seed=0)
     np.testing.assert_allclose(np.linalg.norm(data.centers, axis=1), 5.0)
     assert data.train.specialty.max() == 5
+
+
+# --------------------------------------------------------------------------- issue 14: splits never share a patient
+def _rows(split):
+    """Each patient's record (symptoms, diagnosis, specialty) as hashable bytes."""
+    return {x.tobytes() + np.int64(y).tobytes() + np.int64(s).tobytes()
+            for x, y, s in zip(split.x, split.y, split.specialty)}
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("a, b", [("train", "val"), ("val", "test"), ("train", "test")])
+def test_no_two_splits_share_a_patient(seed, a, b):
+    # A val drawn as a prefix of train, or a test slice that starts one patient early,
+    # would put the same record in two splits; the exact-byte comparison sees one shared row.
+    data = make_clinic(n_train=300, n_val=100, n_test=150, seed=seed)
+    sa, sb = getattr(data, a), getattr(data, b)
+    assert (len(data.train), len(data.val), len(data.test)) == (300, 100, 150)
+    ra, rb = _rows(sa), _rows(sb)
+    assert len(ra) == len(sa) and len(rb) == len(sb)   # no patient twice inside a split either
+    assert not ra & rb, f"{a} and {b} share {len(ra & rb)} patient(s)"
+    # and no symptom vector is shared even approximately (independent draws)
+    d = np.abs(sa.x[:, None, :] - sb.x[None, :, :]).sum(-1)
+    assert d.min() > 1e-6
+
+
+@pytest.mark.parametrize("n", dict(y=(10, 9), specialty=(10, 11)).items())
+def test_split_with_mismatched_lengths_is_rejected(n):
+    name, (nx, m) = n
+    rng = np.random.default_rng(0)
+    parts = {"x": rng.standard_normal((nx, 8)), "y": np.zeros(nx, dtype=np.int64),
+             "specialty": np.zeros(nx, dtype=np.int64)}
+    parts[name] = np.zeros(m, dtype=np.int64)
+    with pytest.raises(ValueError, match=f"Split: x has {nx} patients but {name} has {m} entries"):
+        Split(**parts)
+    with pytest.raises(ValueError, match="Split: x must be an \\(N, n_symptoms\\) array"):
+        Split(np.float64(1.0), np.zeros(1), np.zeros(1))
+
+
+def test_a_valid_split_is_still_a_named_tuple():
+    data = make_clinic(n_train=20, n_val=0, n_test=0)
+    s = Split(data.train.x, data.train.y, data.train.specialty)
+    assert len(s) == 20 and isinstance(s, tuple) and s._fields == ("x", "y", "specialty")
+    x, y, spec = s
+    assert x is data.train.x and s._replace(y=y).y is y

@@ -163,3 +163,44 @@ def test_nan_gradient_is_reported_when_clipping():
     grads = {"a": np.array([np.nan, 1.0])}
     with pytest.raises(ValueError, match="gradient norm is NaN or inf"):
         clip_grad_norm(grads, 1.0)
+
+
+# --------------------------------------------------------------------------- issue 14: no half-done step
+def _state(opt):
+    """Everything a step may change: parameters, gradients, moments / velocity, t."""
+    arrays = {f"p.{k}": v.copy() for k, v in opt.target.params.items()}
+    arrays.update({f"g.{k}": np.array(v, copy=True) for k, v in opt.target.grads.items()})
+    for attr in ("m", "v", "velocity"):
+        arrays.update({f"{attr}.{k}": v.copy() for k, v in getattr(opt, attr, {}).items()})
+    return arrays, opt.t
+
+
+def _assert_unchanged(opt, before):
+    arrays, t = _state(opt)
+    assert t == before[1]
+    assert arrays.keys() == before[0].keys()
+    for k in arrays:
+        assert np.array_equal(arrays[k], before[0][k], equal_nan=True), k
+
+
+@pytest.mark.parametrize("make", [lambda b: SGD(b, lr=0.1, momentum=0.9), lambda b: Adam(b, lr=0.1),
+                                  lambda b: Adam(b, lr=0.1, clip=0.5)])
+@pytest.mark.parametrize("bad", ["shape", "nan", "inf", "list", "missing"])
+def test_a_bad_second_gradient_leaves_everything_unchanged(make, bad):
+    box = Box(a=[1.0, 2.0], b=[3.0, 4.0])
+    opt = make(box)
+    box.grads = {"a": np.array([10.0, -10.0]), "b": np.array([1.0, 1.0])}
+    opt.step()                                    # one good step, so the moments are non-zero
+    box.grads = {"a": np.array([10.0, -10.0]),    # the first gradient is fine (and big: clipping would scale it)
+                 "b": {"shape": np.ones(3), "nan": np.array([np.nan, 1.0]), "inf": np.array([1.0, np.inf]),
+                       "list": [1.0, 1.0], "missing": None}[bad]}
+    if bad == "missing":
+        del box.grads["b"]
+    before = _state(opt)
+    msg = {"shape": r"gradient 'b' has shape \(3,\) but the parameter has \(2,\)",
+           "nan": "gradient 'b' contains NaN or inf", "inf": "gradient 'b' contains NaN or inf",
+           "list": "gradient 'b' must be a numpy array, got list",
+           "missing": "gradient 'b' must be a numpy array, got NoneType"}[bad]
+    with pytest.raises((ValueError, TypeError), match=msg):
+        opt.step()
+    _assert_unchanged(opt, before)

@@ -135,3 +135,52 @@ def test_divergence_is_reported(data):
     model = Generalist(8, 4, rng=np.random.default_rng(0))
     with pytest.raises(FloatingPointError, match="lower the learning rate"), np.errstate(all="ignore"):
         train(model, data.train, epochs=3, optimizer="sgd", lr=1e6, clip=None, seed=0, progress=False)
+
+
+# --------------------------------------------------------------------------- issue 14: divergence stops, bad data is named
+@pytest.mark.parametrize("make", [lambda: small_moe(), lambda: Generalist(8, 4, rng=np.random.default_rng(0))])
+def test_a_learning_rate_of_1e3_stops_with_an_error_naming_it(data, make):
+    # Today's failure: lr=1e3 "finished" with the loss at ~1e14. Now it stops, and says why.
+    with pytest.raises(FloatingPointError, match=r"training diverged at step \d+: .*with lr=1000; lower the learning rate"), \
+            np.errstate(all="ignore"):
+        train(make(), data.train, data.val, epochs=3, lr=1e3, seed=0, progress=False)
+
+
+def test_a_loss_that_grows_far_beyond_its_start_stops(data, monkeypatch):
+    # A finite but runaway loss (here forced: 1e4 × the true one from step 3 on) stops the run.
+    model = Generalist(8, 4, rng=np.random.default_rng(0))
+    real, calls = model.forward_loss, []
+
+    def runaway(*a, **kw):
+        calls.append(1)
+        return real(*a, **kw) * (1e4 if len(calls) >= 3 else 1.0)
+
+    monkeypatch.setattr(model, "forward_loss", runaway)
+    with pytest.raises(FloatingPointError, match=r"diverged at step 3: the loss grew from .* with lr=0.003"):
+        train(model, data.train, epochs=1, batch_size=64, progress=False)
+
+
+def test_a_sane_learning_rate_is_not_mistaken_for_divergence(data):
+    hist = train(small_moe(), data.train, data.val, epochs=2, lr=3e-2, seed=0, progress=False)
+    assert np.all(np.isfinite(hist.train_loss))
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_nan_in_the_data_is_bad_data_not_a_learning_rate_problem(data, bad):
+    x = data.train.x.copy()
+    x[[5, 9], 2] = bad
+    split = Split(x, data.train.y, data.train.specialty)
+    with pytest.raises(ValueError, match=r"bad data: train_split.x contains NaN or inf \(2 patient\(s\), the first at row 5\)") as info:
+        train(small_moe(), split, data.val, progress=False)
+    assert "learning rate" not in str(info.value)
+    with pytest.raises(ValueError, match="bad data: val_split.x contains NaN or inf"):
+        train(small_moe(), data.train, split, progress=False)
+    with pytest.raises(ValueError, match="bad data: split.x contains NaN or inf"):
+        evaluate(small_moe(), split)
+
+
+def test_specialty_routing_batch_size_is_checked(data):
+    with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
+        specialty_routing(small_moe(), data.test, batch_size=0)
+    with pytest.raises(TypeError, match="batch_size must be an integer"):
+        specialty_routing(small_moe(), data.test, batch_size=2.5)

@@ -245,3 +245,210 @@ def test_rel_error_values():
     assert gc.rel_error(np.zeros(3), np.zeros(3)) == 0.0
     assert gc.rel_error([3.0, 4.0], [0.0, 0.0]) == 1.0
     assert gc.rel_error([1.0, 0.0], [1.0, 1e-6]) == pytest.approx(1e-6)
+
+
+# --------------------------------------------------------------------------- issue 14: it cannot be fooled
+def _doubled_linear_backward(dout, cache):
+    """linear_backward, every gradient 2× too big."""
+    dx, grads = layers.linear_backward(dout, cache)
+    return 2 * dx, {k: 2 * v for k, v in grads.items()}
+
+
+@pytest.mark.parametrize("dout_scale", [1e-3, 1e-6, 1e-9, 1e-12])
+def test_a_2x_wrong_backward_fails_however_small_dout_is(rng, dout_scale):
+    # With dout scaled down, every gradient (and the finite-difference noise) shrinks
+    # with it; an absolute tolerance alone would wave the 2× error through.
+    x, params = _linear_params(rng)
+    dout = dout_scale * rng.standard_normal((4, 2))
+    with pytest.raises(gc.GradCheckError, match="gradient check failed for W, b, x"):
+        gc.check_pair(layers.linear_forward, _doubled_linear_backward, x, params, dout)
+
+
+@pytest.mark.parametrize("dout_scale", [1e-3, 1e-6, 1e-9, 1e-12])
+def test_a_right_backward_still_passes_with_small_dout(rng, dout_scale):
+    # The scaled tolerance is not a stricter rule in disguise: the right gradient passes.
+    x, params = _linear_params(rng)
+    dout = dout_scale * rng.standard_normal((4, 2))
+    reports = gc.check_pair(layers.linear_forward, layers.linear_backward, x, params, dout)
+    assert all(r.passed for r in reports)
+
+
+def test_a_right_softmax_backward_passes_with_small_dout(rng):
+    # A nonlinear pair, where finite differences carry truncation error too.
+    z = rng.standard_normal((5, 4))
+    dout = 1e-9 * rng.standard_normal((5, 4))
+    assert all(r.passed for r in gc.check_pair(layers.softmax_forward, layers.softmax_backward, z, dout=dout))
+
+
+def test_zero_dout_is_refused_not_passed(rng):
+    x, params = _linear_params(rng)
+    with pytest.raises(gc.GradientsTooSmallError, match="gradients too small to check: scale dout"):
+        gc.check_pair(layers.linear_forward, _doubled_linear_backward, x, params, np.zeros((4, 2)))
+
+
+def test_check_gradients_refuses_when_every_gradient_is_below_zero_norm():
+    # A generic loss_fn whose loss is 1e-9 × a linear function: the checker cannot know the
+    # loss's size, so at the default scale it refuses rather than pass a 2× error.
+    x = np.array([0.3, -1.2, 0.7])
+    w = 1e-9 * np.array([1.0, 2.0, -0.5])
+    with pytest.raises(gc.GradientsTooSmallError, match="gradients too small to check: scale dout"):
+        gc.check_gradients(lambda: float(w @ x), {"x": x}, {"x": 2 * w})
+    # Told the loss's size, it judges (and rejects) the same 2× error:
+    with pytest.raises(gc.GradCheckError, match="failed for x"):
+        gc.check_gradients(lambda: float(w @ x), {"x": x}, {"x": 2 * w}, scale=1e-9)
+
+
+def test_scaled_tolerances_in_compare():
+    n = 1e-9 * np.array([1.0, -2.0, 0.5])
+    assert gc.compare("W", 2 * n, n).passed                     # §4's absolute rule alone cannot tell
+    assert not gc.compare("W", 2 * n, n, scale=1e-9).passed     # scaled to the loss, it can
+    assert gc.compare("W", n * (1 + 1e-10), n, scale=1e-9).passed
+    with pytest.raises(ValueError, match=r"scale must be in \(0, 1\]"):
+        gc.compare("W", n, n, scale=0.0)
+
+
+def test_normwise_rule_rejects_a_1e6_relative_error():
+    # 1e-6 relative everywhere passes the elementwise rule (1e-6|n| <= 1e-7 + 1e-5|n|): only
+    # the normwise rule (< 1e-8) rejects it. Loosening that rule to 1e-4 would pass it.
+    n = np.random.default_rng(3).uniform(0.5, 2.0, size=(20, 10))
+    r = gc.compare("W", n * (1 + 1e-6), n)
+    assert r.worst_excess <= 1.0                      # the elementwise rule is satisfied ...
+    assert r.normwise == pytest.approx(1e-6, rel=1e-3)
+    assert not r.passed                               # ... and still it fails
+    assert gc.compare("W", n * (1 + 1e-9), n).passed  # while 1e-9 relative passes
+    assert gc.TOL_NORMWISE == 1e-8
+
+
+def test_normwise_rule_rejects_a_1e6_relative_error_end_to_end(rng):
+    x, params = _linear_params(rng)
+
+    def slightly_off(dout, cache):
+        dx, g = layers.linear_backward(dout, cache)
+        return dx, {**g, "W": g["W"] * (1 + 1e-6)}
+
+    with pytest.raises(gc.GradCheckError, match=r"failed for W\b"):
+        gc.check_pair(layers.linear_forward, slightly_off, x, params)
+
+
+# --------------------------------------------------------------------------- issue 14: misuse gets named errors
+def test_backward_returning_only_dx_is_named(rng):
+    x, params = _linear_params(rng)
+    only_dx = lambda dout, cache: layers.linear_backward(dout, cache)[0]  # noqa: E731
+    with pytest.raises(TypeError, match=r"backward must return a pair \(dx, grads\).*got a ndarray of shape \(4, 3\)"):
+        gc.check_pair(layers.linear_forward, only_dx, x, params)
+
+
+def test_grads_as_a_list_is_named(rng):
+    x, params = _linear_params(rng)
+
+    def as_list(dout, cache):
+        dx, g = layers.linear_backward(dout, cache)
+        return dx, [g["W"], g["b"]]
+
+    with pytest.raises(TypeError, match=r"gradients as a dict \{name: array\} with the keys of params \['W', 'b'\], got list"):
+        gc.check_pair(layers.linear_forward, as_list, x, params)
+
+
+@pytest.mark.parametrize("h", ["1e-5", None, [1e-5, "x"], True, -1e-5, float("nan"), ()])
+def test_bad_steps_are_named(rng, h):
+    x, params = _linear_params(rng)
+    with pytest.raises(ValueError, match=r"h must be a positive step \(a number such as 1e-5\)"):
+        gc.check_pair(layers.linear_forward, layers.linear_backward, x, params, h=h)
+
+
+def test_an_int_seed_is_a_valid_rng(rng):
+    x, params = _linear_params(rng)
+    a = gc.check_pair(layers.linear_forward, layers.linear_backward, x, params, rng=7)
+    b = gc.check_pair(layers.linear_forward, layers.linear_backward, x, params, rng=np.random.default_rng(7))
+    assert a == b and all(r.passed for r in a)
+    with pytest.raises(TypeError, match="rng must be an int seed, a numpy.random.SeedSequence or a numpy.random.Generator, got str"):
+        gc.check_pair(layers.linear_forward, layers.linear_backward, x, params, rng="seven")
+
+
+def test_empty_arrays_are_refused(rng):
+    _, params = _linear_params(rng)
+    with pytest.raises(ValueError, match=r"x is empty \(shape \(0, 3\)\): there is no gradient to check"):
+        gc.check_pair(layers.linear_forward, layers.linear_backward, np.zeros((0, 3)), params)
+    with pytest.raises(ValueError, match=r"x is empty"):
+        gc.numerical_gradient(lambda: 0.0, np.zeros(0))
+    with pytest.raises(ValueError, match="arrays is empty: there is nothing to check"):
+        gc.check_gradients(lambda: 0.0, {}, {})
+
+
+def test_read_only_arrays(rng):
+    x, params = _linear_params(rng)
+    x.flags.writeable = False
+    params["W"].flags.writeable = False
+    # check_pair works on copies: read-only inputs are fine and stay untouched.
+    assert all(r.passed for r in gc.check_pair(layers.linear_forward, layers.linear_backward, x, params))
+    # check_gradients perturbs the caller's arrays: a read-only one gets a named error.
+    with pytest.raises(ValueError, match="W is read-only: the checker perturbs it in place"):
+        gc.check_gradients(lambda: float(np.sum(params["W"])), {"W": params["W"]}, {"W": np.ones((3, 2))})
+
+
+class _NoisyScale:
+    """A layer y = x·w + ε with fresh noise ε on every forward (unless ``noise`` is given)."""
+
+    def __init__(self):
+        self.params = {"w": np.array([1.5])}
+        self.grads = {}
+        self.rng = np.random.default_rng(0)
+
+    def forward(self, x, noise=None):
+        self.x = x
+        eps = self.rng.standard_normal(x.shape) if noise is None else noise
+        return x * self.params["w"] + eps
+
+    def backward(self, dy):
+        self.grads = {"w": np.array([np.sum(dy * self.x)])}
+        return dy * self.params["w"]
+
+
+def test_noise_redrawn_on_every_call_is_named(rng):
+    x = rng.standard_normal((4, 3))
+    with pytest.raises(ValueError, match="noise is redrawn on every call"):
+        gc.check_layer(_NoisyScale(), x)
+    # With the noise fixed, the same layer checks fine.
+    assert all(r.passed for r in gc.check_layer(_NoisyScale(), x, forward_kwargs={"noise": np.ones((4, 3))}))
+
+
+def test_noisy_moe_layer_without_fixed_noise_is_named(rng):
+    from minimoe.core.moe import MoELayer
+    layer = MoELayer(6, 8, 4, k=2, noisy=True, rng=np.random.default_rng(0))
+    x = rng.standard_normal((5, 6))
+    with pytest.raises(ValueError, match=r"MoELayer.forward gave different outputs .* noise is redrawn on every call"):
+        gc.check_layer(layer, x)
+
+
+def test_a_nondeterministic_loss_fn_is_named():
+    x = np.ones(3)
+    draws = np.random.default_rng(0)
+    with pytest.raises(ValueError, match="loss_fn.. is not deterministic.*noise is redrawn on every call"):
+        gc.check_gradients(lambda: float(np.sum(x) + draws.standard_normal()), {"x": x}, {"x": np.ones(3)})
+
+
+def test_zero_by_design_with_a_small_loss_still_passes():
+    # A softmax of one entry is constant: its gradient is exactly 0, the backward says 0,
+    # and that is checkable (a backward claiming 0.5 would fail). Not a refusal.
+    z = np.array([[0.7]])
+    assert all(r.passed for r in gc.check_pair(layers.softmax_forward, layers.softmax_backward, z))
+    wrong = lambda dp, cache: (np.full_like(dp, 0.5), {})  # noqa: E731
+    with pytest.raises(gc.GradCheckError, match="failed for x"):
+        gc.check_pair(layers.softmax_forward, wrong, z)
+
+
+def test_a_loss_that_is_zero_by_design_passes_and_a_tiny_one_is_refused(rng):
+    # Cross-entropy over one class is log 1 = 0 whatever the logits: gradient 0, backward 0.
+    logits = rng.standard_normal((3, 1))
+    labels = np.zeros(3, dtype=int)
+    assert all(r.passed for r in gc.check_pair(layers.cross_entropy_forward, layers.cross_entropy_backward,
+                                               logits, kwargs={"labels": labels}))
+    # dout of 1e-200 still has all its digits: the 2× error is caught ...
+    x, params = _linear_params(rng)
+    with pytest.raises(gc.GradCheckError, match="failed for W, b, x"):
+        gc.check_pair(layers.linear_forward, _doubled_linear_backward, x, params,
+                      1e-200 * rng.standard_normal((4, 2)))
+    # ... at 1e-300, near the subnormals, the check refuses rather than pass.
+    with pytest.raises(gc.GradientsTooSmallError, match="gradients too small to check: scale dout"):
+        gc.check_pair(layers.linear_forward, _doubled_linear_backward, x, params,
+                      1e-300 * rng.standard_normal((4, 2)))

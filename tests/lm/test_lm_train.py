@@ -106,3 +106,23 @@ def test_bad_input_to_training_sampling_and_analysis(rng):
         train_lm(lm, ids, steps=1, seq_len=5)
     with pytest.raises(ValueError, match="needs 5"):
         evaluate_lm(lm, ids[:3])
+
+
+# --------------------------------------------------------------------------- issue 14: divergence stops
+def _tiny_lm(seed=3):
+    return MoELM(len(corpus.VOCAB), d_model=8, n_heads=2, n_layers=1, max_len=8, d_hidden=8, n_experts=4, k=2,
+                 rng=np.random.default_rng(seed))
+
+
+def test_a_learning_rate_of_1e3_stops_with_an_error_naming_it():
+    # Today's failure: lr=1e3 "finished" with the loss in the millions. Now it stops and says why.
+    ids = corpus.generate_corpus(200, np.random.default_rng(0))
+    with pytest.raises(FloatingPointError, match=r"training diverged .*with lr=1000; lower the learning rate"), \
+            np.errstate(all="ignore"):
+        train_lm(_tiny_lm(), ids, steps=40, batch_size=8, lr=1e3, clip=None, progress=False)
+
+
+def test_a_sane_learning_rate_trains_to_the_end():
+    ids = corpus.generate_corpus(200, np.random.default_rng(0))
+    hist = train_lm(_tiny_lm(), ids, steps=40, batch_size=8, lr=3e-2, progress=False)
+    assert hist.step[-1] == 40 and np.all(np.isfinite(hist.train_loss))
