@@ -233,6 +233,23 @@ def test_strict_mode_raises_for_nbgrader(monkeypatch):
     assert not lesson04.softplus(blank).passed
 
 
+@pytest.mark.parametrize("execution", ["autograde", "validate"])
+def test_graders_are_strict_by_themselves_under_nbgrader(monkeypatch, execution):
+    """nbgrader sets NBGRADER_EXECUTION while it runs a notebook: no MINIMOE_STRICT needed."""
+    monkeypatch.delenv("MINIMOE_STRICT", raising=False)
+    monkeypatch.delenv("NBGRADER_EXECUTION", raising=False)
+    assert not grading.strict() and not lesson04.softplus(blank).passed    # a learner's session
+    monkeypatch.setenv("NBGRADER_EXECUTION", execution)
+    assert grading.strict()
+    with pytest.raises(AssertionError, match="✘ 04.softplus"):
+        lesson04.softplus(blank)
+    assert lesson04.softplus(lambda z: np.logaddexp(0, z)).passed
+    monkeypatch.setenv("MINIMOE_STRICT", "0")                               # the override still wins
+    assert not grading.strict() and not lesson04.softplus(blank).passed
+    monkeypatch.setenv("MINIMOE_STRICT", "off")
+    assert not grading.strict()
+
+
 def test_in_place_change_of_an_input_is_caught():
     def sneaky(z):
         z -= z.max(axis=-1, keepdims=True)

@@ -12,8 +12,8 @@ Each ``lessonNN`` module holds one grader per exercise. A grader runs the
 learner's function on fresh seeded inputs, compares it with minimoe's own
 implementation or with finite differences, and prints one line that starts with
 ✔ (and says what was checked) or ✘ (and says what is wrong, with a targeted hint
-for the typical mistakes). It never raises — unless ``MINIMOE_STRICT=1`` is set,
-for nbgrader's autograder. The framework is in :mod:`minimoe.course.checks.grading` (verdicts, calling the
+for the typical mistakes). It never raises — except under nbgrader's autograde and
+validate (or with ``MINIMOE_STRICT=1``), so that a failed check scores 0. The framework is in :mod:`minimoe.course.checks.grading` (verdicts, calling the
 learner's code) and :mod:`minimoe.course.checks.compare` (explaining a wrong answer).
 
 From a shell::
