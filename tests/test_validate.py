@@ -114,6 +114,12 @@ def test_rng_int_seed_is_accepted_everywhere():
     b = MoELayer(d_model=4, d_hidden=8, n_experts=4, k=2, rng=np.random.default_rng(0))
     for name, value in a.params.items():
         np.testing.assert_array_equal(value, b.params[name], err_msg=name)
+    from minimoe import experts, router
+    np.testing.assert_array_equal(router.init_gate_weights(4, 3, 7),
+                                  router.init_gate_weights(4, 3, np.random.default_rng(7)))
+    e0, e1 = experts.init_expert_params(2, 4, 3, 5), experts.init_expert_params(2, 4, 3, np.random.default_rng(5))
+    for name in e0:
+        np.testing.assert_array_equal(e0[name], e1[name], err_msg=name)
 
 
 def test_check_dtype():

@@ -46,7 +46,7 @@ def _submission(release, solution, fill):
     answers = {c.metadata.get("nbgrader", {}).get("grade_id"): c.source for c in solution.cells}
     for cell in nb.cells:
         gid = cell.metadata.get("nbgrader", {}).get("grade_id")
-        if cell.cell_type == "code" and gid in fill:
+        if gid in fill:
             cell.source = answers[gid]
     return nb
 
@@ -59,10 +59,11 @@ def course(tmp_path_factory, nbgrader_env):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     release = course / "release" / LESSON / f"{LESSON}.ipynb"
     solution = nbformat.read(course / "source" / LESSON / f"{LESSON}.ipynb", as_version=4)
-    exercises = [c.metadata["nbgrader"]["grade_id"] for c in solution.cells
-                 if c.cell_type == "code" and c.metadata.get("nbgrader", {}).get("solution")]
+    answers = [c.metadata["nbgrader"]["grade_id"] for c in solution.cells
+               if c.metadata.get("nbgrader", {}).get("solution")]
+    exercises = [gid for gid in answers if gid.startswith("ex-")]     # code, not text answers
     assert len(exercises) >= 3
-    subs = {"blank": [], "partial": exercises[:1], "full": exercises}
+    subs = {"blank": [], "partial": exercises[:1], "full": answers}
     for student, fill in subs.items():
         folder = course / "submitted" / student / LESSON
         folder.mkdir(parents=True)
@@ -95,6 +96,7 @@ def test_validate_fails_an_incomplete_notebook_and_passes_the_solution(course, n
     proc = _nbgrader(course, nbgrader_env, "validate", str(blank))
     out = proc.stdout + proc.stderr
     assert "passes all the tests" not in out and "VALIDATION FAILED" in out, out[-2000:]
+    assert "✘ 04.softplus" in out and "not written yet" in out, "the graders themselves fail it"
     full = course / "submitted" / "full" / LESSON / f"{LESSON}.ipynb"
     proc = _nbgrader(course, nbgrader_env, "validate", str(full))
     assert "passes all the tests" in proc.stdout + proc.stderr, (proc.stdout + proc.stderr)[-2000:]

@@ -34,7 +34,6 @@ CONFIG = '''\
 c = get_config()  # noqa: F821  (nbgrader provides get_config)
 
 c.CourseDirectory.course_id = "minimoe"
-c.CourseDirectory.root = "."
 # One assignment per lesson, named like its notebook: {assignments}.
 # `nbgrader generate_assignment <lesson>` adds it to the gradebook (gradebook.db here).
 
