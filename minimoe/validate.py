@@ -163,13 +163,26 @@ def check_choice(name, value, choices):
 
 
 def check_rng(name, rng):
-    """Check that ``rng`` is a ``numpy.random.Generator`` (minimoe never uses global state)."""
-    if not isinstance(rng, np.random.Generator):
-        raise TypeError(
-            f"{name} must be a numpy.random.Generator (e.g. np.random.default_rng(0)), "
-            f"got {type(rng).__name__}"
-        )
-    return rng
+    """Turn ``rng`` into a ``numpy.random.Generator`` (SPEC 7; minimoe never uses global state).
+
+    Accepts what ``np.random.default_rng`` accepts as an explicit seed: an int seed
+    (``rng=0`` gives the same numbers as ``rng=np.random.default_rng(0)``), a sequence
+    of ints, a ``SeedSequence``, a ``BitGenerator`` or a ``Generator`` (returned as it
+    is, so its state is shared with the caller). ``None`` is refused here: a hidden
+    fresh seed would make a run unrepeatable, so callers that allow ``None`` choose
+    their documented default before calling. The legacy ``RandomState`` and ``bool``
+    are refused too (``True`` would silently mean seed 1).
+    """
+    what = (f"{name} must be a numpy.random.Generator, an int seed or a SeedSequence "
+            f"(anything np.random.default_rng accepts, e.g. 0 or np.random.default_rng(0))")
+    if rng is None or isinstance(rng, (bool, np.bool_, np.random.RandomState)):
+        raise TypeError(f"{what}, got {type(rng).__name__}")
+    if isinstance(rng, np.random.Generator):
+        return rng
+    try:
+        return np.random.default_rng(rng)
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"{what}, got {type(rng).__name__} {rng!r:.60} ({err})") from None
 
 
 def check_dtype(name, dtype):

@@ -89,11 +89,37 @@ def test_check_choice():
 
 def test_check_rng():
     g = np.random.default_rng(0)
-    assert check_rng("rng", g) is g
-    with pytest.raises(TypeError, match=r"rng must be a numpy.random.Generator \(e.g. np.random.default_rng\(0\)\), got int"):
-        check_rng("rng", 0)
-    with pytest.raises(TypeError, match="got RandomState"):
-        check_rng("rng", np.random.RandomState(0))
+    assert check_rng("rng", g) is g                                   # a Generator is used as it is
+    # SPEC 7: an int seed, a SeedSequence, a BitGenerator, a seed sequence: the same numbers
+    want = np.random.default_rng(0).standard_normal(5)
+    for seed in (0, np.int64(0), np.random.SeedSequence(0), np.random.PCG64(0)):
+        out = check_rng("rng", seed)
+        assert isinstance(out, np.random.Generator)
+        np.testing.assert_array_equal(out.standard_normal(5), want)
+    np.testing.assert_array_equal(check_rng("rng", [1, 2]).standard_normal(3),
+                                  np.random.default_rng([1, 2]).standard_normal(3))
+    msg = r"rng must be a numpy.random.Generator, an int seed or a SeedSequence"
+    for bad, got in ((np.random.RandomState(0), "got RandomState"), (None, "got NoneType"),
+                     (True, "got bool"), (0.5, "got float 0.5"), ("seed", "got str 'seed'"),
+                     (-1, "got int -1")):
+        with pytest.raises(TypeError, match=msg) as err:
+            check_rng("rng", bad)
+        assert got in str(err.value), (bad, str(err.value))
+
+
+def test_rng_int_seed_is_accepted_everywhere():
+    """SPEC 7 through the public classes: ``rng=0`` builds the same layer as ``default_rng(0)``."""
+    from minimoe import MoELayer
+    a = MoELayer(d_model=4, d_hidden=8, n_experts=4, k=2, rng=0)
+    b = MoELayer(d_model=4, d_hidden=8, n_experts=4, k=2, rng=np.random.default_rng(0))
+    for name, value in a.params.items():
+        np.testing.assert_array_equal(value, b.params[name], err_msg=name)
+    from minimoe import experts, router
+    np.testing.assert_array_equal(router.init_gate_weights(4, 3, 7),
+                                  router.init_gate_weights(4, 3, np.random.default_rng(7)))
+    e0, e1 = experts.init_expert_params(2, 4, 3, 5), experts.init_expert_params(2, 4, 3, np.random.default_rng(5))
+    for name in e0:
+        np.testing.assert_array_equal(e0[name], e1[name], err_msg=name)
 
 
 def test_check_dtype():

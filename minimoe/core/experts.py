@@ -58,7 +58,7 @@ def init_expert_params(n_experts, d_model, d_hidden, rng, dtype=np.float64):
     E = check_int("n_experts", n_experts, low=1)
     d = check_int("d_model", d_model, low=1)
     h = check_int("d_hidden", d_hidden, low=1)
-    check_rng("rng", rng)
+    rng = check_rng("rng", rng)  # SPEC 7: an int seed becomes a Generator
     dtype = check_dtype("dtype", dtype)
     return {
         "W1": (rng.standard_normal((E, d, h)) * np.sqrt(2.0 / d)).astype(dtype),

@@ -138,7 +138,7 @@ def load_matches_sampling(load_forward, clean, noisy, sigma, k, rng, n_samples=4
     ``(loss, cache)`` with ``cache.load`` (E,); it passes when every entry is within
     ``n_se`` standard errors (+0.01) of the simulated load.
     """
-    check_rng("rng", rng)
+    rng = check_rng("rng", rng)  # SPEC 7: an int seed becomes a Generator
     _, cache = load_forward(clean, noisy, sigma, k)
     eps = rng.standard_normal((n_samples,) + clean.shape)
     redrawn = clean + eps * sigma                                       # (S,T,E)

@@ -28,9 +28,16 @@ def register(fn):
 
 
 def default_dir():
-    """``figures/`` next to the ``minimoe`` package (the repository's figures directory)."""
+    """The repository's ``figures/`` in a clone; ``./figures`` (the current folder) otherwise.
+
+    An installed package never writes into ``site-packages``: there is no ``figures/``
+    beside it there, so the default is the folder the command runs in.
+    """
     package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    return os.path.join(os.path.dirname(package), "figures")
+    root = os.path.dirname(package)
+    if os.path.isfile(os.path.join(root, "pyproject.toml")) and os.path.isdir(os.path.join(root, "figures")):
+        return os.path.join(root, "figures")
+    return os.path.join(os.getcwd(), "figures")
 
 
 # --------------------------------------------------------------------------- the whole clinic

@@ -196,4 +196,4 @@ def test_bad_input():
     with pytest.raises(ValueError, match="n_classes must be >= 2"):
         Generalist(NS, 1)
     with pytest.raises(TypeError, match="rng must be a numpy.random.Generator"):
-        Generalist(NS, NC, rng=42)
+        Generalist(NS, NC, rng=4.2)   # an int seed is fine (SPEC 7)

@@ -233,6 +233,23 @@ def test_strict_mode_raises_for_nbgrader(monkeypatch):
     assert not lesson04.softplus(blank).passed
 
 
+@pytest.mark.parametrize("execution", ["autograde", "validate"])
+def test_graders_are_strict_by_themselves_under_nbgrader(monkeypatch, execution):
+    """nbgrader sets NBGRADER_EXECUTION while it runs a notebook: no MINIMOE_STRICT needed."""
+    monkeypatch.delenv("MINIMOE_STRICT", raising=False)
+    monkeypatch.delenv("NBGRADER_EXECUTION", raising=False)
+    assert not grading.strict() and not lesson04.softplus(blank).passed    # a learner's session
+    monkeypatch.setenv("NBGRADER_EXECUTION", execution)
+    assert grading.strict()
+    with pytest.raises(AssertionError, match="✘ 04.softplus"):
+        lesson04.softplus(blank)
+    assert lesson04.softplus(lambda z: np.logaddexp(0, z)).passed
+    monkeypatch.setenv("MINIMOE_STRICT", "0")                               # the override still wins
+    assert not grading.strict() and not lesson04.softplus(blank).passed
+    monkeypatch.setenv("MINIMOE_STRICT", "off")
+    assert not grading.strict()
+
+
 def test_in_place_change_of_an_input_is_caught():
     def sneaky(z):
         z -= z.max(axis=-1, keepdims=True)
@@ -368,3 +385,103 @@ def test_build_writes_student_and_solution_with_nbgrader_metadata(tmp_path):
     assert [c["id"] for c in student["cells"]] == [c["id"] for c in solution["cells"]]
     (tmp_path / "src" / "07_demo.py").write_text("# %%\nx = 1\n")
     assert len(B.build(tmp_path, check=True)) == 2                  # stale builds are reported
+
+
+# ----------------------------------------------------------------------------- the command line
+def test_help_lists_every_subcommand(capsys):
+    from minimoe.course.checks.__main__ import main
+    with pytest.raises(SystemExit) as done:
+        main(["--help"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    for command in ("start [DIR]", "build [--check]", "nbgrader DIR", "[PATH ...] [--run]"):
+        assert f"python -m minimoe.checks {command}" in out, command
+
+
+def test_progress_names_the_files_and_counts_copies_of_a_lesson_once(tmp_path, capsys):
+    from minimoe.course.checks.__main__ import main
+    one = _nb_with([{"lesson": "01", "exercise": "ffn_forward", "passed": True, "message": ""}])
+    two = _nb_with([{"lesson": "01", "exercise": n, "passed": True, "message": ""}
+                    for n in ("ffn_forward", "ffn_backward")])
+    nbformat.write(one, tmp_path / "01_the_specialist.ipynb")
+    nbformat.write(two, tmp_path / "01_the_specialist-Copy1.ipynb")
+    assert main([str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if "01 The specialist" in line]
+    assert len(lines) == 2
+    assert lines[0].rstrip().endswith("01_the_specialist-Copy1.ipynb") and "2/4" in lines[0]
+    assert lines[1].rstrip().endswith("01_the_specialist.ipynb") and "1/4" in lines[1]
+    assert "2/4 exercises passed" in out, "the total counts the lesson once, its best copy"
+    assert "lesson 01 has 2 copies" in out
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
+def test_progress_names_a_corrupt_notebook_and_still_reports_the_others(tmp_path, capsys, damage):
+    from minimoe.course.checks.__main__ import main
+    good = _nb_with([{"lesson": "04", "exercise": "softplus", "passed": True, "message": ""}])
+    nbformat.write(good, tmp_path / "04_a_noisy_gp.ipynb")
+    text = nbformat.writes(good)
+    bad = {"truncated": text[: len(text) // 2], "garbage": "not a notebook", "empty": ""}[damage]
+    (tmp_path / "02_the_gp.ipynb").write_text(bad)
+    assert main([str(tmp_path)]) == 1                      # the problem shows in the exit status
+    out = capsys.readouterr().out
+    assert "04 A noisy GP" in out and "1/4" in out         # the others are still reported
+    assert "✘ 02_the_gp.ipynb: could not read this notebook" in out and "truncated" in out
+
+
+def test_build_check_with_no_sources_fails(tmp_path, capsys):
+    from minimoe.course.checks.__main__ import main
+    assert main(["build", "--check", "--lessons", str(tmp_path / "lesons")]) == 2
+    captured = capsys.readouterr()
+    assert "up to date" not in captured.out
+    assert "no lesson sources in" in captured.err and "lesons" in captured.err
+    with pytest.raises(FileNotFoundError, match="no lesson sources"):
+        B.build(tmp_path)
+
+
+def test_start_copies_the_student_notebooks_and_never_overwrites(tmp_path, monkeypatch, capsys):
+    from minimoe.course.checks import workspace
+    from minimoe.course.checks.__main__ import main
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "my-lessons").mkdir()
+    mine = tmp_path / "my-lessons" / "00_the_clinic.ipynb"
+    mine.write_text("my answers")
+    assert main(["start"]) == 0
+    names = sorted(p.name for p in (tmp_path / "my-lessons").iterdir())
+    sources = sorted(p.stem + ".ipynb" for p in B.lesson_sources(B.default_lessons_dir()))
+    assert names == sources and len(names) >= 11        # every lesson, found by glob
+    assert mine.read_text() == "my answers", "an existing file is never overwritten"
+    for p in (tmp_path / "my-lessons").iterdir():
+        if p != mine:
+            text = p.read_text()
+            assert "BEGIN SOLUTION" not in text and "raise NotImplementedError()" in text
+    out = capsys.readouterr().out
+    assert "kept 1 notebook(s)" in out and "00_the_clinic.ipynb" in out
+    copied, kept = workspace.start(tmp_path / "my-lessons")      # a second run copies nothing
+    assert copied == [] and len(kept) == len(names)
+    # the progress report's default folder is ./my-lessons
+    assert main([]) == 1 and "00_the_clinic.ipynb: could not read" in capsys.readouterr().out
+
+
+def test_commands_that_need_a_clone_say_so(monkeypatch, tmp_path, capsys):
+    from minimoe.course.checks.__main__ import main
+    monkeypatch.setattr(B, "repository_root", lambda: None)
+    monkeypatch.chdir(tmp_path)
+    assert main(["build", "--check"]) == 2
+    assert "only a clone of the repository has" in capsys.readouterr().err
+    assert main(["nbgrader", str(tmp_path / "course")]) == 2
+    assert "only a clone" in capsys.readouterr().err
+    assert main([]) == 2
+    assert "python -m minimoe.checks start" in capsys.readouterr().err
+
+
+def test_nbgrader_course_directory(tmp_path):
+    from minimoe.course.checks.__main__ import main
+    assert main(["nbgrader", str(tmp_path)]) == 0
+    stems = [s.stem for s in B.lesson_sources(B.default_lessons_dir())]
+    assert sorted(p.name for p in (tmp_path / "source").iterdir()) == stems
+    for stem in stems:
+        nb = json.loads((tmp_path / "source" / stem / f"{stem}.ipynb").read_text())
+        assert "BEGIN SOLUTION" in json.dumps(nb), "nbgrader's source notebooks carry the solutions"
+    config = (tmp_path / "nbgrader_config.py").read_text()
+    assert "c.Execute.timeout = 900" in config and 'course_id = "minimoe"' in config

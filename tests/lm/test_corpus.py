@@ -88,7 +88,7 @@ def test_corpus_bad_input_messages():
     with pytest.raises(ValueError, match="sentences_per_note must be >= 2"):
         generate_corpus(5, np.random.default_rng(0), sentences_per_note=1)
     with pytest.raises(TypeError, match="rng must be a numpy.random.Generator"):
-        generate_corpus(5, 0)
+        generate_corpus(5, "0")   # an int seed is fine (SPEC 7); a string is not
 
 
 # --------------------------------------------------------------------------- batches

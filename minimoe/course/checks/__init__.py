@@ -12,15 +12,22 @@ Each ``lessonNN`` module holds one grader per exercise. A grader runs the
 learner's function on fresh seeded inputs, compares it with minimoe's own
 implementation or with finite differences, and prints one line that starts with
 ✔ (and says what was checked) or ✘ (and says what is wrong, with a targeted hint
-for the typical mistakes). It never raises — unless ``MINIMOE_STRICT=1`` is set,
-for nbgrader's autograder. The framework is in :mod:`minimoe.course.checks.grading` (verdicts, calling the
-learner's code) and :mod:`minimoe.course.checks.compare` (explaining a wrong answer).
+for the typical mistakes). It never raises — except under nbgrader's autograde and
+validate (or with ``MINIMOE_STRICT=1``), so that a failed check scores 0. The
+framework is in :mod:`minimoe.course.checks.grading` (verdicts, calling the
+learner's code) and :mod:`minimoe.course.checks.compare` (explaining a wrong answer);
+around it, :mod:`~minimoe.course.checks.progress` (the tables),
+:mod:`~minimoe.course.checks.build` (notebooks from ``lessons/src/``),
+:mod:`~minimoe.course.checks.workspace` (the learner's copy) and
+:mod:`~minimoe.course.checks.nbgrader_course` (a course directory for nbgrader).
 
 From a shell::
 
-    python -m minimoe.checks                 # progress over lessons/*.ipynb, from their saved outputs
+    python -m minimoe.checks start [DIR]     # copy the student notebooks into ./my-lessons (or DIR)
+    python -m minimoe.checks                 # progress over ./my-lessons, from the saved outputs
     python -m minimoe.checks --run           # … executing (copies of) the notebooks afresh
-    python -m minimoe.checks build [--check] # build the notebooks from lessons/src/
+    python -m minimoe.checks build [--check] # build the notebooks from lessons/src/ (in a clone)
+    python -m minimoe.checks nbgrader DIR    # write an nbgrader course directory (in a clone)
 """
 from .compare import expect_array, expect_grads, expect_number, numeric_grads  # noqa: F401
 from .grading import LESSONS, Blank, Fail, Lesson, Result, call, reset, results, strict  # noqa: F401

@@ -1,12 +1,20 @@
-"""``python -m minimoe.checks``: a learner's progress, or the lesson build.
+"""``python -m minimoe.checks``: your own copy of the lessons, your progress, the build, a course.
 
+    python -m minimoe.checks start [DIR]
+        Copy the student notebooks into DIR (default ./my-lessons), never
+        overwriting a file that is there. Work there, not in the repository's
+        lessons/ (tracked by git and checked by the tests).
     python -m minimoe.checks [NOTEBOOK_OR_DIR ...] [--run]
-        Progress over lesson notebooks (default: the repository's lessons/).
-        Without --run, reads the verdicts saved in each notebook's outputs (run
-        the notebook and save it first); with --run, executes a copy of each.
-    python -m minimoe.checks build [--check]
-        Build lessons/NN_*.ipynb and lessons/solutions/NN_*.ipynb from
-        lessons/src/NN_*.py; with --check, only report (exit 1) if any is stale.
+        Progress over lesson notebooks (default: ./my-lessons if it exists, else
+        the clone's lessons/). Without --run, reads the verdicts saved in each
+        notebook's outputs (run the notebook and save it first); with --run,
+        executes a copy of each.
+    python -m minimoe.checks build [--check] [--lessons DIR]
+        (In a clone.) Build lessons/NN_*.ipynb and lessons/solutions/NN_*.ipynb
+        from lessons/src/NN_*.py; with --check, only report (exit 1) if any is stale.
+    python -m minimoe.checks nbgrader DIR
+        (In a clone.) Write an nbgrader course directory: source/<lesson>/ for
+        every lesson and nbgrader_config.py.
 """
 from __future__ import annotations
 
@@ -14,56 +22,141 @@ import argparse
 import sys
 from pathlib import Path
 
+COMMANDS = """\
+commands:
+  python -m minimoe.checks start [DIR]            copy the student notebooks into DIR
+                                                  (default ./my-lessons; existing files are kept)
+  python -m minimoe.checks [PATH ...] [--run]     your progress (default ./my-lessons, else lessons/)
+  python -m minimoe.checks build [--check]        build the notebooks from lessons/src/ (in a clone)
+  python -m minimoe.checks nbgrader DIR           write an nbgrader course directory (in a clone)
+Each command has its own --help."""
+
 
 def _notebooks(paths):
-    from .build import default_lessons_dir
-    found = []
-    for p in (paths or [default_lessons_dir()]):
+    """``(notebooks, problems)``: the NN_*.ipynb files named or inside the folders named."""
+    from .build import NeedsCheckout, repository_root
+    from .workspace import DEFAULT_DIR
+    if not paths:
+        root = repository_root()
+        if Path(DEFAULT_DIR).is_dir():
+            paths = [DEFAULT_DIR]
+        elif root is not None:
+            paths = [root / "lessons"]
+        else:
+            raise NeedsCheckout(f"no notebooks here: run `python -m minimoe.checks start` to copy the "
+                                f"lessons into ./{DEFAULT_DIR}, or name the notebooks or folder to report on")
+    found, problems = [], []
+    for p in paths:
         p = Path(p)
         if p.is_dir():
             found += sorted(p.glob("[0-9][0-9]_*.ipynb"))
         elif p.suffix == ".ipynb" and p.exists():
             found.append(p)
         else:
-            raise SystemExit(f"not a notebook or a folder of notebooks: {p}")
-    return found
+            problems.append((p, "not a notebook or a folder of notebooks"))
+    return found, problems
 
 
-def main(argv=None):
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["build"]:
-        ap = argparse.ArgumentParser(prog="python -m minimoe.checks build",
-                                     description="Build the lesson notebooks from lessons/src/.")
-        ap.add_argument("--check", action="store_true", help="only check that they are up to date")
-        ap.add_argument("--lessons", default=None, help="the lessons folder (default: the repository's)")
-        args = ap.parse_args(argv[1:])
-        from .build import build
+def _start(argv):
+    from .workspace import DEFAULT_DIR, start
+    ap = argparse.ArgumentParser(prog="python -m minimoe.checks start",
+                                 description="Copy the student notebooks into a folder of your own, "
+                                             "never overwriting a file that is already there.")
+    ap.add_argument("dir", nargs="?", default=DEFAULT_DIR, help=f"where (default: ./{DEFAULT_DIR})")
+    args = ap.parse_args(argv)
+    copied, kept = start(args.dir)
+    for p in copied:
+        print(f"copied {p}")
+    if kept:
+        print(f"kept {len(kept)} notebook(s) already in {args.dir} as they are: "
+              + ", ".join(p.name for p in kept))
+    first = (copied + kept)[0]
+    print(f"\nstart with:  jupyter lab {first}\nyour progress:  python -m minimoe.checks {args.dir}")
+    return 0
+
+
+def _build(argv):
+    from .build import build
+    ap = argparse.ArgumentParser(prog="python -m minimoe.checks build",
+                                 description="Build the lesson notebooks from lessons/src/ (in a clone).")
+    ap.add_argument("--check", action="store_true", help="only check that they are up to date")
+    ap.add_argument("--lessons", default=None, help="the lessons folder (default: the clone's lessons/)")
+    args = ap.parse_args(argv)
+    try:
         stale = build(args.lessons, check=args.check)
-        for p in stale:
-            print(("out of date: " if args.check else "wrote ") + str(p))
-        if args.check and stale:
-            print("run `python -m minimoe.checks build` to rebuild them")
-            return 1
-        if not stale:
-            print("all lesson notebooks are up to date")
-        return 0
+    except FileNotFoundError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    for p in stale:
+        print(("out of date: " if args.check else "wrote ") + str(p))
+    if args.check and stale:
+        print("run `python -m minimoe.checks build` to rebuild them")
+        return 1
+    if not stale:
+        print("all lesson notebooks are up to date")
+    return 0
+
+
+def _nbgrader(argv):
+    from .nbgrader_course import write_course
+    ap = argparse.ArgumentParser(prog="python -m minimoe.checks nbgrader",
+                                 description="Write an nbgrader course directory with every lesson "
+                                             "(source/<lesson>/<lesson>.ipynb and nbgrader_config.py).")
+    ap.add_argument("dir", help="the course directory to write (created if needed)")
+    ap.add_argument("--lessons", default=None, help="the lessons folder (default: the clone's lessons/)")
+    ap.add_argument("--timeout", type=int, default=900, help="nbgrader's seconds per cell (default 900)")
+    args = ap.parse_args(argv)
+    written = write_course(args.dir, args.lessons, timeout=args.timeout)
+    print(f"wrote {len(written)} assignments into {Path(args.dir) / 'source'} and "
+          f"{Path(args.dir) / 'nbgrader_config.py'}")
+    print(f"then, in {args.dir}:  nbgrader generate_assignment {written[0].parent.name}")
+    return 0
+
+
+def _progress(argv):
     ap = argparse.ArgumentParser(prog="python -m minimoe.checks",
-                                 description="Report your progress through the minimoe lessons.")
-    ap.add_argument("paths", nargs="*", help="notebooks or folders (default: the repository's lessons/)")
+                                 description="Report your progress through the minimoe lessons.",
+                                 epilog=COMMANDS, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("paths", nargs="*", help="notebooks or folders (default: ./my-lessons if it exists, "
+                                             "else the clone's lessons/)")
     ap.add_argument("--run", action="store_true",
                     help="execute a copy of each notebook instead of reading its saved outputs")
     args = ap.parse_args(argv)
     import nbformat
     from .progress import execute_notebook, format_report, summarize
+    notebooks, problems = _notebooks(args.paths)
     summaries = []
-    for path in _notebooks(args.paths):
+    for path in notebooks:
         if args.run:
             print(f"running {path} …", file=sys.stderr)
-        nb = execute_notebook(path) if args.run else nbformat.read(path, as_version=4)
-        lesson, rows = summarize(path, nb)
+        try:
+            nb = execute_notebook(path) if args.run else nbformat.read(path, as_version=4)
+            lesson, rows = summarize(path, nb)
+        except Exception as err:    # a corrupt or truncated file must not hide the others
+            problems.append((path, f"could not {'run' if args.run else 'read'} this notebook "
+                                   f"({type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''}); "
+                                   f"is it truncated or not a notebook? Reopen it in Jupyter, or move it "
+                                   f"aside and `python -m minimoe.checks start` copies a fresh one"))
+            continue
         summaries.append((path, lesson, rows))
-    print(format_report(summaries))
-    return 0
+    if not summaries and not problems:
+        print("no lesson notebooks (NN_name.ipynb) found in " + ", ".join(map(str, args.paths or ["."])))
+        return 1
+    print(format_report(summaries, problems))
+    return 1 if problems else 0
+
+
+def main(argv=None):
+    from .build import NeedsCheckout
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = {"start": _start, "build": _build, "nbgrader": _nbgrader}
+    try:
+        if argv[:1] and argv[0] in commands:
+            return commands[argv[0]](argv[1:])
+        return _progress(argv)
+    except (NeedsCheckout, NotADirectoryError, FileNotFoundError, RuntimeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

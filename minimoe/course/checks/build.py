@@ -28,7 +28,8 @@ import re
 from pathlib import Path
 
 __all__ = ["BEGIN", "END", "CODE_STUB", "TEXT_STUB", "strip_solutions", "build_notebook",
-           "notebook_text", "lesson_sources", "build", "default_lessons_dir"]
+           "notebook_text", "lesson_sources", "build", "default_lessons_dir", "repository_root",
+           "NeedsCheckout"]
 
 BEGIN, END = "### BEGIN SOLUTION", "### END SOLUTION"
 CODE_STUB = ("# YOUR CODE HERE", "raise NotImplementedError()")
@@ -37,9 +38,32 @@ _GRADER_CALL = re.compile(r"^check\.(\w+)\(", re.M)
 _DEF = re.compile(r"^def (\w+)\(", re.M)
 
 
-def default_lessons_dir():
-    """``lessons/`` next to the ``minimoe`` package (the repository's)."""
-    return Path(__file__).resolve().parents[3] / "lessons"
+class NeedsCheckout(RuntimeError):
+    """A command needs the repository (a clone with ``lessons/src/``), not just the installed package."""
+
+
+def repository_root():
+    """The clone this ``minimoe`` was imported from, or None for an installed package.
+
+    A clone (an editable install, or ``PYTHONPATH`` set to it) has ``pyproject.toml``
+    and ``lessons/src/`` beside the ``minimoe`` folder; an installed wheel sits in
+    ``site-packages`` with neither.
+    """
+    root = Path(__file__).resolve().parents[3]
+    if (root / "pyproject.toml").is_file() and (root / "lessons" / "src").is_dir():
+        return root
+    return None
+
+
+def default_lessons_dir(command="python -m minimoe.checks build"):
+    """The repository's ``lessons/``; :class:`NeedsCheckout` (saying so) outside a clone."""
+    root = repository_root()
+    if root is None:
+        raise NeedsCheckout(
+            f"`{command}` works on the lesson sources, which only a clone of the repository has "
+            f"(this minimoe is installed in {Path(__file__).resolve().parents[2]}). Clone the repository "
+            f"and run it there, or pass --lessons DIR.")
+    return root / "lessons"
 
 
 def _regions(lines, where):
@@ -158,11 +182,17 @@ def build(lessons_dir=None, check=False):
 
     Returns:
         The list of notebook paths that were out of date (and were rewritten
-        unless ``check``).
+        unless ``check``). Raises ``FileNotFoundError`` if ``lessons_dir/src``
+        holds no lesson source.
     """
     lessons_dir = Path(lessons_dir or default_lessons_dir())
+    sources = lesson_sources(lessons_dir)
+    if not sources:
+        # a typo'd --lessons must not report "all lesson notebooks are up to date"
+        raise FileNotFoundError(f"no lesson sources in {lessons_dir / 'src'} (expected NN_name.py files "
+                                f"there): is {str(lessons_dir)!r} the lessons folder?")
     stale = []
-    for src in lesson_sources(lessons_dir):
+    for src in sources:
         for kind, folder in (("student", lessons_dir), ("solution", lessons_dir / "solutions")):
             target = folder / (src.stem + ".ipynb")
             text = notebook_text(build_notebook(src, kind))

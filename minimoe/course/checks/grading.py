@@ -19,9 +19,8 @@ the progress table, and attached to the notebook output as metadata
 (``{"minimoe_check": {...}}``) so that tests and ``python -m minimoe.checks``
 can read a saved or executed notebook without parsing the printed text.
 
-Teachers using nbgrader: set the environment variable ``MINIMOE_STRICT=1``
-before autograding and a failed grader raises ``AssertionError`` after printing,
-so nbgrader gives the grader cell zero points.
+Under nbgrader (``autograde``, ``validate``) a failed grader raises ``AssertionError``
+after printing, so nbgrader gives the grader cell zero points; see :func:`strict`.
 """
 from __future__ import annotations
 
@@ -77,8 +76,20 @@ class Progress(NamedTuple):
 
 
 def strict():
-    """True when failed graders should raise (``MINIMOE_STRICT=1``, for nbgrader)."""
-    return os.environ.get("MINIMOE_STRICT", "").strip().lower() not in ("", "0", "false", "no")
+    """True when failed graders should raise ``AssertionError``, so nbgrader scores their cell 0.
+
+    Under nbgrader this is automatic: ``nbgrader autograde`` and ``nbgrader validate``
+    set ``NBGRADER_EXECUTION`` in the kernel's environment while they run a notebook,
+    so a blank or wrong exercise loses its points and ``validate`` reports it, with no
+    setting by the teacher. ``MINIMOE_STRICT`` overrides either way: ``1`` (or
+    ``true``/``yes``) makes graders strict anywhere, ``0`` (or ``false``/``no``) keeps
+    them lenient even under nbgrader. A learner's own Jupyter session sets neither,
+    so its graders only print.
+    """
+    flag = os.environ.get("MINIMOE_STRICT", "").strip().lower()
+    if flag:
+        return flag not in ("0", "false", "no", "off")
+    return bool(os.environ.get("NBGRADER_EXECUTION", "").strip())
 
 
 def results():

@@ -98,25 +98,41 @@ def summarize(path, nb):
     return lesson, [(name, latest.get(name)) for name in lesson.exercises]
 
 
-def format_report(summaries):
-    """The course table: one line per notebook and a total.
+def format_report(summaries, problems=()):
+    """The course table: one line per notebook file and a total over lessons.
 
-    ``summaries``: ``[(path, lesson, rows), ...]`` as from :func:`summarize`.
+    ``summaries``: ``[(path, lesson, rows), ...]`` as from :func:`summarize`;
+    ``problems``: ``[(path, message), ...]`` for notebooks that could not be read or
+    run (each is named, and the others are still reported). Each line names its
+    file. When one lesson has several copies (``01_the_specialist.ipynb`` and
+    ``01_the_specialist-Copy1.ipynb``), each is listed and the total counts the
+    copy with the most exercises passed, once.
     """
     lines = ["Your progress through the minimoe lessons", ""]
-    total = done = 0
     titles = [f"{lesson.number} {lesson.title}" if lesson else Path(path).stem for path, lesson, _ in summaries]
     width = max([28] + [len(t) for t in titles])
+    best = {}                  # lesson key -> (passed, total, path) of its best copy
+    copies = {}
     for title, (path, lesson, rows) in zip(titles, summaries):
         passed = sum(1 for _, p in rows if p)
         marks = "".join(_MARK[p] for _, p in rows)
         todo = [n for n, p in rows if not p]
         state = "not run yet" if rows and all(p is None for _, p in rows) else (
             "complete" if rows and not todo else "next: " + ", ".join(todo[:3]) + (" …" if len(todo) > 3 else ""))
-        lines.append(f"  {title:<{width}} {passed}/{len(rows):<3} {marks:<6} {state}")
-        total += len(rows)
-        done += passed
+        lines.append(f"  {title:<{width}} {passed}/{len(rows):<3} {marks:<6} {state:<34} {Path(path).name}")
+        key = lesson.number if lesson else str(path)
+        copies.setdefault(key, []).append(Path(path).name)
+        if key not in best or passed > best[key][0]:
+            best[key] = (passed, len(rows), path)
+    for path, message in problems:
+        lines.append(f"  ✘ {Path(path).name}: {message}")
+    done = sum(b[0] for b in best.values())
+    total = sum(b[1] for b in best.values())
     lines += ["", f"  {done}/{total} exercises passed"]
+    for key, names in copies.items():
+        if len(names) > 1:
+            lines.append(f"  (lesson {key} has {len(names)} copies: {', '.join(names)}; "
+                         f"the total counts {Path(best[key][2]).name}, the one with most passed)")
     if any(all(p is None for _, p in rows) for _, _, rows in summaries):
         lines.append("  (\"not run yet\": open the notebook, run it and save it — or use --run to execute it)")
     return "\n".join(lines)
