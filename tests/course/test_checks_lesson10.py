@@ -250,3 +250,49 @@ def test_solution_fixes_pass_the_reference_checks_of_minimoe_bugs(solution):
         assert bugs.gates_sum_has_zero_gradient(bugs.bug5_renormalize_forward, fixed5, p5, idx)
         assert bugs.gradient_matches_finite_differences(bugs.bug5_renormalize_forward, fixed5, p5,
                                                         kwargs={"idx": idx})
+
+
+# ----------------------------------------------------------------------------- near misses and rule-breaking answers
+def _scaled(fix, factor):
+    """A fix whose numbers are off by a relative ``factor - 1``: a near miss."""
+    def near(*a, **k):
+        out = fix(*a, **k)
+        return (out[0] * factor, out[1]) if isinstance(out, tuple) else out * factor
+    return near
+
+
+@pytest.mark.parametrize("rel", [1e-3, 1e-6])
+def test_near_misses_of_each_fix_fail(rel):
+    f = 1 + rel
+    assert_fail(lesson10.mixed_units(honest, _scaled(smooth_load, f)))
+    assert_fail(lesson10.no_gradient(gradcheck, _scaled(switch_backward, f)))
+    assert_fail(lesson10.detached_sum(sum_is_constant, _scaled(renorm_backward, f)))
+    assert_fail(lesson10.noisy_eval(deterministic, lambda *a, **k: logits(*a, **k) * f))
+
+
+def test_allclose_where_exactly_equal_is_asked_fails():
+    assert_fail(lesson10.noisy_eval(lambda predict: bool(np.allclose(predict(), predict())), logits),
+                "*exactly* equal", "np.array_equal")
+
+
+def test_the_quotient_rule_with_its_sign_flipped_is_named():
+    def plus(dg, cache):
+        g, s, idx, shape = cache
+        dp = np.zeros(shape)
+        dp[np.arange(shape[0])[:, None], idx] = (dg + (dg * g).sum(axis=1, keepdims=True)) / s
+        return dp, {}
+    assert_fail(lesson10.detached_sum(sum_is_constant, plus), "Sign flip", "subtracted")
+
+
+@pytest.mark.parametrize("wrong, fragment", [
+    (lambda x, Wg, Wn, *, rng, train: x @ Wg + (rng.standard_normal((x.shape[0], Wg.shape[1])) if train else 0),
+     "ε alone"),
+    (lambda x, Wg, Wn, *, rng, train: x @ Wg + (rng.standard_normal((x.shape[0], Wg.shape[1])) * (x @ Wn)
+                                                if train else 0), "can be negative"),
+    (lambda x, Wg, Wn, *, rng, train: x @ Wg + (rng.standard_normal((x.shape[0], Wg.shape[1]))
+                                                / np.logaddexp(0, x @ Wn) if train else 0), "you divided ε"),
+])
+def test_the_noise_mistakes_are_named_not_a_bare_standard_deviation(wrong, fragment):
+    res = lesson10.noisy_eval(deterministic, wrong)
+    assert_fail(res, fragment)
+    assert "yours divided by" not in res.message

@@ -206,6 +206,12 @@ def noisy_eval(eval_is_deterministic, fixed_router_logits_forward):
                    "at least twice and compare the outputs exactly (np.array_equal).")
     if not _verdict(call(eval_is_deterministic, lambda: good_layer.forward(x, train=False), name=name), name):
         raise Fail(f"{name} rejects minimoe's MoELayer in eval mode, which returns the same array every time.")
+    whisper = np.random.default_rng(9)                     # noise far below any tolerance, still noise
+    faint = lambda: good_layer.forward(x, train=False) * (1 + 1e-12 * whisper.standard_normal())  # noqa: E731
+    if _verdict(call(eval_is_deterministic, faint, name=name), name):
+        raise Fail(f"{name} passes an eval whose output changes in the 12th digit from call to call. The "
+                   "exercise asks for *exactly* equal outputs: np.allclose (or a tolerance) lets a little "
+                   "leftover noise through; compare with np.array_equal.")
     rng = np.random.default_rng(3)
     Wg, Wn = rng.standard_normal((6, 4)), rng.standard_normal((6, 4))
 
@@ -222,10 +228,28 @@ def noisy_eval(eval_is_deterministic, fixed_router_logits_forward):
     if np.array_equal(trains[0], trains[1]) or np.allclose(trains[0], x @ Wg):
         raise Fail("in training (train=True) the GP must still explore: add the noise ε ⊙ softplus(x W_noise), "
                    "with ε drawn from rng.")
-    ratio = (trains[0] - x @ Wg) / router.softplus(x @ Wn)          # should be ε ~ N(0, 1)
+    # With a fresh generator the learner's ε is the one minimoe would draw (rng.standard_normal or
+    # rng.normal, shape (T, E)), so the usual mistakes can be named exactly.
+    L, sp = x @ Wg, router.softplus(x @ Wn)
+    H = np.asarray(run(True, np.random.default_rng(44)), dtype=float)
+    eps = np.random.default_rng(44).standard_normal(L.shape)
+    named = [(L + eps, "you added ε alone: scale it by the learned noise level softplus(x W_noise), "
+                       "H = L + ε ⊙ softplus(x W_noise)."),
+             (L + eps * (x @ Wn), "you scaled ε by x W_noise itself, which can be negative: the scale is "
+                                  "softplus(x W_noise) = log(1 + exp(x W_noise)) > 0."),
+             (L + eps * np.exp(x @ Wn), "you scaled ε by exp(x W_noise): the scale is softplus(x W_noise) = "
+                                        "log(1 + exp(x W_noise)), lesson 04."),
+             (L + eps / sp, "you divided ε by softplus(x W_noise): multiply, H = L + ε ⊙ softplus(x W_noise)."),
+             (eps * sp, "you returned the noise alone: H = x W_gate + ε ⊙ softplus(x W_noise).")]
+    if H.shape == L.shape and not np.allclose(H, L + eps * sp, rtol=1e-12, atol=1e-12):
+        for wrong, hint in named:
+            if np.allclose(H, wrong, rtol=1e-12, atol=1e-12):
+                raise Fail(f"fixed_router_logits_forward in training: {hint}")
+    ratio = (trains[0] - L) / sp                      # your noise over the right scale: should be ε ~ N(0, 1)
     if not 0.3 < np.std(ratio) < 3.0:
-        raise Fail(f"the training noise should be ε ⊙ softplus(x W_noise) with ε ~ N(0,1); yours divided by "
-                   f"softplus(x W_noise) has standard deviation {np.std(ratio):.3g}.")
+        raise Fail(f"in training, your noise H − x W_gate, divided by the right scale softplus(x W_noise), "
+                   f"should be standard normal ε (std 1), but its standard deviation is {np.std(ratio):.3g}: "
+                   f"the noise must be ε ⊙ softplus(x W_noise) with ε = rng.standard_normal((T, E)).")
     return "your determinism test catches noise in eval, and your router explores in training only."
 
 
@@ -275,6 +299,9 @@ def detached_sum(gates_sum_is_constant, fixed_renormalize_backward):
             (buggy, "That is still the detached sum: dp = dg/s misses the quotient rule's second term, "
                     "−⟨dg, g⟩/s at the chosen experts."),
             (undivided, "Divide by s: g = p/s, so every term of the derivative carries 1/s."),
+            (_renorm_backward_plus(dg, cache)[0],
+             "Sign flip in the quotient rule: raising p_j raises s, which *lowers* every gate, so the "
+             "second term is subtracted, dp_j = (dg_j − ⟨dg, g⟩)/s."),
         ]}))
     return (f"your property test (Σ_j g_j is constant, so its gradient is 0) catches the detached sum "
             f"without a single finite difference, and your quotient rule passes the gradient check "
