@@ -16,10 +16,29 @@ and pytest then runs, once per exercise (ids are the exercise names):
 * the right answer passes;
 * every typical mistake fails with its own hint;
 * a crash, garbage or ``None`` is a failed verdict, never an exception;
+* **near misses** fail: the right answer with every float it returns off by about 1e-3
+  and about 1e-6 relative (:func:`perturbed`), plus the exercise's own near misses in
+  ``NEAR_MISSES`` (a lossy softplus, allclose where exact equality is asked, ...);
+* **every call is checked** (the grader exercises all its cases): the right answer made
+  wrong at one call only — for each of the grader's calls in turn — fails; and a grader
+  calls the learner at least twice (several shapes/seeds), unless listed in ``SINGLE_CALL``;
+* **rule-breaking answers** fail: those in ``RULE_BREAKING`` (a per-token loop where
+  vectorised code is asked, ...) with their fragment, and, for every function in the
+  grader's ``forbid`` list (``@LESSON.exercise(name, forbid=[...])``), an answer that calls
+  it and then returns the right answer gets "you called `<that function>`". A forbidden
+  function whose signature is not the exercise's must get an explicit ``RULE_BREAKING``
+  case whose fragment names it;
 
 plus one check that every exercise of ``LESSONS`` has a case, in the lesson's order.
+``NEAR_MISSES`` and ``RULE_BREAKING`` map an exercise name to ``[(answer, fragment or None),
+...]`` (``None``: any failed verdict will do).
 """
+import inspect
+
+import numpy as np
+
 from minimoe import checks
+from minimoe.course.checks.grading import qualified_name
 
 
 def blank(*args, **kwargs):
@@ -56,12 +75,93 @@ def assert_crash_or_garbage_is_a_verdict(grade, none_is_valid=False):
         assert not grade(lambda *a, **k: None).passed
 
 
+class Perturbed:
+    """A learner answer: ``right``'s result with its numbers nudged (the nudge is a near miss).
+
+    Every float (Python float, float array, inside tuples, lists, dicts and NamedTuples) is
+    multiplied by ``1 + rel · (0.5 + u)`` with ``u`` in [0, 1) varying over the entries, so
+    the relative error lies between rel/2 and 3·rel/2 and is not one constant factor.
+    With ``ints=True`` every int (not bool) is moved by 1 too. With ``at=i`` only the i-th
+    call (0-based) is nudged. ``changed`` says whether any nudged call changed anything.
+    """
+
+    def __init__(self, right, rel, at=None, ints=False):
+        self.right, self.rel, self.at, self.ints = right, rel, at, ints
+        self.calls, self.changed = 0, False
+        self.__name__ = getattr(right, "__name__", "answer")
+
+    def __call__(self, *args, **kwargs):
+        out = self.right(*args, **kwargs)
+        i, self.calls = self.calls, self.calls + 1
+        if self.at is not None and i != self.at:
+            return out
+        return self._nudge(out)
+
+    def _nudge(self, v):
+        if isinstance(v, bool) or v is None or isinstance(v, str):
+            return v
+        if isinstance(v, np.ndarray):
+            if np.issubdtype(v.dtype, np.floating) and v.size:
+                u = (np.arange(v.size).reshape(v.shape) * 0.618034) % 1.0
+                w = v * (1 + self.rel * (0.5 + u))
+            elif self.ints and np.issubdtype(v.dtype, np.integer) and v.size:
+                w = v + 1
+            else:
+                return v
+            self.changed |= not np.array_equal(w, v, equal_nan=True)
+            return w
+        if isinstance(v, (float, np.floating)):
+            w = type(v)(v * (1 + self.rel))
+            self.changed |= bool(w != v)
+            return w
+        if isinstance(v, (int, np.integer)) and self.ints:
+            self.changed = True
+            return v + 1
+        if isinstance(v, tuple) and hasattr(v, "_fields"):
+            return type(v)(*(self._nudge(x) for x in v))
+        if isinstance(v, (tuple, list)):
+            return type(v)(self._nudge(x) for x in v)
+        if isinstance(v, dict):
+            return {k: self._nudge(x) for k, x in v.items()}
+        return v
+
+
+def perturbed(right, rel, at=None, ints=False):
+    """``right`` with its result off by about ``rel`` relative (see :class:`Perturbed`)."""
+    return Perturbed(right, rel, at=at, ints=ints)
+
+
+def count_calls(grader, right):
+    """How many times ``grader`` calls the learner's function when it is ``right``."""
+    counter = Perturbed(right, 0.0)
+    counter.at = -1                       # never nudge
+    assert_pass(grader(counter))
+    return counter.calls
+
+
+def calling(f, right):
+    """An answer that calls minimoe's ``f`` with the learner's arguments (ignoring what it
+    returns or raises) and then returns the right answer."""
+    def cheat(*args, **kwargs):
+        try:
+            f(*args, **kwargs)
+        except Exception:
+            pass
+        return right(*args, **kwargs)
+    cheat.__name__ = getattr(right, "__name__", "answer")
+    return cheat
+
+
 class GraderContract:
     """Base class of a lesson's ``TestGraders``: set ``LESSONS`` and ``CASES`` (see the module)."""
 
     LESSONS = ()            # the checks.Lesson objects whose exercises CASES must cover
     CASES = []              # [(grader, right answer, [(typical mistake, hint fragment), ...]), ...]
     NONE_IS_VALID = ()      # graders for which returning None can be a right answer
+    NEAR_MISSES = {}        # exercise name -> [(answer, fragment or None), ...]
+    RULE_BREAKING = {}      # exercise name -> [(answer, fragment or None), ...]
+    SINGLE_CALL = ()        # exercise names whose grader rightly calls the learner only once
+    NO_GENERIC_NEAR_MISS = ()   # exercise names whose answers hold no float to nudge (say why)
 
     def pytest_generate_tests(self, metafunc):
         """Run each test that takes ``grader, right, mistakes`` once per case, named by exercise."""
@@ -91,3 +191,56 @@ class GraderContract:
 
     def test_crash_or_garbage_is_a_verdict_not_an_exception(self, grader, right, mistakes):
         assert_crash_or_garbage_is_a_verdict(grader, none_is_valid=grader in self.NONE_IS_VALID)
+
+    def test_near_misses_fail(self, grader, right, mistakes):
+        nudged = []
+        for rel in (1e-3, 1e-6):
+            answer = perturbed(right, rel)
+            res = grader(answer)
+            if answer.changed:
+                nudged.append(rel)
+                assert not res.passed, f"an answer off by ~{rel:g} relative passed: {res.message}"
+        if grader.exercise_name not in self.NO_GENERIC_NEAR_MISS:
+            assert nudged == [1e-3, 1e-6], "the right answer returns no float to nudge: list the " \
+                                           "exercise in NO_GENERIC_NEAR_MISS and give NEAR_MISSES"
+        for answer, fragment in self.NEAR_MISSES.get(grader.exercise_name, []):
+            res = grader(answer)
+            assert_fail(res, *([fragment] if fragment else []))
+        assert nudged or self.NEAR_MISSES.get(grader.exercise_name), "no near miss is tested"
+
+    def test_every_call_is_checked(self, grader, right, mistakes):
+        n = count_calls(grader, right)
+        if grader.exercise_name not in self.SINGLE_CALL:
+            assert n >= 2, f"the grader calls the learner's function {n} time(s): use several cases"
+        for i in range(n):
+            answer = perturbed(right, 1e-3, at=i, ints=True)
+            res = grader(answer)
+            if answer.changed:
+                assert not res.passed, f"wrong at call {i + 1} of {n} only, and it passed"
+
+    def test_rule_breaking_answers_fail(self, grader, right, mistakes):
+        named = []
+        for answer, fragment in self.RULE_BREAKING.get(grader.exercise_name, []):
+            res = grader(answer)
+            assert_fail(res, *([fragment] if fragment else []))
+            named.append(res.message)
+        for f in getattr(grader, "forbidden", ()):
+            name = f"you called `{qualified_name(f)}`"
+            res = grader(_bindable_cheat(f, right))
+            if res.passed and any(name in m for m in named):
+                continue                   # tested by an explicit case: the signatures differ
+            assert_fail(res, name, "write it yourself")
+
+
+def _bindable_cheat(f, right):
+    """:func:`calling`, but only calling ``f`` when the learner's arguments fit its signature."""
+    sig = inspect.signature(f)
+
+    def cheat(*args, **kwargs):
+        try:
+            sig.bind(*args, **kwargs)
+        except TypeError:
+            return right(*args, **kwargs)
+        return calling(f, right)(*args, **kwargs)
+    cheat.__name__ = getattr(right, "__name__", "answer")
+    return cheat

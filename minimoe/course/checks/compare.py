@@ -5,6 +5,16 @@ Each helper returns quietly when the answer is right and raises
 targeted hints for the exercise's typical mistakes first, then what can be
 measured (shape, transposition, a constant offset or factor, the sign, which
 gradient fails the gradient check and by how much).
+
+Strictness. The exercises of the course are exact up to floating-point roundoff, so
+the defaults reject near misses: :func:`expect_array` and :func:`expect_number` accept
+a relative difference of at most ``rtol = 1e-9`` (elementwise, with an absolute floor
+``atol`` for entries near 0, *and* normwise), so an answer off by 1e-6 or 1e-3 relative
+fails; roundoff of a different but exact formula (about 1e-15) passes. A grader widens
+``rtol`` only where the exercise itself is approximate (a finite difference, a series).
+:func:`expect_grads` uses the gradient-check criterion of docs/design.md §4
+(normwise < 1e-8 and elementwise |a − n| <= 1e-7 + 1e-5 |n|), which a gradient off by
+1e-6 relative fails.
 """
 from __future__ import annotations
 
@@ -25,11 +35,25 @@ def _as_array(name, got):
     return arr
 
 
+RTOL, ATOL = 1e-9, 1e-12     # exact up to roundoff: a 1e-6 relative near miss fails
+
+
 def _close(a, b, rtol, atol):
-    return a.shape == b.shape and np.allclose(a, b, rtol=rtol, atol=atol)
+    """Same shape, elementwise ``|a − b| <= atol + rtol |b|`` and normwise
+    ``‖a − b‖ <= rtol · max(‖a‖, ‖b‖) + atol · sqrt(size)`` (so that entries hiding
+    below ``atol`` cannot all be off)."""
+    if a.shape != b.shape or not np.allclose(a, b, rtol=rtol, atol=atol):
+        return False
+    if not a.size:
+        return True
+    fin = np.isfinite(a) & np.isfinite(b)
+    if not fin.any():
+        return True
+    d = np.linalg.norm(a[fin] - b[fin])
+    return bool(d <= rtol * max(np.linalg.norm(a[fin]), np.linalg.norm(b[fin])) + atol * np.sqrt(a.size))
 
 
-def expect_array(name, got, want, *, shape_desc=None, mistakes=(), rtol=1e-6, atol=1e-9):
+def expect_array(name, got, want, *, shape_desc=None, mistakes=(), rtol=RTOL, atol=ATOL):
     """Compare an array answer with the reference and explain any difference.
 
     Args:
@@ -39,6 +63,7 @@ def expect_array(name, got, want, *, shape_desc=None, mistakes=(), rtol=1e-6, at
         shape_desc: how to read the expected shape, e.g. ``"(T, d)"``.
         mistakes: ``[(wrong_value, hint), ...]`` — typical mistakes; if the answer
             matches one, its targeted hint is the verdict.
+        rtol, atol: see the module docstring (exact up to roundoff by default).
     """
     got = _as_array(name, got)
     want = np.asarray(want, dtype=np.float64)
@@ -60,7 +85,7 @@ def expect_array(name, got, want, *, shape_desc=None, mistakes=(), rtol=1e-6, at
         return float(np.max(np.abs(got - want))) if got.size else 0.0
     diff = got - want
     scale = max(float(np.max(np.abs(want))), 1e-300)
-    if np.allclose(got, -want, rtol=rtol, atol=atol):
+    if _close(got, -want, rtol, atol):
         raise Fail(f"{name} has the right size but the wrong sign everywhere.")
     if got.size > 1 and np.ptp(diff) <= 1e-6 * scale:
         raise Fail(f"{name} is off by the same constant {diff.flat[0]:.4g} everywhere.")
@@ -69,6 +94,10 @@ def expect_array(name, got, want, *, shape_desc=None, mistakes=(), rtol=1e-6, at
         ratio = got[nz] / want[nz]
         if np.ptp(ratio) <= 1e-6 * max(abs(ratio[0]), 1.0) and abs(ratio[0]) > 1e-12 \
                 and np.allclose(got[~nz], 0, atol=1e-9 * scale):
+            if abs(ratio[0] - 1) < 1e-2:
+                raise Fail(f"{name} is off by a factor of 1 {'+' if ratio[0] > 1 else '−'} "
+                           f"{abs(ratio[0] - 1):.1e} everywhere: too much for rounding, so some step "
+                           f"loses or changes digits.")
             raise Fail(f"{name} is off by a constant factor: yours = {ratio[0]:.4g} × the right answer.")
     worst = np.unravel_index(int(np.argmax(np.abs(diff))), diff.shape)
     rel = float(np.linalg.norm(diff) / max(np.linalg.norm(got), np.linalg.norm(want), 1e-300))
@@ -77,7 +106,7 @@ def expect_array(name, got, want, *, shape_desc=None, mistakes=(), rtol=1e-6, at
                f"expected {want[worst]:.6g}).")
 
 
-def expect_number(name, got, want, *, mistakes=(), rtol=1e-6, atol=1e-12):
+def expect_number(name, got, want, *, mistakes=(), rtol=RTOL, atol=ATOL):
     """Compare a scalar answer; ``mistakes`` as in :func:`expect_array`."""
     if got is None:
         raise Fail(f"{name} is None — did you forget a `return`?")
@@ -90,7 +119,11 @@ def expect_number(name, got, want, *, mistakes=(), rtol=1e-6, atol=1e-12):
         if np.isclose(g, wrong, rtol=rtol, atol=atol) and not np.isclose(wrong, want, rtol=rtol, atol=atol):
             raise Fail(f"{name} = {g:.6g} is wrong. {hint}")
     if not np.isclose(g, want, rtol=rtol, atol=atol):
-        raise Fail(f"{name} = {g:.6g}, expected {want:.6g}.")
+        if want != 0 and np.isclose(g, -want, rtol=rtol, atol=atol):
+            raise Fail(f"{name} = {g:.6g} has the wrong sign: expected {want:.6g}.")
+        rel = abs(g - want) / max(abs(want), 1e-300)
+        close = f" (relative error {rel:.1e}: not a rounding difference)" if rel < 1e-2 else ""
+        raise Fail(f"{name} = {g:.10g}, expected {want:.10g}{close}.")
     return g
 
 

@@ -22,18 +22,49 @@ can read a saved or executed notebook without parsing the printed text.
 Teachers using nbgrader: set the environment variable ``MINIMOE_STRICT=1``
 before autograding and a failed grader raises ``AssertionError`` after printing,
 so nbgrader gives the grader cell zero points.
+
+Grading the exercise's *rules*, not only its numbers
+---------------------------------------------------
+Two helpers let a grader fail an answer whose numbers are right but that breaks the
+exercise's rules:
+
+* **Calling minimoe's own answer is not an answer.** ``@LESSON.exercise(name,
+  forbid=[layers.softmax, ...])`` lists the functions that *are* the exercise (minimoe's
+  implementation, and the lesson's own ``*_ref``). While the learner's function runs
+  (every :func:`call` inside that grader, or ``call(..., forbid=[...])`` explicitly), a
+  profile hook (``sys.setprofile``) watches for a call of one of them *from code outside
+  minimoe*, however it was reached (``from minimoe.core.layers import softmax``,
+  ``minimoe.layers.softmax``, a ``functools.partial``, a callback handed to NumPy, the
+  function passed in place of the answer), and the verdict is then
+  "you called `minimoe.core.layers.softmax` — write it yourself". minimoe's other
+  functions stay allowed, even when they use a forbidden one internally (a call whose
+  caller is minimoe's own library code is not the learner's). The grader's own
+  reference computations run outside :func:`call`, so they are never blocked. Nothing
+  is replaced in any module; the hook is removed when the call ends, exceptions included.
+
+* **No Python loop over tokens.** :func:`no_token_loop` runs the learner's function at a
+  small and a large number of tokens T and counts the Python lines and calls it
+  executes (:func:`python_steps`, ``sys.settrace``: deterministic, no timing). A
+  vectorised function runs the same lines at both sizes; a loop over tokens (or
+  ``np.vectorize`` / ``np.apply_along_axis``, which loop in Python) runs thousands more,
+  and fails with a message that says so. Loops over the E experts or the k choices are
+  fine: E and k are the same in both runs.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import html
+import inspect
 import os
+import sys
 from typing import NamedTuple
 
 import numpy as np
 
 __all__ = ["Lesson", "Result", "Fail", "Blank", "LESSONS", "results", "reset",
-           "call", "publish", "METADATA_KEY", "strict"]
+           "call", "publish", "METADATA_KEY", "strict", "forbidding", "qualified_name",
+           "python_steps", "no_token_loop"]
 
 METADATA_KEY = "minimoe_check"
 LESSONS: dict = {}          # lesson number ("01") -> Lesson
@@ -99,14 +130,20 @@ class Lesson:
         self.exercises = {}        # name -> grader, in order
         LESSONS[number] = self
 
-    def exercise(self, name):
+    def exercise(self, name, forbid=()):
         """Decorator: register ``grader(learner_fn) -> str`` as the grader of exercise ``name``.
 
+        ``forbid``: the functions that *are* this exercise (minimoe's implementation of it,
+        the lesson's ``*_ref``); every :func:`call` of the learner's code inside the grader
+        fails if the learner's code calls one of them (see the module docstring).
         The wrapped grader returns the :class:`Result` (and publishes it).
         """
+        forbid = tuple(forbid)
+
         def wrap(body):
             @functools.wraps(body)
             def grade(*learner):
+                _FORBIDDEN.append(forbid)
                 try:
                     checked = body(*learner)
                     res = Result(self.number, name, True, checked or "correct")
@@ -116,12 +153,15 @@ class Lesson:
                     res = Result(self.number, name, False,
                                  f"the grader could not finish ({type(e).__name__}: {e}). "
                                  f"Check that your function returns what the exercise asks for.")
+                finally:
+                    _FORBIDDEN.pop()
                 _RESULTS[res.key] = res
                 publish(res)
                 if strict() and not res.passed:
                     raise AssertionError(res.line())
                 return res
             grade.exercise_name = name
+            grade.forbidden = forbid
             self.exercises[name] = grade
             return grade
         return wrap
@@ -171,10 +211,12 @@ def _snapshot(v):
     return v.copy() if isinstance(v, np.ndarray) else v
 
 
-def call(fn, *args, name=None, copy=True, **kwargs):
+def call(fn, *args, name=None, copy=True, forbid=(), **kwargs):
     """Call the learner's ``fn`` on copies of the inputs; turn trouble into a verdict.
 
     * ``NotImplementedError`` -> :class:`Blank` ("not written yet");
+    * a call of one of the exercise's forbidden functions (the grader's ``forbid`` list
+      plus this call's ``forbid``) -> :class:`Fail` "you called `...` — write it yourself";
     * any other exception -> :class:`Fail` naming it;
     * an input array changed in place -> :class:`Fail` (a classic source of silent bugs).
 
@@ -189,16 +231,21 @@ def call(fn, *args, name=None, copy=True, **kwargs):
         args = [_snapshot(a) for a in args]
         kwargs = {k: _snapshot(v) for k, v in kwargs.items()}
     before = [_snapshot(a) for a in args], {k: _snapshot(v) for k, v in kwargs.items()}
+    banned = tuple(f for group in _FORBIDDEN for f in group) + tuple(forbid)
     try:
-        with np.errstate(all="ignore"):     # the verdict explains overflow; no warning spam
+        with np.errstate(all="ignore"), forbidding(banned) as caught:  # no warning spam
             out = fn(*args, **kwargs)
-    except NotImplementedError:
-        raise Blank(f"{name} is not written yet: replace `raise NotImplementedError()` "
-                    f"with your code, run its cell, then run this check again.") from None
-    except Fail:
-        raise
     except Exception as e:
+        if caught:
+            _fail_forbidden(caught[0])
+        if isinstance(e, NotImplementedError):
+            raise Blank(f"{name} is not written yet: replace `raise NotImplementedError()` "
+                        f"with your code, run its cell, then run this check again.") from None
+        if isinstance(e, Fail):
+            raise
         raise Fail(f"{name} raised {type(e).__name__}: {e}") from None
+    if caught:
+        _fail_forbidden(caught[0])
     if copy:
         labels = [f"argument {i + 1}" for i in range(len(args))]
         pairs = list(zip(labels, before[0], args)) + [(k, before[1][k], v) for k, v in kwargs.items()]
@@ -208,3 +255,138 @@ def call(fn, *args, name=None, copy=True, **kwargs):
                            f"(`x = x.copy()`) or use operations that return new arrays, "
                            f"like `x - m` instead of `x -= m`.")
     return out
+
+
+# --------------------------------------------------------------------------- the exercise's rules
+_FORBIDDEN: list = []           # a stack: the forbid lists of the graders now running
+_HARNESS = "minimoe.course.checks"
+
+
+def qualified_name(f):
+    """``"minimoe.core.layers.softmax"``: where a function lives, as a learner would import it."""
+    return f"{getattr(f, '__module__', '?')}.{getattr(f, '__qualname__', getattr(f, '__name__', f))}"
+
+
+def _is_library(frame):
+    """True when ``frame`` runs minimoe's own library code (not the graders, not the learner)."""
+    mod = frame.f_globals.get("__name__", "") if frame is not None else ""
+    return mod.startswith("minimoe.") and not mod.startswith(_HARNESS)
+
+
+@contextlib.contextmanager
+def forbidding(functions):
+    """Watch, inside the ``with`` block, for calls of ``functions`` that are not minimoe's own.
+
+    Yields a list that receives the qualified name of each forbidden function called
+    (the first one only) from code outside minimoe's library — the learner's code, a
+    NumPy callback, or the grading harness calling it *as* the answer. Detection uses
+    ``sys.setprofile`` on the functions' code objects, so it sees the function however
+    it was imported or wrapped; nothing in any module is replaced. The previous profile
+    hook is restored on exit, also after an exception. (An active profiler is suspended
+    for the duration.)
+
+        with forbidding([layers.softmax]) as caught:
+            learner_softmax(z)
+        if caught: ...   # ["minimoe.core.layers.softmax"]
+    """
+    codes = {}
+    for f in functions:
+        code = getattr(inspect.unwrap(f), "__code__", None)
+        if code is None:
+            raise TypeError(f"forbidding() needs Python functions, got {f!r}")
+        codes[code] = qualified_name(f)
+    caught = []
+    if not codes:
+        yield caught
+        return
+
+    def hook(frame, event, arg):
+        if event == "call" and not caught and frame.f_code in codes and not _is_library(frame.f_back):
+            caught.append(codes[frame.f_code])
+
+    old = sys.getprofile()
+    sys.setprofile(hook)
+    try:
+        yield caught
+    finally:
+        sys.setprofile(old)
+
+
+def _fail_forbidden(qualname):
+    raise Fail(f"you called `{qualname}` — write it yourself: that function is the exercise. "
+               f"(Building on minimoe's other functions is fine.)")
+
+
+class _TooManySteps(BaseException):
+    """Raised by the step counter past its limit (a BaseException, so `except Exception`
+    in the learner's code does not swallow it)."""
+
+
+def python_steps(fn, *args, name=None, limit=None, **kwargs):
+    """``(number of Python lines and calls executed inside fn, its result)``.
+
+    Counts, with ``sys.settrace``, every function call and every line run in every
+    Python frame below ``fn`` (the learner's code and any Python-level library code
+    it calls). Deterministic: no timing involved. ``fn`` runs through :func:`call`
+    (copies of the inputs, the grader's forbidden functions watched). With ``limit``,
+    the run is stopped as soon as it exceeds ``limit`` steps; the result is then
+    ``(a count > limit, None)``.
+    """
+    counter = [0]
+
+    def local(frame, event, arg):
+        if event == "line":
+            counter[0] += 1
+            if limit is not None and counter[0] > limit:
+                raise _TooManySteps()
+        return local
+
+    def on_call(frame, event, arg):
+        counter[0] += 1
+        return local
+
+    def counted(*a, **kw):
+        old = sys.gettrace()
+        sys.settrace(on_call)
+        try:
+            return fn(*a, **kw)
+        finally:
+            sys.settrace(old)
+
+    counted.__name__ = name or getattr(fn, "__name__", "your function")
+    try:
+        out = call(counted, *args, name=counted.__name__, **kwargs)
+    except _TooManySteps:
+        return counter[0], None
+    return counter[0], out
+
+
+def no_token_loop(fn, name, make_args, check_out=None, hint="", sizes=(64, 1024),
+                  loops="a loop over tokens"):
+    """Fail if the Python work of ``fn`` grows with the number of tokens T.
+
+    Runs ``fn(*make_args(T))`` at ``T = sizes[0]`` and ``sizes[1]``, counting executed
+    Python steps with :func:`python_steps`, and checks each output with
+    ``check_out(out, *args)`` (which raises :class:`Fail` when wrong). A vectorised
+    function runs the same steps at both sizes; one that runs more than
+    ``2 × small + 300`` at the large size loops over tokens (the run is stopped there).
+    ``hint`` says how to vectorise; ``loops`` names what a loop would be over.
+
+    Returns ``(steps at the small T, steps at the large T)``.
+    """
+    small_T, big_T = sizes
+    args = make_args(small_T)
+    small, out = python_steps(fn, *args, name=name)
+    if check_out is not None:
+        check_out(out, *args)
+    limit = 2 * small + 300
+    args = make_args(big_T)
+    big, out = python_steps(fn, *args, name=name, limit=limit)
+    if big > limit:
+        raise Fail(f"{name} is right at T = {small_T}, but its Python work grows with the number of "
+                   f"tokens: {small:,} Python steps (lines and calls) at T = {small_T} and more than "
+                   f"{limit:,} at T = {big_T}. That is {loops} (np.vectorize and np.apply_along_axis "
+                   f"loop in Python too); the exercise asks for vectorised NumPy. {hint}".rstrip())
+    if check_out is not None:
+        check_out(out, *args)
+    return small, big

@@ -3,8 +3,8 @@ and the combine back to tokens with its backward.
 
 Besides the right numbers, the dispatch and combine exercises must have **no per-token
 Python loop**. That is graded by behaviour, not by a stopwatch (a shared, noisy machine
-makes timings unreliable): :func:`python_steps` counts the Python lines and calls the
-learner's function executes (``sys.settrace``) at T = 256 and at T = 4096 tokens. A
+makes timings unreliable): :func:`~minimoe.course.checks.grading.python_steps` counts the Python lines and calls
+the learner's function executes (``sys.settrace``) at T = 256 and at T = 4096 tokens. A
 vectorised function runs the same few dozen lines for both; a loop over tokens, or over
 appointment slots, runs thousands more at the larger size. Loops over the E experts or
 the k choices are fine: E and k are the same in both runs.
@@ -15,13 +15,12 @@ References: :func:`minimoe.core.dispatch.expert_capacity`, :func:`minimoe.core.d
 from __future__ import annotations
 
 import math
-import sys
 
 import numpy as np
 
 from ...core import dispatch, router
 from .compare import expect_array, expect_grads, numeric_grads
-from .grading import Fail, Lesson, call
+from .grading import Fail, Lesson, call, no_token_loop, python_steps  # noqa: F401 (python_steps: re-exported)
 
 LESSON = Lesson("06", "Appointment books")
 progress = LESSON.progress
@@ -61,51 +60,11 @@ def referrals(seed, T, E, k, skew=1.5, unused=None):
     return router.topk_indices(H, k)
 
 
-def python_steps(fn, *args, name=None):
-    """``(number of Python lines and calls executed inside fn, its result)``.
-
-    Counts, with ``sys.settrace``, every function call and every line run in every
-    Python frame below ``fn`` (the learner's code and any Python-level library code
-    it calls). Deterministic: no timing involved.
-    """
-    counter = [0]
-
-    def local(frame, event, arg):
-        if event == "line":
-            counter[0] += 1
-        return local
-
-    def on_call(frame, event, arg):
-        counter[0] += 1
-        return local
-
-    def counted(*a, **kw):
-        old = sys.gettrace()
-        sys.settrace(on_call)
-        try:
-            return fn(*a, **kw)
-        finally:
-            sys.settrace(old)
-
-    counted.__name__ = name or getattr(fn, "__name__", "your function")
-    out = call(counted, *args, name=counted.__name__)
-    return counter[0], out
-
-
 def _no_token_loop(fn, name, make_args, check_out, hint):
-    """Run ``fn`` at T = 256 and T = 4096; fail if its Python work grows with T."""
-    steps = {}
-    for T in (SMALL_T, LARGE_T):
-        args = make_args(T)
-        steps[T], out = python_steps(fn, *args, name=name)
-        check_out(out, *args)
-    small, big = steps[SMALL_T], steps[LARGE_T]
-    if big > 2 * small + 300:
-        raise Fail(f"{name} gives the right answers, but its Python work grows with the number of "
-                   f"tokens: {small:,} Python steps (lines and calls) at T = {SMALL_T} and {big:,} at "
-                   f"T = {LARGE_T}. That is a loop over tokens (or over appointment slots, or "
-                   f"np.vectorize / apply_along_axis, which loop in Python too). {hint}")
-    return small, big
+    """Run ``fn`` at T = 256 and T = 4096; fail if its Python work grows with T
+    (the shared :func:`~minimoe.course.checks.grading.no_token_loop`)."""
+    return no_token_loop(fn, name, make_args, check_out, hint, sizes=(SMALL_T, LARGE_T),
+                         loops="a loop over tokens (or over appointment slots)")
 
 
 # --------------------------------------------------------------------------- graders
