@@ -296,3 +296,29 @@ def test_the_noise_mistakes_are_named_not_a_bare_standard_deviation(wrong, fragm
     res = lesson10.noisy_eval(deterministic, wrong)
     assert_fail(res, fragment)
     assert "yours divided by" not in res.message
+
+
+def test_a_fix_that_calls_minimoes_own_version_fails():
+    from minimoe import losses, router
+    res = lesson10.mixed_units(honest, lambda c, n, s, k: losses.load_loss_forward(c, n, s, k)[1].load)
+    assert_fail(res, "you called `minimoe.core.losses.load_loss_forward`", "write it yourself")
+
+    def switch_by_minimoe(dloss, cache):
+        try:
+            losses.switch_loss_backward(dloss, cache)
+        except Exception:
+            pass
+        return switch_backward(dloss, cache)
+    assert_fail(lesson10.no_gradient(gradcheck, switch_by_minimoe), "minimoe.core.losses.switch_loss_backward")
+    res = lesson10.noisy_eval(deterministic, lambda x, Wg, Wn, *, rng, train:
+                              router.router_logits_forward(x, Wg, Wn, rng=rng, train=train)[0])
+    assert_fail(res, "you called `minimoe.core.router.router_logits_forward`")
+    assert_fail(lesson10.detached_sum(sum_is_constant, router.renormalize_backward),
+                "you called `minimoe.core.router.renormalize_backward`")
+
+
+def test_the_checks_may_still_run_minimoe_code_they_are_handed():
+    """Only the fixes are forbidden to call minimoe's version: each check is *given* minimoe's
+    functions (and the buggy ones) to judge, and calling them is its job."""
+    assert_pass(lesson10.detached_sum(sum_is_constant, renorm_backward), lesson="10")
+    assert_pass(lesson10.no_gradient(gradcheck, switch_backward), lesson="10")

@@ -92,7 +92,8 @@ def mixed_units(load_is_honest, fixed_smooth_load):
                        f"with a tolerance of a few standard errors.")
     for seed, T, E, k in _LOAD_CASES:
         L, H, s = load_fixture(310 + seed, T, E, k)
-        got = call(fixed_smooth_load, L, H, s, k, name="fixed_smooth_load")
+        got = call(fixed_smooth_load, L, H, s, k, name="fixed_smooth_load",
+                   forbid=[losses.load_loss_forward, minimoe_smooth_load])
         expect_array("fixed_smooth_load", _first(got), minimoe_smooth_load(L, H, s, k), shape_desc="(E,)",
                      rtol=1e-9, mistakes=[
             (buggy_smooth_load(L, H, s, k), "That is still the bug: the thresholds are read off "
@@ -138,7 +139,8 @@ def no_gradient(switch_loss_gradcheck, fixed_switch_loss_backward):
     for seed in (2, 3):
         p, first = _switch_fixture(410 + seed, T=6 + seed, E=3 + seed)
         _, cache = bugs.bug2_switch_loss_forward(p, first)
-        got = _first(call(fixed_switch_loss_backward, 1.0, cache, name="fixed_switch_loss_backward"))
+        got = _first(call(fixed_switch_loss_backward, 1.0, cache, name="fixed_switch_loss_backward",
+                          forbid=[losses.switch_loss_backward]))
         _, ref = losses.switch_loss_forward(p, first)
         want = losses.switch_loss_backward(1.0, ref)[0]
         T, E = p.shape
@@ -149,7 +151,8 @@ def no_gradient(switch_loss_gradcheck, fixed_switch_loss_backward):
             (np.broadcast_to(E * f, p.shape), "P_e is a *mean* over the T tokens: divide by T."),
             (np.broadcast_to(f / T, p.shape), "You left out the factor E in front of the sum."),
         ])
-        got2 = _first(call(fixed_switch_loss_backward, 2.5, cache, name="fixed_switch_loss_backward"))
+        got2 = _first(call(fixed_switch_loss_backward, 2.5, cache, name="fixed_switch_loss_backward",
+                           forbid=[losses.switch_loss_backward]))
         expect_array("dprobs for dloss = 2.5", got2, 2.5 * want, shape_desc="(T, E)", rtol=1e-9, mistakes=[
             (want, "Multiply by the upstream gradient dloss (the loss coefficient α arrives through it)."),
         ])
@@ -217,7 +220,7 @@ def noisy_eval(eval_is_deterministic, fixed_router_logits_forward):
 
     def run(train, gen):
         return _first(call(fixed_router_logits_forward, x, Wg, Wn, rng=gen, train=train,
-                           name="fixed_router_logits_forward"))
+                           name="fixed_router_logits_forward", forbid=[router.router_logits_forward]))
     gen = np.random.default_rng(4)
     evals = [np.asarray(run(False, gen), dtype=float) for _ in range(2)]
     if not np.array_equal(evals[0], evals[1]):
@@ -288,7 +291,8 @@ def detached_sum(gates_sum_is_constant, fixed_renormalize_backward):
         p, idx = _renorm_fixture(510 + seed, T, E, k)
         g, cache = bugs.bug5_renormalize_forward(p, idx)
         dg = np.random.default_rng(520 + seed).standard_normal(g.shape)
-        got = _first(call(fixed_renormalize_backward, dg, cache, name="fixed_renormalize_backward"))
+        got = _first(call(fixed_renormalize_backward, dg, cache, name="fixed_renormalize_backward",
+                          forbid=[router.renormalize_backward]))
         pp = p.copy()
         num = numeric_grads(lambda: router.renormalize_forward(pp, idx)[0], {"p": pp}, dg)
         s = cache[1]
