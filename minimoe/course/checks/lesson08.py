@@ -68,7 +68,7 @@ def _tables():
     return [one_to_one, merged, split, np.array([[3, 9, 1]])]
 
 
-@LESSON.exercise("purity")
+@LESSON.exercise("purity", forbid=[purity_ref])
 def purity(fn):
     for counts in _tables():
         got = call(fn, counts, name="purity")
@@ -120,7 +120,7 @@ def _as_split(item, i):
                f"got {type(item).__name__}")
 
 
-@LESSON.exercise("split_by_specialty")
+@LESSON.exercise("split_by_specialty", forbid=[split_by_specialty_ref])
 def split_by_specialty(fn):
     for split, S in _splits():
         given = Split(split.x.copy(), split.y.copy(), split.specialty.copy())
@@ -180,7 +180,7 @@ class _Counted:
         return getattr(self._model, name)
 
 
-@LESSON.exercise("referral_predict")
+@LESSON.exercise("referral_predict", forbid=[referral_predict_ref])
 def referral_predict(fn):
     for seed, (N, M) in enumerate([(30, 4), (1, 3), (25, 5)]):
         rng = np.random.default_rng(90 + seed)
