@@ -7,8 +7,8 @@
 # You feel tired all the time and you don't know why. (It is your eyes, but you don't know
 # that yet.) Where do you go for advice? This lesson walks through four clinics, and by the
 # end you will know what a *Mixture of Experts* is, why it is built the way it is, and the
-# one distinction that explains why every large language model now uses one:
-# **parameters are not compute**.
+# one distinction that explains why many of today's largest language models (Mixtral,
+# DeepSeek-V3, Switch Transformer) are built from one: **parameters are not compute**.
 #
 # | clinic | what it is in a network |
 # |---|---|
@@ -143,7 +143,8 @@ plt.show()
 # **FLOPs per patient**. Conventions (the usual ones, e.g. Kaplan et al. 2020):
 # a multiply-add is **2 FLOPs**, so $x W$ with $W \in \mathbb{R}^{d\times h}$ costs $2dh$;
 # count the matrix products only (biases, ReLU and softmax are a vanishing fraction).
-# The second-opinion clinic has 2 doctors; the GP has $W_\text{gate}$ and no bias.
+# The second-opinion clinic has 3 doctors (your cardiologist and two more, as in the demo
+# `python -m minimoe`); the GP has $W_\text{gate}$ and no bias.
 
 # %%
 def clinic_costs(d, h, E, k):
@@ -162,7 +163,7 @@ def clinic_costs(d, h, E, k):
     doctor_flops = 2 * d * h + 2 * h * d           # x W1, then a W2
     gp_params, gp_flops = d * E, 2 * d * E         # x W_gate
     return {
-        "second opinion": (2 * doctor_params, 2 * doctor_flops),
+        "second opinion": (3 * doctor_params, 3 * doctor_flops),
         "generalist": (doctor_params, doctor_flops),
         "every specialist": (E * doctor_params + gp_params, E * doctor_flops + gp_flops),
         "referral": (E * doctor_params + gp_params, k * doctor_flops + gp_flops),

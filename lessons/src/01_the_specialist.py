@@ -132,7 +132,10 @@ check.ffn_backward(ffn_backward)
 #
 # This **central difference** has error $O(h^2)$; the one-sided
 # $(\mathcal{L}(\theta + h e_i) - \mathcal{L}(\theta))/h$ only $O(h)$. It costs two loss
-# evaluations per entry — far too slow to train with, perfect for checking on small inputs.
+# evaluations per entry, so its cost grows with the number of parameters: cheap for the small
+# FFN below, but a layer with a million weights would need two million forward passes for
+# every training step, where the backward costs about one. Useless for training, ideal for
+# checking on small inputs.
 # To test a layer with output $y$, minimoe uses the loss $\mathcal{L} = \sum y \odot dy$
 # for a fixed random $dy$, whose gradient with respect to $y$ is exactly $dy$.
 #

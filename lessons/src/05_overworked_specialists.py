@@ -325,8 +325,9 @@ check.switch_loss(switch_loss)
 # %% [markdown]
 # ## 6. The router z-loss
 #
-# Balancing losses push *where* the referrals go; the **z-loss** of ST-MoE (Zoph et al. 2022,
-# §3.1, eq. 5) keeps the GP's scores *small*:
+# Balancing losses push *where* the referrals go; the **router z-loss** of ST-MoE (Zoph et al.
+# 2022, arXiv:2202.08906, §3.3 "constraining activations and gradients", eq. 5) keeps the
+# GP's scores *small*:
 #
 # $$\mathcal{L}_z = c \cdot \frac1T \sum_t \Big(\log \sum_e e^{L_{te}}\Big)^2,
 #   \qquad \frac{\partial \mathcal{L}_z}{\partial L_{te}} = c\cdot\frac{2}{T}\,\mathrm{lse}_t\; \mathrm{softmax}(L_t)_e ,$$
@@ -374,7 +375,7 @@ for name, (model, hist) in runs.items():
     ev = evaluate(model, val_set)
     u = val_set.x @ model.params["embed.W"] + model.params["embed.b"]       # what the GP reads
     z = losses.z_loss_forward(u @ model.params["block.W_gate"])[0]
-    results[name] = {"cv": ev["cv"], "acc": ev["acc"], "z": z}
+    results[name] = {"cv": ev["cv"], "acc": ev["acc"], "z": z, "load": np.asarray(ev["load"])}
     print(f"{name:>26}: load CV {ev['cv']:.2f}   accuracy {ev['acc']:.3f}   z-loss {z:6.1f}   "
           f"loads {ev['load']}")
 
@@ -388,8 +389,9 @@ plt.show()
 # %% [markdown]
 # What to read off:
 #
-# * **No balancing** collapses and diagnoses worst: the clinic pays for 8 specialists and
-#   uses a couple.
+# * **No balancing** collapses — the most unequal load of all: the clinic pays for 8
+#   specialists and uses a couple. It and the z-loss alone (which does not balance either)
+#   are the two worst diagnosticians; which of the two is last is a matter of the seed.
 # * **Importance alone** evens out the *weight*, not the patients; some experts can still be
 #   left idle. **Load** spreads the patients; the two together (Shazeer's recipe) are best here.
 # * **Switch at α = 0.01** is too gentle for this small, short run (the paper's value was
@@ -397,7 +399,21 @@ plt.show()
 #   coefficient is a real hyperparameter.
 # * **The z-loss** cuts the router's z-loss several-fold (its logits stay small) and does
 #   nothing for balance: it is about numerical health, and is used *with* a balancing loss.
-#
+
+# %%
+# The claims above, checked on this run's numbers (the notebook tests execute this cell).
+cv, acc, zl = ({n: r[key] for n, r in results.items()} for key in ("cv", "acc", "z"))
+load_of = {n: r["load"] for n, r in results.items()}
+assert max(cv, key=cv.get) == "no balancing", cv                         # the most unequal
+assert np.sum(load_of["no balancing"] > 0.1 * load_of["no balancing"].sum()) <= 2  # uses a couple
+assert set(sorted(acc, key=acc.get)[:2]) == {"no balancing", "z-loss only (c=1e-3)"}, acc
+assert load_of["importance (w=0.1)"].min() < 0.05 * load_of["importance (w=0.1)"].mean()  # idle experts
+assert max(acc, key=acc.get) == min(cv, key=cv.get) == "importance + load (w=0.1)", (acc, cv)
+assert cv["Switch (α=0.1)"] < cv["Switch (α=0.01)"] / 2                  # the coefficient matters
+assert zl["z-loss only (c=1e-3)"] < zl["no balancing"] / 3 and cv["z-loss only (c=1e-3)"] > 1
+print("every claim above holds on this run")
+
+# %% [markdown]
 # ## Questions to think about
 #
 # 1. Why is CV² scale-free, and why does that matter when the batch size changes between

@@ -7,8 +7,8 @@ import nbformat
 import numpy as np
 import pytest
 
-from grader_cases import GraderContract, assert_fail, blank
-from minimoe import checks, experts
+from grader_cases import GraderContract, assert_fail, blank, calling
+from minimoe import checks, experts, gradcheck, layers, router
 from minimoe.course.checks import build as B
 from minimoe.course.checks import compare, grading, lesson00, lesson01, lesson02, lesson03, lesson04, progress
 
@@ -23,7 +23,7 @@ ANSWERS = {
     # lesson 00
     "bias_variance": lambda P, t: (np.mean((P.mean(0) - t) ** 2), np.mean(((P - P.mean(0)) ** 2).mean(0))),
     "clinic_costs": lambda d, h, E, k: {
-        "second opinion": (2 * (2 * d * h + h + d), 8 * d * h),
+        "second opinion": (3 * (2 * d * h + h + d), 12 * d * h),
         "generalist": (2 * d * h + h + d, 4 * d * h),
         "every specialist": (E * (2 * d * h + h + d) + d * E, E * 4 * d * h + 2 * d * E),
         "referral": (E * (2 * d * h + h + d) + d * E, k * 4 * d * h + 2 * d * E)},
@@ -149,12 +149,16 @@ CASES = [
         (lambda dy, c: ffn_bwd(dy, c, bias_mean=True), "not a mean"),
         (lambda dy, c: (ffn_bwd(dy, c)[0], {k: v for k, v in ffn_bwd(dy, c)[1].items() if k != "b2"}),
          "missing ['b2']"),
+        (lambda dy, c: (-ffn_bwd(dy, c)[0], ffn_bwd(dy, c)[1]), "dx has the wrong sign"),
+        (lambda dy, c: (ffn_bwd(dy, c)[0], {**ffn_bwd(dy, c)[1], "W1": ffn_bwd(dy, c)[1]["W1"].T}),
+         "looks transposed"),
     ]),
     (lesson01.numerical_gradient, num_grad, [
         (lambda f, x, h=1e-5: num_grad(f, x, h, central=False), "one-sided"),
         (lambda f, x, h=1e-5: num_grad(f, x, h, restore=False), "x was changed"),
         (lambda f, x, h=1e-5: 2 * num_grad(f, x, h), "factor of 2"),
         (lambda f, x, h=1e-5: np.array([0.0]), "any shape"),
+        (lambda f, x, h=1e-5: num_grad(f, x, h / 10) * 0 + num_grad(f, x, h) / 2, "factor of 1/2"),
     ]),
     (lesson01.rel_error, rel_err, [
         (lambda a, n: np.linalg.norm(a - n) / np.linalg.norm(n), "not by ‖n‖ alone"),
@@ -165,6 +169,7 @@ CASES = [
         (lambda z: softmax_rows(z.T).T, "Normalise each row"),
     ]),
     (lesson02.softmax_backward, lambda dp, p: p * (dp - (dp * p).sum(-1, keepdims=True)), [
+        (lambda dp, p: p * (dp - (dp * p).sum(0, keepdims=True)), "not over the tokens (axis=0)"),
         (lambda dp, p: p * (1 - p) * dp, "Off on the diagonal"),
         (lambda dp, p: p * dp, "only the diagonal of the Jacobian"),
         (lambda dp, p: p * (dp - (dp * p).sum()), "one number *per token*"),
@@ -174,6 +179,10 @@ CASES = [
     ]),
     (lesson02.dense_moe_backward, dense_bwd, [
         (lambda dy, c: dense_bwd(dy, c, router_path=False), "path through the GP"),
+        (lambda dy, c: (dense_bwd(dy, c)[0], {**dense_bwd(dy, c)[1], "W_gate": dense_bwd(dy, c)[1]["W_gate"].T}),
+         "transposed"),
+        (lambda dy, c: (dense_bwd(dy, c)[0], {**dense_bwd(dy, c)[1], "W1": 2 * dense_bwd(dy, c)[1]["W1"]}),
+         "constant factor: yours = 2"),
     ]),
     (lesson03.keep_topk, keep_topk, [
         (lambda H, k: keep_topk(H, k, smallest=True), "*smallest*"),
@@ -185,10 +194,14 @@ CASES = [
     (lesson03.topk_gate_backward, lambda dG, G: G * (dG - (dG * G).sum(1, keepdims=True)), [
         (lambda dG, G: G * dG, "diagonal"),
         (lambda dG, G: dG - (dG * G).sum(1, keepdims=True), "Multiply by G"),
+        (lambda dG, G: G * (dG - (dG * G).sum(0, keepdims=True)), "not over the tokens (axis=0)"),
+        (lambda dG, G: 2 * G * (dG - (dG * G).sum(1, keepdims=True)), "constant factor: yours = 2"),
     ]),
     (lesson03.switch_gate_backward,
      lambda dG, p, m: p * (dG * m - (dG * m * p).sum(1, keepdims=True)), [
         (lambda dG, p, m: p * (dG - (dG * p).sum(1, keepdims=True)), "Mask the upstream"),
+        (lambda dG, p, m: p * (dG * m - (dG * m * p).sum(0, keepdims=True)), "not over the tokens (axis=0)"),
+        (lambda dG, p, m: 2 * p * (dG * m - (dG * m * p).sum(1, keepdims=True)), "constant factor: yours = 2"),
     ]),
     (lesson04.softplus, lambda z: np.logaddexp(0, z), [
         (lambda z: np.log(1 + np.exp(z)), "overflowed"),
@@ -196,6 +209,9 @@ CASES = [
     ]),
     (lesson04.noisy_logits_forward, noisy_fwd, [
         (lambda *a: noisy_fwd(*a, use_softplus=False), "must be positive"),
+        (lambda x, Wg, Wn, eps: noisy_fwd(x, Wg, Wn, np.random.default_rng(1).standard_normal(eps.shape)),
+         "you drew your own noise"),
+        (lambda x, Wg, Wn, eps: (noisy_fwd(x, Wg, Wn, eps)[0], (x, Wn, Wg, eps, x @ Wn)), "swapped"),
     ]),
     (lesson04.noisy_logits_backward, noisy_bwd, [
         (lambda dH, c: noisy_bwd(dH, c, sigmoid=False), "sigmoid"),
@@ -203,14 +219,103 @@ CASES = [
     ]),
     (lesson04.topk_margin, margin, [
         (lambda H, k: -margin(H, k), "never negative"),
+        (lambda H, k: np.sort(H, 1)[:, k - 1] - np.sort(H, 1)[:, k], "np.sort sorts ascending"),
         (lambda H, k: -np.diff(-np.sort(-H, 1)[:, :2], axis=1)[:, 0], "1st and 2nd"),
     ]),
 ]
 
 
+def ffn_fwd_token_loop(x, W1, b1, W2, b2):
+    """Right, one token at a time (the lesson asks for one matrix product)."""
+    rows = [ffn_fwd(x[t:t + 1], W1, b1, W2, b2) for t in range(x.shape[0])]
+    z = np.concatenate([r[1][1] for r in rows])
+    return np.concatenate([r[0] for r in rows]), (x, z, np.maximum(z, 0), W1, W2)
+
+
+def dense_fwd_token_loop(x, Wg, W1, b1, W2, b2):
+    """Right, but a Python loop over the tokens (the lesson: loop over experts, never tokens)."""
+    y, cache = dense_fwd(x, Wg, W1, b1, W2, b2)
+    G, Y = cache[2], cache[3]
+    out = np.zeros_like(y)
+    for t in range(x.shape[0]):
+        out[t] = G[t] @ Y[:, t]
+    return out, cache
+
+
+def dense_bwd_token_loop(dy, cache):
+    dx, grads = dense_bwd(dy, cache)
+    x, Wg, G, Y, caches = cache
+    dWg = np.zeros_like(Wg)
+    for t in range(x.shape[0]):                       # the router's gradient token by token
+        dG = Y[:, t] @ dy[t]
+        dL = G[t] * (dG - dG @ G[t])
+        dWg += np.outer(x[t], dL)
+    return dx, {**grads, "W_gate": dWg}
+
+
+def softmax_row_loop(z):
+    return np.stack([softmax_rows(row[None])[0] for row in z])
+
+
+def softmax_only_first_shape(z):
+    """Right for a (5, 3) input only: 'normalises' over a hard-coded axis length."""
+    e = np.exp(z - z.max(axis=-1, keepdims=True))
+    return e / (e.sum(-1, keepdims=True) if z.shape == (5, 3) else e.sum(-1, keepdims=True)[:1])
+
+
 class TestGraders(GraderContract):
     LESSONS = (lesson00.LESSON, lesson01.LESSON, lesson02.LESSON, lesson03.LESSON, lesson04.LESSON)
     CASES = CASES
+    # the clinic costs are integers: their near misses are a float off by 1e-6, and 2 doctors
+    NO_GENERIC_NEAR_MISS = ("clinic_costs", "keep_topk")
+    NEAR_MISSES = {
+        "clinic_costs": [
+            (lambda d, h, E, k: {c: (p * (1 + 1e-6), f * (1 + 1e-6))
+                                 for c, (p, f) in ANSWERS["clinic_costs"](d, h, E, k).items()}, None),
+            (lambda d, h, E, k: {**ANSWERS["clinic_costs"](d, h, E, k),
+                                 "second opinion": (2 * (2 * d * h + h + d), 8 * d * h)}, "3 cardiologists"),
+        ],
+        # keep_topk: the kept scores must be H's own, exactly (not allclose); -inf elsewhere
+        "keep_topk": [(lambda H, k: np.where(np.isfinite(keep_topk(H, k)), H * (1 + 1e-12), -np.inf),
+                       "exactly unchanged"),
+                      (lambda H, k: np.where(np.isfinite(keep_topk(H, k)), H * (1 + 1e-6), -np.inf),
+                       "exactly unchanged")],
+        # numerical_gradient: x must be restored exactly (x[i] -= h is only allclose)
+        "numerical_gradient": [(lambda f, x, h=1e-5: _num_grad_undo(f, x, h), "*exactly*")],
+        # a softplus that loses the tail digits (log of 1 + e^z, not log1p)
+        "softplus": [(lambda z: np.maximum(z, 0) + np.log(1 + np.exp(-np.abs(z))), "keeps those digits"),
+                     (lambda z: np.where(z > 3, z, np.log1p(np.exp(np.minimum(z, 3)))), None)],
+        "softmax": [(softmax_only_first_shape, None)],
+    }
+    RULE_BREAKING = {
+        "clinic_costs": [(lambda d, h, E, k: calling(lambda *a: lesson00.ffn_cost(d, h), ANSWERS["clinic_costs"])(
+            d, h, E, k), "you called `minimoe.course.checks.lesson00.ffn_cost`")],
+        "ffn_forward": [(ffn_fwd_token_loop, "grows with the number of tokens")],
+        "softmax": [(softmax_row_loop, "loop over tokens"),
+                    (lambda z: layers.softmax(z), "you called `minimoe.core.layers.softmax`"),
+                    (layers.softmax, "you called `minimoe.core.layers.softmax`")],
+        "dense_moe_forward": [(dense_fwd_token_loop, "grows with the number of tokens")],
+        "dense_moe_backward": [(dense_bwd_token_loop, "grows with the number of tokens")],
+        "noisy_logits_forward": [
+            (lambda x, Wg, Wn, eps: calling(lambda *a: router.router_logits_forward(x, Wg, Wn, noise=eps),
+                                            noisy_fwd)(x, Wg, Wn, eps),
+             "you called `minimoe.core.router.router_logits_forward`")],
+        "numerical_gradient": [
+            (lambda f, x, h=1e-5: gradcheck.numerical_gradient(f, x, h),
+             "you called `minimoe.core.gradcheck.numerical_gradient`")],
+    }
+
+
+def _num_grad_undo(f, x, h):
+    g = np.zeros_like(x)
+    for i in np.ndindex(x.shape):
+        x[i] += h
+        fp = f()
+        x[i] -= 2 * h
+        fm = f()
+        x[i] += h                                   # not exact: x + h - 2h + h != x in floats
+        g[i] = (fp - fm) / (2 * h)
+    return g
 
 
 # ----------------------------------------------------------------------------- the framework
@@ -269,7 +374,9 @@ def test_expect_array_diagnoses():
 def test_expect_grads_names_the_wrong_parameter_and_the_right_ones():
     num = {"W": np.ones((2, 2)), "b": np.ones(2)}
     with pytest.raises(grading.Fail, match=r"Wrong gradient for W\. W fails the gradient check with "
-                                           r"relative error 5\.0e-01.*\(b is right\.\)"):
+                                           r"relative error 2\.5e-01.*\(b is right\.\)"):
+        compare.expect_grads({"W": np.array([[0.5, 1.0], [1.0, 1.0]]), "b": np.ones(2)}, num)
+    with pytest.raises(grading.Fail, match=r"W is off by a constant factor: yours = 0\.5 .*\(b is right\.\)"):
         compare.expect_grads({"W": 0.5 * np.ones((2, 2)), "b": np.ones(2)}, num)
     with pytest.raises(grading.Fail, match=r"missing \['b'\]"):
         compare.expect_grads({"W": np.ones((2, 2))}, num)

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from grader_cases import GraderContract, assert_fail
+from grader_cases import GraderContract, assert_fail, calling
 from minimoe import losses, router
 from minimoe.course.checks import lesson05
 
@@ -61,7 +61,7 @@ def load_P(L, H, s, k, numer=None, use_sigma=True, fn=cdf, **kw):
     return fn(num / s if use_sigma else num)
 
 
-def load_back(dP, L, H, s, k, dH_mode="right", phi=pdf, div_sigma=True, dsig="right"):
+def load_back(dP, L, H, s, k, dH_mode="right", phi=pdf, div_sigma=True, dsig="right", buffered=False):
     thr, who = threshold(H, k)
     z = (L - thr) / s
     dz = dP * phi(z)
@@ -74,13 +74,17 @@ def load_back(dP, L, H, s, k, dH_mode="right", phi=pdf, div_sigma=True, dsig="ri
                 dH[t, who[t, e]] -= dz_s[t, e]
     elif dH_mode == "own":
         dH = -dz_s
+    if buffered:                                    # the plain fancy-index update: repeated indices lose writes
+        dH = np.zeros_like(H)
+        dH[np.arange(H.shape[0])[:, None].repeat(H.shape[1], 1), who] -= dz_s
     dS = {"right": -dz * z / s, "sign": dz * z / s, "noL": -dz / s**2}[dsig]
     return dL, dH, dS
 
 
-def sw(probs, first, E_factor=True, P_sum=False, P_as_f=False, grad="right", row=False):
+def sw(probs, first, E_factor=True, P_sum=False, P_as_f=False, grad="right", row=False, counted=False,
+       minlength=True):
     T, E = probs.shape
-    f = np.bincount(first, minlength=E) / T
+    f = np.bincount(first, minlength=E if minlength else 0) / (1 if counted else T)
     P = probs.sum(0) if P_sum else probs.mean(0)
     loss = (P @ P if P_as_f else f @ P) * (E if E_factor else 1)
     g = {"right": E * f / T, "noT": E * f, "withf": E * (f + probs.mean(0)) / T, "wrt_f": E * probs.mean(0) / T}[grad]
@@ -118,22 +122,53 @@ CASES = [
         (lambda *a: load_back(*a, dsig="sign"), "Wrong sign"),
         (lambda *a: load_back(*a, dsig="noL"), "dropped (L − thr)"),
         (lambda *a: load_back(*a)[:2], "three arrays"),
+        (lambda *a: load_back(*a, buffered=True), "np.add.at"),
     ]),
     (lesson05.switch_loss, sw, [
         (lambda p, f: sw(p, f, E_factor=False), "Multiply by E"),
-        (lambda p, f: sw(p, f, P_sum=True), "*mean* router probability"),
+        (lambda p, f: sw(p, f, P_sum=True), "*mean* router probability over tokens (not the sum)"),
         (lambda p, f: sw(p, f, P_as_f=True), "*first choice*"),
         (lambda p, f: sw(p, f, grad="noT"), "1/T"),
         (lambda p, f: sw(p, f, grad="withf"), "carries no gradient"),
         (lambda p, f: sw(p, f, grad="wrt_f"), "instead of P"),
         (lambda p, f: sw(p, f, row=True), "one row per token"),
+        (lambda p, f: sw(p, f, counted=True), "*fraction* of the tokens"),
+        (lambda p, f: sw(p, f, minlength=False), "minlength=E"),
     ]),
 ]
+
+
+def _back_via_minimoe(dP, L, H, s, k):
+    _, cache = losses.load_loss_forward(L, H, s, k)
+    losses.load_loss_backward(1.0, cache)
+    return load_back(dP, L, H, s, k)
 
 
 class TestGraders(GraderContract):
     LESSONS = (lesson05.LESSON,)
     CASES = CASES
+    RULE_BREAKING = {
+        "importance_loss": [
+            (lambda G: calling(lambda g: losses.importance_loss_forward(
+                np.ones((G.shape[0], 1)), np.zeros((G.shape[0], 1), int), G.shape[1]), imp_loss)(G),
+             "you called `minimoe.core.losses.importance_loss_forward`")],
+        "importance_loss_backward": [
+            (lambda G: calling(lambda g: losses.cv_squared_backward(1.0, losses.cv_squared_forward(g.sum(0))[1]),
+                               imp_back)(G), "you called `minimoe.core.losses.cv_squared_"),
+            (lambda G: calling(lambda g: losses.importance_loss_backward(1.0, losses.importance_loss_forward(
+                np.ones((g.shape[0], 1)), np.zeros((g.shape[0], 1), int), g.shape[1])[1]), imp_back)(G),
+             "you called `minimoe.core.losses.importance_loss_"),
+        ],
+        "smooth_load": [
+            (lambda L, H, s, k: calling(lambda *a: lesson05.threshold_ref(H, k), load_P)(L, H, s, k),
+             "you called `minimoe.course.checks.lesson05.threshold_ref`"),
+            (lambda L, H, s, k: lesson05.smooth_load_ref(L, H, s, k),
+             "you called `minimoe.course.checks.lesson05.smooth_load_ref`")],
+        "smooth_load_backward": [
+            (_back_via_minimoe, "you called `minimoe.core.losses.load_loss_"),
+            (lambda dP, L, H, s, k: calling(lambda *a: lesson05.smooth_load_ref(L, H, s, k), load_back)(
+                dP, L, H, s, k), "you called `minimoe.course.checks.lesson05.smooth_load_ref`")],
+    }
 
 
 def test_an_input_changed_in_place_is_caught():

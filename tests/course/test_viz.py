@@ -105,3 +105,18 @@ def test_knowledge_vs_compute_legend_covers_no_marker_and_ticks_do_not_collide()
     for ax in fig.axes:
         assert not legend_box.overlaps(ax.get_window_extent())
         assert not _overlaps(ax.get_xticklabels()), [t.get_text() for t in ax.get_xticklabels()]
+
+
+def test_load_shares_draw_visible_perfect_balance_lines():
+    load = np.array([[6, 2, 0, 0], [3, 3, 1, 1], [2, 2, 2, 2]])
+    hist = SimpleNamespace(epoch=[1, 2, 3], load_array=lambda: load, dropped=[0, 0, 0])
+    for fig in (viz.plot_load_shares({"run": hist}), viz.plot_expert_load(hist)):
+        ax = fig.axes[0]
+        dark = [ln for ln in ax.lines if ln.get_color() == "black" and ln.get_linewidth() >= 1]
+        assert sorted(ln.get_ydata()[0] for ln in dark) == [0.25, 0.5, 0.75]
+
+
+def test_balance_options_accuracy_axis_starts_at_zero():
+    res = {"a": {"cv": 0.5, "acc": 0.51, "z": 3.0}, "b": {"cv": 0.1, "acc": 0.55, "z": 1.0}}
+    fig = viz.plot_balance_options(res)
+    assert fig.axes[1].get_xlim()[0] == 0

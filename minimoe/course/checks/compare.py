@@ -154,8 +154,13 @@ def expect_grads(got, numeric, *, mistakes=None, names=None):
     bad, worst = [], 0.0          # (parameter, message); a shared hint is said once
     for n in names:
         g = _as_array(f"the gradient for {n}", got[n])
-        if g.shape != np.shape(numeric[n]):
-            bad.append((n, f"It has shape {g.shape}, expected {np.shape(numeric[n])}: a gradient "
+        want = np.asarray(numeric[n], dtype=np.float64)
+        if g.shape != want.shape:
+            if g.ndim == 2 and g.shape == want.T.shape:
+                bad.append((n, f"It has shape {g.shape}, expected {want.shape}: it looks transposed "
+                               f"(for y = x W the gradient is dW = xᵀ dy, of W's shape)"))
+                continue
+            bad.append((n, f"It has shape {g.shape}, expected {want.shape}: a gradient "
                            f"always has its parameter's shape"))
             continue
         for wrong, hint in mistakes.get(n, ()):
@@ -166,7 +171,16 @@ def expect_grads(got, numeric, *, mistakes=None, names=None):
         else:
             rep = compare(n, g, numeric[n])
             worst = max(worst, rep.normwise)
-            if not rep.passed:
+            ratio = _constant_ratio(g, want) if not rep.passed else None
+            if not rep.passed and np.any(g) and compare(n, -g, numeric[n]).passed:
+                bad.append((n, f"{n} has the right size but the wrong sign everywhere: check the sign "
+                               f"of each step of the chain rule"))
+            elif not rep.passed and g.ndim == 2 and g.shape[0] == g.shape[1] and g.shape[0] > 1 \
+                    and compare(n, g.T, numeric[n]).passed:
+                bad.append((n, f"{n} looks transposed (for y = x W the gradient is dW = xᵀ dy)"))
+            elif ratio is not None:
+                bad.append((n, f"{n} is off by a constant factor: yours = {ratio:.4g} × the right gradient"))
+            elif not rep.passed:
                 bad.append((n, f"{n} fails the gradient check with relative error {rep.normwise:.1e} "
                                f"(a pass needs < {TOL_NORMWISE:g}); worst entry {list(rep.worst_index)}: "
                                f"yours {rep.analytic:.6g}, finite differences say {rep.numeric:.6g}"))
@@ -184,6 +198,19 @@ def expect_grads(got, numeric, *, mistakes=None, names=None):
             parts.append(f"({_join(good)} {'is' if len(good) == 1 else 'are'} right.)")
         raise Fail(" ".join(parts))
     return worst
+
+
+def _constant_ratio(g, want):
+    """The factor r when ``g = r · want`` everywhere (r not 1, 0 or −1), else None."""
+    scale = float(np.max(np.abs(want))) if want.size else 0.0
+    nz = np.abs(want) > 1e-3 * scale
+    if scale == 0 or nz.sum() < 2:
+        return None
+    r = float(np.median(g[nz] / want[nz]))
+    if min(abs(r - 1), abs(r), abs(r + 1)) < 1e-3 or \
+            not np.allclose(g, r * want, rtol=1e-4, atol=1e-6 * abs(r) * scale):
+        return None
+    return r
 
 
 def _join(names):

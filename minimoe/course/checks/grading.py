@@ -369,7 +369,8 @@ def no_token_loop(fn, name, make_args, check_out=None, hint="", sizes=(64, 1024)
     Python steps with :func:`python_steps`, and checks each output with
     ``check_out(out, *args)`` (which raises :class:`Fail` when wrong). A vectorised
     function runs the same steps at both sizes; one that runs more than
-    ``2 × small + 300`` at the large size loops over tokens (the run is stopped there).
+    ``small + max(300, ΔT / 2)`` at the large size (ΔT = the difference of the two T: at
+    least one step per two extra tokens) loops over tokens (the run is stopped there).
     ``hint`` says how to vectorise; ``loops`` names what a loop would be over.
 
     Returns ``(steps at the small T, steps at the large T)``.
@@ -379,7 +380,7 @@ def no_token_loop(fn, name, make_args, check_out=None, hint="", sizes=(64, 1024)
     small, out = python_steps(fn, *args, name=name)
     if check_out is not None:
         check_out(out, *args)
-    limit = 2 * small + 300
+    limit = small + max(300, (big_T - small_T) // 2)
     args = make_args(big_T)
     big, out = python_steps(fn, *args, name=name, limit=limit)
     if big > limit:

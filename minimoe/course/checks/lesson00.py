@@ -14,6 +14,7 @@ LESSON = Lesson("00", "The clinic")
 progress = LESSON.progress
 
 CLINICS = ("second opinion", "generalist", "every specialist", "referral")
+N_OPINIONS = 3      # the second-opinion clinic: 3 cardiologists, as in the demo (python -m minimoe)
 
 
 # --------------------------------------------------------------------------- references
@@ -39,7 +40,7 @@ def clinic_costs_ref(d, h, E, k):
     P, F = ffn_cost(d, h)
     gp_params, gp_flops = d * E, 2 * d * E         # the GP: one matmul x W_gate, (d, E)
     return {
-        "second opinion": (2 * P, 2 * F),
+        "second opinion": (N_OPINIONS * P, N_OPINIONS * F),
         "generalist": (P, F),
         "every specialist": (E * P + gp_params, E * F + gp_flops),
         "referral": (E * P + gp_params, k * F + gp_flops),
@@ -56,7 +57,7 @@ def split_params_ref(total, active, E, k):
 
 
 # --------------------------------------------------------------------------- graders
-@LESSON.exercise("bias_variance")
+@LESSON.exercise("bias_variance", forbid=[bias_variance_ref])
 def bias_variance(fn):
     for seed, (R, n) in enumerate([(50, 9), (2, 4), (400, 30)]):
         rng = np.random.default_rng(100 + seed)
@@ -90,7 +91,7 @@ def bias_variance(fn):
             "and they add up to the mean squared error.")
 
 
-@LESSON.exercise("clinic_costs")
+@LESSON.exercise("clinic_costs", forbid=[clinic_costs_ref, ffn_cost])
 def clinic_costs(fn):
     for d, h, E, k in [(16, 64, 8, 2), (5, 7, 3, 1), (512, 2048, 64, 2)]:
         got = call(fn, d, h, E, k, name="clinic_costs")
@@ -107,7 +108,7 @@ def clinic_costs(fn):
             if not isinstance(entry, (tuple, list)) or len(entry) != 2:
                 raise Fail(f"clinic_costs(...)[{clinic!r}] should be a pair (parameters, flops), got {entry!r}")
             wp, wf = want[clinic]
-            n_ffn = {"second opinion": 2, "generalist": 1, "every specialist": E, "referral": E}[clinic]
+            n_ffn = {"second opinion": N_OPINIONS, "generalist": 1, "every specialist": E, "referral": E}[clinic]
             gp = clinic in ("every specialist", "referral")
             at = f" for the {clinic!r} clinic (d={d}, h={h}, E={E}, k={k})"
             expect_number("parameters" + at, entry[0], wp, atol=0.5, mistakes=[
@@ -117,8 +118,11 @@ def clinic_costs(fn):
                 (k * P + d * E, "A clinic employs all E specialists, even if a patient sees only k: "
                                 "parameters count every expert, used or not."),
             ] if gp else [(n_ffn * 2 * d * h, "Count the biases too: each doctor has b1 (h numbers) "
-                                              "and b2 (d numbers) besides W1 and W2.")])
-            n_run = {"second opinion": 2, "generalist": 1, "every specialist": E, "referral": k}[clinic]
+                                              "and b2 (d numbers) besides W1 and W2."),
+                          (2 * P if clinic == "second opinion" else -1,
+                           f"The second-opinion clinic has {N_OPINIONS} cardiologists (yours and two "
+                           f"more, as in the demo), not 2.")])
+            n_run = {"second opinion": N_OPINIONS, "generalist": 1, "every specialist": E, "referral": k}[clinic]
             expect_number("FLOPs" + at, entry[1], wf, atol=0.5, mistakes=[
                 (n_run * 2 * d * h + gp * d * E, "Count 2 FLOPs per multiply-add (a multiply and an add): "
                                                  "x W1 costs 2·d·h FLOPs per patient, not d·h."),
@@ -131,12 +135,15 @@ def clinic_costs(fn):
                 (n_run * 2 * d * h, "Count 2 FLOPs per multiply-add (a multiply and an add): "
                                     "x W1 costs 2·d·h FLOPs per patient, not d·h."),
                 (n_run * (F + 2 * h + 2 * d), "Count matmuls only: 4·d·h per doctor."),
+                (2 * F if clinic == "second opinion" else -1,
+                 f"The second-opinion clinic has {N_OPINIONS} cardiologists (yours and two more, as in "
+                 f"the demo), not 2."),
             ])
     return ("parameters and FLOPs per patient are right for all four clinics, "
             "on 3 sizes of clinic (up to E=64).")
 
 
-@LESSON.exercise("split_params")
+@LESSON.exercise("split_params", forbid=[split_params_ref])
 def split_params(fn):
     for total, active, E, k in [(46.7e9, 12.9e9, 8, 2), (1000.0, 400.0, 4, 1), (5.0e6, 1.4e6, 16, 2)]:
         got = call(fn, total, active, E, k, name="split_params")

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from ...core import experts
+from ...core import experts, gradcheck
 from ...core.gradcheck import rel_error as _rel_error_ref
 from .compare import expect_array, expect_grads, expect_number, numeric_grads
-from .grading import Fail, Lesson, call
+from .grading import Fail, Lesson, call, no_token_loop
 
 LESSON = Lesson("01", "The specialist")
 progress = LESSON.progress
@@ -35,34 +35,45 @@ def _relu(z):
     return np.maximum(z, 0)
 
 
-@LESSON.exercise("ffn_forward")
+def _close(a, b):
+    return np.shape(a) == np.shape(b) and np.allclose(a, b, rtol=1e-9, atol=1e-12)
+
+
+@LESSON.exercise("ffn_forward", forbid=[experts.ffn_forward])
 def ffn_forward(fn):
     for seed, (T, d, h) in enumerate(_SIZES):
         x, W1, b1, W2, b2 = _ffn_inputs(10 + seed, T, d, h)
         out = call(fn, x, W1, b1, W2, b2, name="ffn_forward")
-        if not isinstance(out, tuple) or len(out) != 2:
-            raise Fail("ffn_forward should return a pair (y, cache), "
-                       f"got {type(out).__name__}{'' if not isinstance(out, tuple) else f' of length {len(out)}'}")
-        y, cache = out
-        want, _ = experts.ffn_forward(x, W1, b1, W2, b2)
-        z = x @ W1 + b1
-        expect_array("y", y, want, shape_desc="(T, d)", mistakes=[
-            (z @ W2 + b2, "You skipped the activation: the hidden layer is a = relu(z) = np.maximum(z, 0)."),
-            (_relu(want), "The ReLU belongs between the two layers only: y = a W2 + b2 may be negative."),
-            (_relu(z) @ W2, "You forgot the output bias b2."),
-            (_relu(x @ W1) @ W2 + b2, "You forgot the hidden bias b1 (inside the ReLU: z = x W1 + b1)."),
-        ])
-        if not isinstance(cache, tuple) or len(cache) != 5:
-            raise Fail("y is right, but the cache should be the tuple (x, z, a, W1, W2) — "
-                       "ffn_backward will need exactly these.")
-        for name, got_c, want_c in zip(("x", "z", "a", "W1", "W2"), cache, (x, z, _relu(z), W1, W2)):
-            if np.shape(got_c) != want_c.shape or not np.allclose(got_c, want_c):
-                raise Fail(f"y is right, but cache entry {name!r} is not; the cache should be "
-                           f"(x, z, a, W1, W2) with z = x W1 + b1 and a = relu(z).")
-    return "y = relu(x W1 + b1) W2 + b2 and the cache are right on 3 random batches (T = 1 to 9)."
+        _check_ffn_forward(out, x, W1, b1, W2, b2)
+    no_token_loop(fn, "ffn_forward", lambda T: _ffn_inputs(17, T, 4, 7), _check_ffn_forward,
+                  "One matrix product x @ W1 handles every token at once.")
+    return ("y = relu(x W1 + b1) W2 + b2 and the cache are right on 3 random batches (T = 1 to 9), "
+            "with no loop over tokens.")
 
 
-@LESSON.exercise("ffn_backward")
+def _check_ffn_forward(out, x, W1, b1, W2, b2):
+    if not isinstance(out, tuple) or len(out) != 2:
+        raise Fail("ffn_forward should return a pair (y, cache), "
+                   f"got {type(out).__name__}{'' if not isinstance(out, tuple) else f' of length {len(out)}'}")
+    y, cache = out
+    want, _ = experts.ffn_forward(x, W1, b1, W2, b2)
+    z = x @ W1 + b1
+    expect_array("y", y, want, shape_desc="(T, d)", mistakes=[
+        (z @ W2 + b2, "You skipped the activation: the hidden layer is a = relu(z) = np.maximum(z, 0)."),
+        (_relu(want), "The ReLU belongs between the two layers only: y = a W2 + b2 may be negative."),
+        (_relu(z) @ W2, "You forgot the output bias b2."),
+        (_relu(x @ W1) @ W2 + b2, "You forgot the hidden bias b1 (inside the ReLU: z = x W1 + b1)."),
+    ])
+    if not isinstance(cache, tuple) or len(cache) != 5:
+        raise Fail("y is right, but the cache should be the tuple (x, z, a, W1, W2) — "
+                   "ffn_backward will need exactly these.")
+    for name, got_c, want_c in zip(("x", "z", "a", "W1", "W2"), cache, (x, z, _relu(z), W1, W2)):
+        if not _close(got_c, want_c):
+            raise Fail(f"y is right, but cache entry {name!r} is not; the cache should be "
+                       f"(x, z, a, W1, W2) with z = x W1 + b1 and a = relu(z).")
+
+
+@LESSON.exercise("ffn_backward", forbid=[experts.ffn_backward])
 def ffn_backward(fn):
     worst = 0.0
     for seed, (T, d, h) in enumerate(_SIZES):
@@ -89,7 +100,10 @@ def ffn_backward(fn):
             "W2": [(z.T @ dy, "dW2 = aᵀ dy uses the activation a = relu(z), not the pre-activation z.")],
             "b2": [(dy.mean(0), "A bias gradient is a sum over tokens (every token used the same bias), not a mean."),
                    (dy, "db2 must have b2's shape (d,): sum dy over the tokens.")],
-            "x": [(no_mask["x"], mask_hint)],
+            "x": [(no_mask["x"], mask_hint),
+                  (-(dz @ W1.T), "dx has the wrong sign: dx = dz W1ᵀ, with the same sign as dy "
+                                 "(a gradient flows backwards through a matrix product as a product "
+                                 "with the transpose, never with a minus).")],
         }
         all_grads = dict(grads) if isinstance(grads, dict) else grads
         if isinstance(all_grads, dict):
@@ -100,7 +114,7 @@ def ffn_backward(fn):
             f"(worst relative error {worst:.1e}, pass < 1e-8).")
 
 
-@LESSON.exercise("numerical_gradient")
+@LESSON.exercise("numerical_gradient", forbid=[gradcheck.numerical_gradient])
 def numerical_gradient(fn):
     for seed, shape in enumerate([(5,), (3, 4), (2, 3, 2)]):
         rng = np.random.default_rng(40 + seed)
@@ -116,7 +130,8 @@ def numerical_gradient(fn):
         if not np.array_equal(x, x0):
             moved = float(np.max(np.abs(x - x0)))
             raise Fail(f"after your function ran, x was changed (by up to {moved:.2g}). Restore each "
-                       f"entry after perturbing it: old = x[i]; ...; x[i] = old.")
+                       f"entry *exactly* after perturbing it: old = x[i]; ...; x[i] = old. (Undoing "
+                       f"the step with x[i] -= h is not exact in floating point.)")
         fwd = np.zeros_like(x0)
         f0 = f()
         for i in np.ndindex(shape):
@@ -138,7 +153,7 @@ def numerical_gradient(fn):
             "and leaves x exactly as it found it.")
 
 
-@LESSON.exercise("rel_error")
+@LESSON.exercise("rel_error", forbid=[gradcheck.rel_error])
 def rel_error(fn):
     rng = np.random.default_rng(50)
     cases = []

@@ -12,6 +12,7 @@ import numpy as np
 from ...core import layers, router
 from .compare import expect_array, expect_grads, numeric_grads
 from .grading import Fail, Lesson, call
+from .lesson02 import AXIS_HINT
 
 LESSON = Lesson("03", "The referral")
 progress = LESSON.progress
@@ -36,7 +37,7 @@ def topk_mask(H, k):
     return router.keep_topk_forward(H, k)[1]
 
 
-@LESSON.exercise("keep_topk")
+@LESSON.exercise("keep_topk", forbid=[router.keep_topk_forward, router.topk_indices])
 def keep_topk(fn):
     for seed, (T, E, k) in enumerate(_CASES):
         H = scores(100 + seed, T, E)
@@ -71,12 +72,13 @@ def keep_topk(fn):
         if not np.array_equal(kept, mask):
             raise Fail(f"keep_topk kept {k} scores per row, but not the {k} largest (row "
                        f"{int(np.argmax((kept != mask).any(1)))}).")
-        if not np.allclose(got[kept], H[kept]):
-            raise Fail("the kept scores must be H's own values, unchanged.")
+        if not np.array_equal(got[kept], H[kept]):
+            raise Fail("the kept scores must be H's own values, exactly unchanged (copy them, "
+                       "don't recompute them).")
     return "keeps exactly the k largest scores of each row (k = 1 to E) and sets the rest to −inf."
 
 
-@LESSON.exercise("renormalized_gate")
+@LESSON.exercise("renormalized_gate", forbid=[topk_gate_ref, router.topk_gate_forward])
 def renormalized_gate(fn):
     for seed, (T, E, k) in enumerate(_CASES):
         H = scores(110 + seed, T, E)
@@ -97,7 +99,7 @@ def renormalized_gate(fn):
             "the two recipes are the same function.")
 
 
-@LESSON.exercise("topk_gate_backward")
+@LESSON.exercise("topk_gate_backward", forbid=[router.topk_gate_backward])
 def topk_gate_backward(fn):
     worst = 0.0
     for seed, (T, E, k) in enumerate(_CASES):
@@ -113,6 +115,7 @@ def topk_gate_backward(fn):
             (G * dG, "Only the diagonal of the Jacobian: subtract ⟨dG, G⟩ (one number per token), "
                      "dH = G ⊙ (dG − ⟨dG, G⟩)."),
             (G * (dG - np.sum(dG * G)), "⟨dG, G⟩ is one number per token: sum over axis=1 with keepdims=True."),
+            (G * (dG - np.sum(dG * G, axis=0, keepdims=True)), AXIS_HINT.replace("dp, p", "dG, G")),
             (layers.softmax(H) * (dG - np.sum(dG * layers.softmax(H), 1, keepdims=True)),
              "That is the dense softmax's backward; the top-k gate's softmax runs over the kept scores only."),
         ]}))
@@ -120,7 +123,7 @@ def topk_gate_backward(fn):
             f"(worst relative error {worst:.1e}).")
 
 
-@LESSON.exercise("switch_gate_backward")
+@LESSON.exercise("switch_gate_backward", forbid=[router.switch_gate_backward])
 def switch_gate_backward(fn):
     worst = 0.0
     for seed, (T, E, k) in enumerate(_CASES):
@@ -141,6 +144,7 @@ def switch_gate_backward(fn):
              "That is the top-k (renormalised) gate's backward. The Switch gate is the full softmax "
              "read at the kept entries: dH = p ⊙ (dG⊙mask − ⟨dG⊙mask, p⟩)."),
             (p * dm, "Only the diagonal of the softmax Jacobian: subtract ⟨dG⊙mask, p⟩ per token."),
+            (p * (dm - np.sum(dm * p, axis=0, keepdims=True)), AXIS_HINT.replace("dp, p", "dG⊙mask, p")),
             ((p * (dm - np.sum(dm * p, 1, keepdims=True))) * mask,
              "Don't mask dH: the dropped experts' scores still change the kept shares through the "
              "softmax's denominator, so they get a gradient too."),

@@ -16,7 +16,7 @@ import numpy as np
 
 from ...core import losses
 from .compare import expect_array, expect_grads, expect_number, numeric_grads
-from .grading import Fail, Lesson, call
+from .grading import Blank, Fail, Lesson, call
 from .lesson03 import scores, topk_gate_ref, topk_mask
 
 LESSON = Lesson("05", "Overworked specialists")
@@ -69,6 +69,13 @@ def switch_loss_ref(probs, first_choice):
     return loss, losses.switch_loss_backward(1.0, cache)[0]
 
 
+def _assigned(dthr, who):
+    """The buffered ``dH[rows, who] += dthr`` (repeated indices keep one write): the typical slip."""
+    dH = np.zeros_like(dthr)
+    dH[np.broadcast_to(np.arange(dthr.shape[0])[:, None], who.shape), who] += dthr
+    return dH
+
+
 def _scatter(dthr, who):
     """Add each (t, e)'s threshold gradient (T, E) into H at the threshold expert ``who``."""
     dH = np.zeros_like(dthr)
@@ -92,7 +99,8 @@ def load_inputs(seed, T, E):
 
 
 # --------------------------------------------------------------------------- graders
-@LESSON.exercise("importance_loss")
+@LESSON.exercise("importance_loss", forbid=[importance_loss_ref, cv2_ref, losses.cv_squared_forward,
+                                           losses.importance_loss_forward])
 def importance_loss(fn):
     for seed, (T, E, k) in enumerate(_CASES):
         G = gates_for(500 + seed, T, E, k)
@@ -118,7 +126,8 @@ def importance_loss(fn):
     return "CV(Σ_t G_t)² is right on 4 gate matrices (k = 1 to 3) and exactly 0 at perfect balance."
 
 
-@LESSON.exercise("importance_loss_backward")
+@LESSON.exercise("importance_loss_backward", forbid=[importance_loss_backward_ref, losses.cv_squared_backward,
+                                                    losses.importance_loss_backward])
 def importance_loss_backward(fn):
     worst = 0.0
     for seed, (T, E, k) in enumerate(_CASES):
@@ -146,7 +155,7 @@ def importance_loss_backward(fn):
             f"(worst relative error {worst:.1e}).")
 
 
-@LESSON.exercise("smooth_load")
+@LESSON.exercise("smooth_load", forbid=[smooth_load_ref, threshold_ref, losses.load_loss_forward])
 def smooth_load(fn):
     for seed, (T, E, k) in enumerate(_CASES):
         L, H, sigma = load_inputs(520 + seed, T, E)
@@ -177,7 +186,7 @@ def smooth_load(fn):
             "sums are the smooth load.")
 
 
-@LESSON.exercise("smooth_load_backward")
+@LESSON.exercise("smooth_load_backward", forbid=[losses.load_loss_backward, smooth_load_ref])
 def smooth_load_backward(fn):
     worst = 0.0
     for seed, (T, E, k) in enumerate(_CASES):
@@ -202,7 +211,11 @@ def smooth_load_backward(fn):
                                      "(several e can share one threshold expert — add them all up)."),
                   (-dz / sigma, "The threshold of (t, e) is the score of *another* expert: add −dz/σ "
                                 "to H at that expert's column, not at e's own."),
-                  (_scatter(-dz_cdf / sigma, who), phi_hint)],
+                  (_scatter(-dz_cdf / sigma, who), phi_hint),
+                  (_assigned(-dz / sigma, who),
+                   "Several (t, e) share one threshold expert, and `dH[rows, who] -= ...` (or `+=`) "
+                   "with repeated indices keeps only one of their contributions: NumPy's fancy-index "
+                   "update is buffered. Use np.add.at(dH, (rows, who), -dz / σ), as the lesson warns.")],
             "L": [(dz_cdf / sigma, phi_hint),
                   (dz, "Chain rule through the division: z = (L − thr)/σ, so dL = dz/σ.")],
             "sigma": [(dz * z / sigma, "Wrong sign: z = (L − thr)/σ decreases as σ grows, dσ = −dz · z/σ."),
@@ -213,14 +226,31 @@ def smooth_load_backward(fn):
             f"(worst relative error {worst:.1e}).")
 
 
-@LESSON.exercise("switch_loss")
+@LESSON.exercise("switch_loss", forbid=[switch_loss_ref, losses.switch_loss_forward,
+                                       losses.switch_loss_backward])
 def switch_loss(fn):
     worst = 0.0
-    for seed, (T, E) in enumerate([(8, 4), (1, 3), (12, 6), (5, 5)]):
+    for seed, (T, E) in enumerate([(8, 4), (1, 3), (12, 6), (5, 5), (7, 4)]):
         probs = np.exp(scores(550 + seed, T, E))
+        if seed == 4:                      # an idle last expert: nobody's first choice
+            probs[:, -1] *= 1e-3
         probs /= probs.sum(axis=1, keepdims=True)
         first = np.argmax(probs, axis=1)
-        out = call(fn, probs, first, name="switch_loss")
+        try:
+            out = call(fn, probs, first, name="switch_loss")
+        except Blank:
+            raise
+        except Fail as e:
+            if first.max() < E - 1 and "raised" in str(e):
+                raise Fail(f"{e}. In this case no patient's first choice is the last expert, so "
+                           f"np.bincount(first_choice) has fewer than E = {E} entries: pass "
+                           f"minlength=E.") from None
+            raise
+        if first.max() < E - 1 and isinstance(out, tuple) and len(out) == 2 \
+                and np.shape(out[1]) != probs.shape and np.shape(out[1])[-1:] == (first.max() + 1,):
+            raise Fail(f"with no patient sent first to the last expert, your dprobs has "
+                       f"{np.shape(out[1])[-1]} columns instead of E = {E}: np.bincount needs "
+                       f"minlength=E, so an idle expert still gets f_e = 0.")
         if not isinstance(out, tuple) or len(out) != 2:
             raise Fail("switch_loss should return a pair (loss, dprobs)")
         loss, dprobs = out
@@ -230,7 +260,10 @@ def switch_loss(fn):
         expect_number("loss", loss, want, rtol=1e-8, mistakes=[
             (np.dot(f, P), "Multiply by E: at perfect balance f = P = 1/E, so Σ f P = 1/E, and the "
                            "factor E makes the loss exactly 1 whatever the number of experts."),
-            (E * np.dot(f, probs.sum(axis=0)), "P_e is the *mean* router probability over tokens, not the sum."),
+            (E * np.dot(f, probs.sum(axis=0)),
+             "Your loss is T times too large: f_e is the *fraction* of the tokens whose first choice is "
+             "e (the count divided by T) and P_e the *mean* router probability over tokens (not the "
+             "sum) — one of the two is a total instead of an average."),
             (E * np.dot(P, P), "f_e is the fraction of tokens whose *first choice* is e (a count), not the "
                                "mean probability: use np.bincount(first_choice, minlength=E) / T."),
         ])
@@ -248,5 +281,6 @@ def switch_loss(fn):
             (row(E * P / T), "You differentiated with respect to f instead of P: the gradient of "
                              "E Σ f_e P_e with respect to probs_te is E f_e / T."),
         ]}))
-    return (f"loss = E · Σ f·P and dprobs = E f / T (f carries no gradient) are right on 4 cases "
+    return (f"loss = E · Σ f·P and dprobs = E f / T (f carries no gradient) are right on 5 cases, "
+            f"one with an idle last expert "
             f"(worst relative error {worst:.1e}).")

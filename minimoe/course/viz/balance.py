@@ -14,6 +14,13 @@ __all__ = ["plot_expert_load", "plot_load_shares", "plot_balance_options", "plot
            "plot_balance_runs", "plot_appointment_book", "plot_drop_rates"]
 
 
+def _balance_lines(ax, E):
+    """Perfect balance, E equal bands: dark dashed lines at shares 1/E, 2/E, ... that stay
+    visible on every band colour (the helper's thin white ones vanish on light bands)."""
+    for y in np.arange(1, E) / E:
+        ax.axhline(y, color="black", lw=1.1, ls="--", alpha=0.75, zorder=3)
+
+
 def plot_expert_load(history, path=None, title="Patients per specialist during training"):
     """Share of referrals each expert processed, over training (a stacked area).
 
@@ -26,9 +33,10 @@ def plot_expert_load(history, path=None, title="Patients per specialist during t
         raise ValueError("this history has no expert load (train an MoE clinic)")
     fig, ax = plt.subplots(figsize=(7, 4))
     total = _stack_load_shares(ax, history.epoch, load)
+    _balance_lines(ax, load.shape[1])
     ax.set_xlabel("epoch")
     ax.set_ylabel("share of referrals")
-    ax.set_title(title + "\n(dotted lines: perfect balance)", fontsize=11)
+    ax.set_title(title + "\n(dashed lines: perfect balance)", fontsize=11)
     ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)
     dropped = np.asarray(history.dropped, dtype=np.float64)
     if dropped.any():
@@ -44,17 +52,18 @@ def plot_load_shares(histories, path=None, title="Who gets the patients, over tr
     """Lesson 05: each expert's share of the referrals over training, one stacked panel per run.
 
     ``histories``: ``{panel title: History}`` of MoE clinics. Perfect balance is E equal
-    bands (dotted lines); collapse is a few bands swallowing the rest.
+    bands (dashed lines); collapse is a few bands swallowing the rest.
     """
     plt = _plt()
     n = len(histories)
     fig, axes = plt.subplots(1, n, figsize=(4.6 * n + 1.4, 3.6), squeeze=False, sharey=True)
     for ax, (name, h) in zip(axes[0], histories.items()):
         _stack_load_shares(ax, h.epoch, h.load_array())
+        _balance_lines(ax, np.shape(h.load_array())[1])
         ax.set(xlabel="epoch", title=name)
     axes[0][0].set_ylabel("share of referrals")
     axes[0][-1].legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)
-    fig.suptitle(title + "  (dotted: perfect balance)", fontsize=11)
+    fig.suptitle(title + "  (dashed: perfect balance)", fontsize=11)
     fig.tight_layout()
     return _finish(fig, path)
 
@@ -72,9 +81,7 @@ def plot_balance_options(results, path=None, title="What each balancing option b
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.9))
     for i, (ax, (key, label, color)) in enumerate(zip(axes, panels)):
         _bar_panel(ax, names, [results[n][key] for n in names], xlabel=label, color=color, show_names=i == 0)
-    if "acc" in results[names[0]]:
-        accs = [results[n]["acc"] for n in names]
-        axes[1].set_xlim(min(accs) - 0.1, max(accs) + 0.05)
+    # the accuracy axis starts at 0 (the default), so the bars' lengths compare honestly
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     return _finish(fig, path)
