@@ -48,8 +48,11 @@ from minimoe.checks import lesson06 as check
 #
 # $$C = \Big\lceil \text{capacity\_factor} \cdot \frac{T\,k}{E} \Big\rceil .$$
 #
-# Switch Transformers train with a factor of 1.0–1.25; a factor below 1 guarantees drops
-# even for a perfect GP. Round up, so that a perfectly balanced GP never turns anyone away.
+# Switch Transformers train with a factor of 1.0–1.25. A factor below 1 usually means drops
+# even for a perfect GP, but not always: the ceiling can round the books back up. With
+# $T = 10$, $E = 4$, $k = 1$ and a factor of 0.9, $C = \lceil 2.25 \rceil = 3$, so there are
+# 12 slots for 10 patients. Only $C \cdot E < T k$ guarantees that someone is turned away.
+# Round up, so that a perfectly balanced GP never turns anyone away.
 # One trap: floating point. With $T = 100$, $k = 1$, $E = 10$ and a factor of 1.1,
 # `1.1 * 100 * 1 / 10` is `11.000000000000002`, and `math.ceil` of that is 12 — a slot
 # nobody meant to add. Round to a few decimals before the ceiling. By minimoe's convention
@@ -80,10 +83,12 @@ check.expert_capacity(expert_capacity)
 #    their *first* choice are booked before anyone who picked them second.
 # 2. **First come, first served.** Within the same choice rank, earlier tokens first.
 #
-# The rule depends only on the referrals `idx` $(T,k)$ and the token positions, never on the
-# gate values, so capacity adds no kinks of its own to the gradient (lesson 04): the booked
-# set changes only when a referral does. Ten patients, four specialists, $k = 2$, capacity
-# factor 1:
+# minimoe's rule depends only on the referrals `idx` $(T,k)$ and the token positions, never
+# on the gate values, so capacity adds no kinks of its own to the gradient (lesson 04): the
+# booked set changes only when a referral does. That is a choice, not a law. V-MoE's *Batch
+# Prioritized Routing* (Riquelme et al. 2021) books the most confident patients first, by
+# their gate values, and so turns away the uncertain ones when the books are full. Ten
+# patients, four specialists, $k = 2$, capacity factor 1:
 
 # %%
 T, E, k = 10, 4, 2
@@ -366,7 +371,8 @@ plt.show()
 #    dropped most often, and why might that be a problem? (Think of a long prompt.)
 # 4. Instead of dropping, a full specialist's patient could be sent to their *next* choice
 #    that has room. What would that cost in the sort-based plan?
-# 5. Why must the priority rule not depend on the gate values?
+# 5. minimoe's priority rule ignores the gate values; V-MoE's batch-prioritised routing uses
+#    them. What does a gate-based priority change for the gradient, and what does it buy?
 
 # %% [markdown]
 # ### BEGIN SOLUTION
@@ -386,10 +392,12 @@ plt.show()
 # 4. A second pass: take the dropped assignments, re-route them to the next-best expert with
 #    room, and plan again — more sorting, more data movement, and it can cascade. Dropping is
 #    the cheap rule; rerouting trades speed for fewer losses.
-# 5. The booked set would then change with every tiny change of the gates, adding kinks
-#    (lesson 04) all over the loss; and the priority would itself become something the model
-#    could learn to game. Depending only on `idx` and positions, the kept set changes only
-#    when a referral does.
+# 5. With a gate-based priority the booked set also changes when two patients' gates swap
+#    order, so there are more kinks (lesson 04) in the loss, and the priority is something the
+#    router can learn to game. Depending only on `idx` and positions, the kept set changes only
+#    when a referral does. What it buys (Riquelme et al. 2021): when books are full, the
+#    patients the GP is least sure about are turned away rather than the late ones, which
+#    lets V-MoE run with capacity factors well below 1 and lose little accuracy.
 # ### END SOLUTION
 
 # %%

@@ -188,7 +188,9 @@ plt.show()
 # * With **another seed**, the same 8 experts group the specialties differently: other
 #   merges, other splits, a different accuracy.
 #
-# As one essay on MoE metaphors puts it: experts define **clusters, not classes**.
+# Douglas Orr's essay on the mixture-of-experts metaphor (*Deep Learning Metaphors*, 2023,
+# douglasorr.github.io/2023-03-deep-metaphors/mixture_of_experts.html) puts it in four
+# words: experts define **clusters, not classes**.
 # An expert "for cardiology" is a story we tell after the fact; sometimes it fits well,
 # sometimes it is a fuzzy match, sometimes there is no human word for the cluster at all.
 #

@@ -33,11 +33,19 @@
 # `sample`, `expert_usage`) and `minimoe/lm/corpus.py` (the clinic notes).
 
 # %% [markdown]
-# **Quick mode.** With `QUICK = True` (the default) the notebook runs in well under a minute
-# on 2 CPU cores (about 10 seconds on an idle machine): one seed per clinic and the small
-# language model of `lm_train.QUICK` (4 experts, 150 steps). Set `QUICK = False` for the full
-# version — three seeds per clinic, language models with 8 experts trained for 1,000 steps on
-# more notes, and every router kind inside the language model — which takes about two minutes.
+# **Quick mode.** With `QUICK = True` (the default) the notebook runs in under a minute on 2
+# CPU cores (10–15 seconds when the machine is idle, longer when it is shared): one seed per
+# clinic and the small language model of `lm_train.QUICK` (4 experts, 150 steps). Set
+# `QUICK = False` for the full version — three seeds per clinic, language models with 8 experts
+# trained for 1,000 steps on more notes, and every router kind inside the language model —
+# which takes a few minutes.
+#
+# **One BLAS thread.** Every matrix here is small (at most a few thousand rows of width 32).
+# For such matrices a multi-threaded BLAS spends more time waking and synchronising its
+# threads than multiplying, and on a shared 2-core machine its threads fight the other
+# programs for the cores: the cell after the imports limits numpy's BLAS to one thread (with
+# `threadpoolctl`, if installed), which made this notebook several times faster on a busy
+# machine and no slower on an idle one.
 
 # %%
 try:  # the course's packages; if one is missing, say how to install them all
@@ -71,6 +79,13 @@ from minimoe.beyond.shared_experts import SharedExpertMoELayer
 from minimoe.clinic.train import evaluate, train
 from minimoe.lm.transformer import MoETransformerBlock
 from minimoe.checks import lesson09 as check
+
+# %%
+try:                                                     # small matrices: one BLAS thread is faster
+    from threadpoolctl import threadpool_limits
+    _blas_limit = threadpool_limits(limits=1, user_api="blas")
+except ImportError:                                      # threadpoolctl is optional
+    pass
 
 # %% [markdown]
 # ## 1. The specialists pick their patients: expert choice
@@ -271,8 +286,11 @@ check.bias_update(bias_update)
 # Watch the receptionist at work. A GP has collapsed: every patient walks in tired (lesson 05)
 # and its scores favour specialists 0 and 1 for everyone, so with $k = 2$ the other six sit
 # idle (load CV $= \sqrt 3 \approx 1.73$). Its weights are frozen; only the bias moves, by
-# $\gamma = 0.02$ per step. Wang et al. add the bias to the *scores* $s$; minimoe adds it to
-# the *logits* $L$ (for softmax scores: it multiplies each probability by $e^{b}$). We try both.
+# $\gamma = 0.02$ per step — **20 times the paper's** $u = 0.001$, so that 300 steps show the
+# whole story (at the paper's rate each bias moves at most 0.3 in 300 steps; the last cell of
+# this section runs it for longer). Wang et al. add the bias to the *scores* $s$; minimoe adds
+# it to the *logits* $L$ (for softmax scores: it multiplies each probability by $e^{b}$). We
+# try both.
 
 # %%
 d, E, k = 8, 8, 2
@@ -309,8 +327,20 @@ plt.show()
 
 # %% [markdown]
 # On the logits, the bias walks down for the two busy specialists and up for the idle six
-# until the load is nearly even — with the GP's weights untouched. On the scores it never
-# settles: the whole waiting room swings from one group of specialists to another. Why?
+# until the load is nearly even — with the GP's weights untouched. On the scores, at this
+# rate, it never settles: the whole waiting room swings from one group of specialists to
+# another. Is that only the large step? At the paper's rate $\gamma = 0.001$, 20 times more
+# steps give each bias the same distance to travel:
+
+# %%
+slow = {where: steer(where, 0.001, steps=6000)["cv"] for where in ("logits", "scores")}
+for where, cv in slow.items():
+    print(f"γ = 0.001, bias on the {where:<7} load CV: mean of the last 1,000 of 6,000 steps "
+          f"{cv[-1000:].mean():.2f}")
+
+# %% [markdown]
+# The slow receptionist gets the logit-scale load nearly even too, and the score scale stays
+# far from balance: a smaller step shrinks the swings, not the problem. Why?
 # What the bias competes with is how much the patients *differ*. Compare the spread of each
 # specialist's logit and score across patients:
 
@@ -504,7 +534,8 @@ plt.show()
 # * **The hash receptionist** has no balancing machinery at all, and its load is only as even
 #   as the intake codes: the shared complaint makes a few answer codes very common, their
 #   specialists' books overflow, and a third of the patients are turned away everywhere. It
-#   cannot learn better clusters either: the worst clinic here.
+#   cannot learn better clusters either: it diagnoses about as badly as the collapsed GP
+#   (within 0.02 of it), far below every balanced clinic.
 # * **Shared + fine-grained** diagnoses about as well as the balanced GP. Its promise — finer
 #   specialisation at equal compute — needs more data and experts than this toy clinic.
 #
@@ -632,15 +663,20 @@ for name, q in lms.items():
         assert np.isclose(mi_class, u.mi_class) and np.isclose(mi_topic, u.mi_topic)
         mi_rows.append(dict(name=f"{name}, block {layer}", class_frac=mi_class / u.h_class,
                             topic_frac=mi_topic / u.h_topic))
+        load = u.counts_class.sum(axis=1)                # assignments per expert
         print(f"{name + ', block ' + str(layer):<32} I(expert; class) {mi_class:.3f} nats "
               f"({100 * mi_class / u.h_class:4.1f}% of H)   I(expert; topic) {mi_topic:.4f} nats "
-              f"({100 * mi_topic / u.h_topic:4.1f}% of H)")
+              f"({100 * mi_topic / u.h_topic:4.1f}% of H)   load CV {load.std() / load.mean():.2f}")
 fig = viz.plot_class_vs_topic(mi_rows)
 plt.show()
 
 # %% [markdown]
 # In every block of every model the expert says far more about the word's **class** than
-# about the note's **topic** — the topic information is almost nil. Where does each class go?
+# about the note's **topic** — the topic information is almost nil. Note the load CV too:
+# in the quick run the learned model's block 1 is far from balanced (load CV about 0.5,
+# against about 0.2 in block 0). The quick language model trains with no balancing loss, so
+# nothing stops a block from favouring some experts; keep that in mind when comparing its
+# blocks. Where does each class go?
 
 # %%
 fig = viz.plot_expert_classes({"learned, block 0": usage[("learned (top-2)", 0)].counts_class,
@@ -663,10 +699,10 @@ plt.show()
 # the token's embedding (plus its position and one attention step), so "experts specialise
 # in syntax, not topics" is largely explained by **routing being a function of the current
 # token**, not by the experts discovering syntax. Deeper blocks, whose inputs mix in more
-# context, are where a learned router could show more — block 1 reveals a little more about
-# the class, and (with `QUICK = False`) a little more about the topic, than block 0, but the
-# topic stays under 1–2% of its entropy. Before crediting a router with specialisation,
-# compare it with a hash baseline on the same tokens.
+# context, are where a learned router could show more. In the quick run block 1 reveals a
+# little more about the class than block 0 (while less balanced, above) and no more about the
+# topic: in every block the topic stays under 1% of its entropy. Before crediting a router
+# with specialisation, compare it with a hash baseline on the same tokens.
 
 # %% [markdown]
 # ## Questions to think about

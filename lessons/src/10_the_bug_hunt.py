@@ -112,8 +112,8 @@ print(bugs.gradient_matches_finite_differences(
 # does all $T \times E$ pairs at once: compare an `(S, T, E, 1)` array with a `(1, T, 1, E)`
 # one, then subtract each expert's comparison with itself.)
 #
-# **`fixed_smooth_load`**: the same as the buggy code above, with the thresholds read off the
-# noisy scores `noisy` instead. Return only the load $(E,)$.
+# **`fixed_smooth_load`**: the estimator the buggy code above should have been, with the bar
+# read in the right units (which array did the formula say?). Return only the load $(E,)$.
 
 # %%
 def load_is_honest(smooth_load, clean, noisy, sigma, k, rng, n_samples=4000, tol=0.15):
@@ -206,9 +206,9 @@ print("buggy backward, largest |dprobs|:", np.abs(bugs.bug2_switch_loss_backward
 # work on a copy) and `gradcheck.rel_error`, with a pass below `1e-6`.
 #
 # **`fixed_switch_loss_backward`**: the backward the buggy code should have had. The cache
-# holds `f` $(E,)$ and `shape` $= (T, E)$. Since $P_e = \frac1T\sum_t \text{probs}_{te}$,
-# $\partial\,\text{loss}/\partial\,\text{probs}_{te} = E f_e / T$, times `dloss`.
-# Return `(dprobs, {})` like minimoe.
+# holds `f` $(E,)$ and `shape` $= (T, E)$. Derive $\partial\,\text{loss}/\partial\,\text{probs}_{te}$
+# yourself from $\text{loss} = E \sum_e f_e P_e$ (remember what $P_e$ is, and that $f$ is a
+# count with no gradient), multiply by `dloss`, and return `(dprobs, {})` like minimoe.
 
 # %%
 def switch_loss_gradcheck(forward, backward, probs, first_choice):
@@ -249,8 +249,10 @@ show(bugs.bug3_dead_router_layer)
 # %% [markdown]
 # ### Exercise 3 — is anybody training the GP?
 #
-# **`router_learns`**: run one training forward pass of `layer` on `x`, a backward pass with a
-# random `dy` from `rng` (the shape of the output), and return `True` if `layer.grads["W_gate"]`
+# **`router_learns`**: run one training forward pass of `layer` on `x`
+# (`layer.forward(x, train=True)`: the layer draws its router noise from its own generator, so
+# `forward` takes no `rng`), then a backward pass with a random `dy` of the output's shape
+# drawn from `rng` — that is all `rng` is for — and return `True` if `layer.grads["W_gate"]`
 # — and `layer.grads["W_noise"]` if the layer has it — is not *exactly* zero.
 #
 # **`fixed_top1_layer`**: return an `MoELayer(d, h, E, ...)` with `k=1` and `rng=rng` whose
@@ -381,8 +383,10 @@ show(bugs.bug5_renormalize_backward)
 # **`gates_sum_is_constant`**: run `forward(p, idx)`, then `backward(np.ones_like(g), cache)`,
 # and return `True` if the resulting `dp` is zero up to rounding (say `atol=1e-10`).
 #
-# **`fixed_renormalize_backward`**: the correct backward for the cache `(g, s, idx, shape)`:
-# at the chosen experts $dp_j = (dg_j - \langle dg, g\rangle)/s$ per token, 0 elsewhere.
+# **`fixed_renormalize_backward`**: the correct backward for the cache `(g, s, idx, shape)`.
+# Apply the quotient rule to $g_j = p_j / s$ with $s = \sum_{j'} p_{j'}$ over the chosen
+# experts — every chosen $p$ appears in $s$ too — and write the result with $g$ and $s$; the
+# experts not chosen get 0. Your property test above tells you whether you got it right.
 # Return `(dp, {})`.
 
 # %%

@@ -7,6 +7,10 @@ mirrors minimoe's own API, so the correct version can be swapped in and the same
 check run on both. Lesson 10 tells the stories; tests/test_bugs.py shows that each
 check fails on the bug and passes on minimoe.
 
+Lesson 10 prints the buggy functions' source with ``show()`` *before* the learner writes
+the fix, so their docstrings describe the symptom and where the bug is, never the fix:
+the fixes are the table's middle column, and :data:`FIXES` says each in a sentence.
+
 | # | the bug | minimoe's version | the check that catches it |
 |---|---|---|---|
 | 1 | Φ compares logits with softmax *probabilities* | ``losses.load_loss_*`` | :func:`load_matches_sampling`, :func:`balances_real_load` |
@@ -34,7 +38,7 @@ from ..core.router import router_logits_backward, router_logits_forward, topk_in
 from ..validate import check_array, check_int, check_rng
 
 __all__ = [
-    "Finding", "BUGS",
+    "Finding", "BUGS", "FIXES",
     "bug1_load_loss_forward", "bug1_load_loss_backward",
     "bug2_switch_loss_forward", "bug2_switch_loss_backward", "bug3_dead_router_layer",
     "bug4_router_logits_forward", "bug4_router_logits_backward", "NoisyEvalMoE",
@@ -50,6 +54,16 @@ BUGS = {
     3: "the dead router at k=1",
     4: "noise left on at evaluation",
     5: "renormalizing with a constant",
+}
+
+# The fixes, kept out of the buggy functions' docstrings (which lesson 10 shows before its exercises).
+FIXES = {
+    1: "read the thresholds off the noisy scores H, the units of L (losses.load_loss_forward)",
+    2: "keep P_e in the computation: d loss / d probs[t, e] = E · f_e / T (losses.switch_loss_backward)",
+    3: "gate='switch' (keep p_e, as the Switch Transformer does) or a loss that reaches the router, "
+       "balance='switch' or 'load' ('importance' stops at the gate too)",
+    4: "add the noise only when train is True (router.router_logits_forward)",
+    5: "the whole quotient rule: dp_j = (dg_j − ⟨dg, g⟩) / s at the chosen experts (router.renormalize_backward)",
 }
 
 
@@ -91,8 +105,7 @@ def bug1_load_loss_forward(clean, noisy, sigma, k):
 
         P(t,e) = Φ((L_te − kth_excluding(softmax(H_t), k, e)) / σ_te)     ← mixed units
 
-    minimoe (``losses.load_loss_forward``) reads the bar off H itself, the same
-    units as L. Same arguments and return as that function; its backward
+    Same arguments and return as ``losses.load_loss_forward``; its backward
     (:func:`bug1_load_loss_backward`) is the *correct* derivative of this wrong
     forward, so a gradient check passes. The loss runs, decreases, even reaches 0,
     while the real load stays unbalanced: it balances the wrong thing. Needs k < E.
@@ -234,9 +247,7 @@ def bug3_dead_router_layer(d_model, d_hidden, n_experts, rng=None, dtype=np.floa
     whatever the outcome, the letter was right, so the GP never learns.* With k = 1
     the renormalized gate ``p_e / p_e`` is exactly 1, the task gradient into the router
     is exactly 0 (``router.topk_gate_backward``), and with no balancing loss nothing
-    else reaches ``W_gate`` or ``W_noise``. Fixes: ``gate="switch"`` (keep ``p_e``, as
-    the Switch Transformer does) or a loss that reaches the router (``balance="switch"``
-    or ``"load"``; ``"importance"`` does *not*, it also stops at the gate).
+    else reaches ``W_gate`` or ``W_noise``. (The fixes: :data:`FIXES` [3].)
     """
     return MoELayer(d_model, d_hidden, n_experts, k=1, gate="topk", noisy=True, balance=None,
                     dtype=dtype, rng=rng)
@@ -305,8 +316,8 @@ def bug5_renormalize_forward(p, idx):
 
 
 def bug5_renormalize_backward(dg, cache):
-    """What autograd computes when ``s`` is detached: ``dp_j = dg_j / s`` — the
-    ``− ⟨dg, g⟩ / s`` of the quotient rule is missing. Returns ``(dp (T,E), {})``."""
+    """What autograd computes when ``s`` is detached: ``dp_j = dg_j / s``, as if ``s``
+    did not depend on ``p``. Returns ``(dp (T,E), {})``."""
     g, s, idx, shape = cache
     dp = np.zeros(shape, dtype=g.dtype)
     dp[_rows(shape[0]), idx] = dg / s                       # the bug

@@ -251,3 +251,30 @@ def test_bug5_property_check_sum_of_gates_is_constant(k):
     assert bugs.gates_sum_has_zero_gradient(router.renormalize_forward, router.renormalize_backward, p, idx)
     bad = bugs.gates_sum_has_zero_gradient(bugs.bug5_renormalize_forward, bugs.bug5_renormalize_backward, p, idx)
     assert not bad and "must be 0" in bad.message
+
+
+# ----------------------------------------------------------------------------- lesson 10 gives nothing away
+def test_the_buggy_code_lesson_10_shows_does_not_state_its_fix():
+    """Lesson 10 prints each buggy function with show() before the exercise that asks for the fix;
+    what it prints names the bug, never the fix (that is bugs.FIXES, which the lesson never shows)."""
+    import inspect
+    import re
+    from pathlib import Path
+    src = (Path(__file__).resolve().parents[2] / "lessons" / "src" / "10_the_bug_hunt.py").read_text("utf-8")
+    shown = re.findall(r"show\(bugs\.(\w+)\)", src)
+    assert len(shown) >= 5
+    giveaways = ["load_loss_forward) reads", "reads the bar off H", 'gate="switch"', "gate='switch'",
+                 'balance="switch"', "⟨dg, g⟩", "E · f_e / T", "E*f/T", "Fixes:", "only when train"]
+    for name in shown:
+        text = inspect.getsource(getattr(bugs, name))
+        assert not [g for g in giveaways if g in text], (name, [g for g in giveaways if g in text])
+    assert "bugs.FIXES" not in src and set(bugs.FIXES) == set(bugs.BUGS)
+
+
+def test_lesson_10_exercise_text_does_not_spell_out_the_backward_formulas():
+    from pathlib import Path
+    src = (Path(__file__).resolve().parents[2] / "lessons" / "src" / "10_the_bug_hunt.py").read_text("utf-8")
+    student = src.split("### BEGIN SOLUTION")[0]          # nothing of the answers before the first exercise
+    assert "= E f_e / T" not in src and "(dg_j - \\langle dg, g\\rangle)/s" not in src
+    assert "forward` takes no `rng`" in src                # router_learns: rng is only for dy
+    assert student

@@ -82,6 +82,12 @@ class TestGraders(GraderContract):
     LESSONS = (lesson07.LESSON,)
     CASES = CASES
     NONE_IS_VALID = (lesson07.epochs_to_reach,)         # None: the target was never reached
+    NO_GENERIC_NEAR_MISS = ("matched_width",)           # an int: no float to nudge
+    NEAR_MISSES = {
+        "matched_width": [(lambda d, h, E, k: width(d, h, E, k) + (E == 7), None),      # right for 3 shapes of 4
+                          (lambda d, h, E, k: width(d, h, E, k) + 1e-6, None)],
+        "epochs_to_reach": [(lambda e, a, t: None if reach(e, a, t) is None else reach(e, a, t) * (1 + 1e-6), None)],
+    }
 
 
 def test_a_step_that_draws_extra_noise_gets_the_general_explanation():

@@ -62,7 +62,9 @@ CASES = [
         (lambda sp, S: split(sp, S, by="diagnosis"), "by their diagnosis y"),
         (lambda sp, S: split(sp, S, skip_empty=True), "still gets its (empty) Split"),
         (lambda sp, S: split(sp, S, filter_y=False), "with the same mask"),
-        (lambda sp, S: [tuple(s) for s in split(sp, S)][::-1], "holds the patients of specialty"),
+        (lambda sp, S: split(sp, S)[::-1], "holds the patients of specialty"),
+        (lambda sp, S: [tuple(s) for s in split(sp, S)], "plain tuple"),
+        (lambda sp, S: [list(s) for s in split(sp, S)], "plain list"),
         (lambda sp, S: [Split(p.x[::-1], p.y[::-1], p.specialty) for p in split(sp, S)],
          "holds the wrong patients"),
     ]),
@@ -75,9 +77,24 @@ CASES = [
 ]
 
 
+def predict_everyone_everywhere(members, x, route):
+    """Right logits, but every member examines every patient (one call each) and one answer is
+    kept: the dense MoE's cost dressed as a referral."""
+    every = np.stack([m.forward(x) for m in members])          # (M, N, C)
+    return every[route, np.arange(len(route))]
+
+
 class TestGraders(GraderContract):
     LESSONS = (lesson08.LESSON,)
     CASES = CASES
+    NO_GENERIC_NEAR_MISS = ("split_by_specialty",)    # it selects patients: nudging x would be a different mistake
+    NEAR_MISSES = {
+        "split_by_specialty": [(lambda sp, S: [Split(p.x * (1 + 1e-6), p.y, p.specialty) for p in split(sp, S)],
+                                "holds the wrong patients")],
+    }
+    RULE_BREAKING = {
+        "referral_predict": [(predict_everyone_everywhere, "opposite of a sparse MoE")],
+    }
 
 
 def test_split_that_modifies_its_input_is_caught():

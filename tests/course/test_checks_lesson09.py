@@ -15,8 +15,9 @@ from minimoe.core.moe import MoELayer
 
 
 # ----------------------------------------------------------------------------- independent answers
-def select(S, C, *, order=1, rows=False, renorm=False, first=False, whole_rows=False):
-    """Expert choice written with a loop over experts and argpartition (unsorted picks)."""
+def select(S, C, *, order=1, rows=False, renorm=False, first=False, whole_rows=False, best_first=True):
+    """Expert choice written with a loop over experts and argpartition, then sorted best first
+    (``best_first=False``: argpartition's unordered picks, a near miss of the docstring's order)."""
     T, E = S.shape
     if rows:                                            # the mistake: token choice
         idx = np.argsort(-S, axis=1)[:, :C]
@@ -24,6 +25,8 @@ def select(S, C, *, order=1, rows=False, renorm=False, first=False, whole_rows=F
     idx = np.zeros((E, C), dtype=np.int64)
     for e in range(E):
         idx[e] = np.argpartition(-order * S[:, e], C - 1)[:C] if C < T else np.arange(T)
+        if best_first:
+            idx[e] = idx[e][np.argsort(-order * S[idx[e], e], kind="stable")]
     if whole_rows:
         return idx, S[idx]
     gates = S.T[:, :C] if first else np.array([S[idx[e], e] for e in range(E)])
@@ -76,7 +79,8 @@ def mi(counts, *, log=np.log, conditional=False, normalise=True, mask=True):
         terms = p * log(p / pe) if conditional else p * log(p / (pe * pk))
     if mask:
         terms = np.where(p > 0, terms, 0.0)
-    return -float(np.sum(terms)) if conditional else float(np.sum(terms))
+    value = -float(np.sum(terms)) if conditional else float(np.sum(terms))
+    return 0.0 if abs(value) < 1e-14 else value         # an independent table: I = 0, not rounding noise
 
 
 CASES = [
@@ -116,9 +120,70 @@ CASES = [
 ]
 
 
+def select_token_loop(S, C):
+    """Right, best first, but with a Python loop over the tokens (an insertion into each list)."""
+    T, E = S.shape
+    lists = [[] for _ in range(E)]
+    for t in range(T):
+        for e in range(E):
+            lists[e].append((S[t, e], t))
+    idx = np.array([[t for _, t in sorted(lst, key=lambda p: -p[0])[:C]] for lst in lists], dtype=np.int64)
+    return idx, np.take_along_axis(S.T, idx, axis=1)
+
+
+def combine_backward_token_loop(dy, yg, gates, idx):
+    E, C, d = yg.shape
+    dyg, dS = np.zeros_like(yg), np.zeros((dy.shape[0], E))
+    for e in range(E):
+        for c in range(C):                              # one pick at a time: a loop over tokens
+            t = idx[e, c]
+            dyg[e, c] = gates[e, c] * dy[t]
+            dS[t, e] = dy[t] @ yg[e, c]
+    return dyg, dS
+
+
+def select_for_one_shape(S, C):
+    """Right when C < T; when an expert takes every token (C = T) it forgets to sort."""
+    T, E = S.shape
+    return select(S, C, best_first=C < T)
+
+
+def report_without_minlength(idx, kept, E):
+    load, cv, n = report(idx, kept, E)
+    load = np.bincount(idx[kept])
+    return load, load.std() / load.mean(), n
+
+
+def calling(f, right):
+    def cheat(*a):
+        try:
+            f(*a)
+        except Exception:
+            pass
+        return right(*a)
+    return cheat
+
+
 class TestGraders(GraderContract):
     LESSONS = (lesson09.LESSON,)
     CASES = CASES
+    NEAR_MISSES = {
+        "expert_choice_select": [(lambda S, C: select(S, C, best_first=False), "best first"),
+                                 (select_for_one_shape, "best first")],
+        "routing_report": [(report_without_minlength, "minlength=n_experts")],
+    }
+    RULE_BREAKING = {
+        "expert_choice_select": [(select_token_loop, "grows with the number of tokens")],
+        "expert_choice_combine_backward": [(combine_backward_token_loop, "grows with the number of tokens")],
+    }
+
+
+def test_calling_minimoe_for_the_bias_update_fails():
+    from minimoe.beyond import lossfree
+    for f in (lossfree.bias_update, lesson09.bias_update_ref):
+        res = lesson09.bias_update(calling(f, nudge))
+        assert not res.passed and f"you called `{f.__module__}.{f.__qualname__}`" in res.message
+    assert lesson09.bias_update(nudge).passed
 
 
 def test_in_place_changes_are_caught():
@@ -130,7 +195,7 @@ def test_in_place_changes_are_caught():
 
 def test_selection_with_the_wrong_experts_names_the_expert():
     def off_by_one(S, C):
-        idx, _ = lesson09.expert_choice_select_ref(S, C)
+        idx, _ = select(S, C)                             # the learner's own (calling the reference is forbidden)
         idx = idx.copy()
         idx[-1] = np.argsort(-S[:, -1])[1:C + 1]          # the last expert skips its best token
         return idx, np.take_along_axis(S.T, idx, axis=1)

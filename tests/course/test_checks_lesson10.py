@@ -250,3 +250,75 @@ def test_solution_fixes_pass_the_reference_checks_of_minimoe_bugs(solution):
         assert bugs.gates_sum_has_zero_gradient(bugs.bug5_renormalize_forward, fixed5, p5, idx)
         assert bugs.gradient_matches_finite_differences(bugs.bug5_renormalize_forward, fixed5, p5,
                                                         kwargs={"idx": idx})
+
+
+# ----------------------------------------------------------------------------- near misses and rule-breaking answers
+def _scaled(fix, factor):
+    """A fix whose numbers are off by a relative ``factor - 1``: a near miss."""
+    def near(*a, **k):
+        out = fix(*a, **k)
+        return (out[0] * factor, out[1]) if isinstance(out, tuple) else out * factor
+    return near
+
+
+@pytest.mark.parametrize("rel", [1e-3, 1e-6])
+def test_near_misses_of_each_fix_fail(rel):
+    f = 1 + rel
+    assert_fail(lesson10.mixed_units(honest, _scaled(smooth_load, f)))
+    assert_fail(lesson10.no_gradient(gradcheck, _scaled(switch_backward, f)))
+    assert_fail(lesson10.detached_sum(sum_is_constant, _scaled(renorm_backward, f)))
+    assert_fail(lesson10.noisy_eval(deterministic, lambda *a, **k: logits(*a, **k) * f))
+
+
+def test_allclose_where_exactly_equal_is_asked_fails():
+    assert_fail(lesson10.noisy_eval(lambda predict: bool(np.allclose(predict(), predict())), logits),
+                "*exactly* equal", "np.array_equal")
+
+
+def test_the_quotient_rule_with_its_sign_flipped_is_named():
+    def plus(dg, cache):
+        g, s, idx, shape = cache
+        dp = np.zeros(shape)
+        dp[np.arange(shape[0])[:, None], idx] = (dg + (dg * g).sum(axis=1, keepdims=True)) / s
+        return dp, {}
+    assert_fail(lesson10.detached_sum(sum_is_constant, plus), "Sign flip", "subtracted")
+
+
+@pytest.mark.parametrize("wrong, fragment", [
+    (lambda x, Wg, Wn, *, rng, train: x @ Wg + (rng.standard_normal((x.shape[0], Wg.shape[1])) if train else 0),
+     "ε alone"),
+    (lambda x, Wg, Wn, *, rng, train: x @ Wg + (rng.standard_normal((x.shape[0], Wg.shape[1])) * (x @ Wn)
+                                                if train else 0), "can be negative"),
+    (lambda x, Wg, Wn, *, rng, train: x @ Wg + (rng.standard_normal((x.shape[0], Wg.shape[1]))
+                                                / np.logaddexp(0, x @ Wn) if train else 0), "you divided ε"),
+])
+def test_the_noise_mistakes_are_named_not_a_bare_standard_deviation(wrong, fragment):
+    res = lesson10.noisy_eval(deterministic, wrong)
+    assert_fail(res, fragment)
+    assert "yours divided by" not in res.message
+
+
+def test_a_fix_that_calls_minimoes_own_version_fails():
+    from minimoe import losses, router
+    res = lesson10.mixed_units(honest, lambda c, n, s, k: losses.load_loss_forward(c, n, s, k)[1].load)
+    assert_fail(res, "you called `minimoe.core.losses.load_loss_forward`", "write it yourself")
+
+    def switch_by_minimoe(dloss, cache):
+        try:
+            losses.switch_loss_backward(dloss, cache)
+        except Exception:
+            pass
+        return switch_backward(dloss, cache)
+    assert_fail(lesson10.no_gradient(gradcheck, switch_by_minimoe), "minimoe.core.losses.switch_loss_backward")
+    res = lesson10.noisy_eval(deterministic, lambda x, Wg, Wn, *, rng, train:
+                              router.router_logits_forward(x, Wg, Wn, rng=rng, train=train)[0])
+    assert_fail(res, "you called `minimoe.core.router.router_logits_forward`")
+    assert_fail(lesson10.detached_sum(sum_is_constant, router.renormalize_backward),
+                "you called `minimoe.core.router.renormalize_backward`")
+
+
+def test_the_checks_may_still_run_minimoe_code_they_are_handed():
+    """Only the fixes are forbidden to call minimoe's version: each check is *given* minimoe's
+    functions (and the buggy ones) to judge, and calling them is its job."""
+    assert_pass(lesson10.detached_sum(sum_is_constant, renorm_backward), lesson="10")
+    assert_pass(lesson10.no_gradient(gradcheck, switch_backward), lesson="10")

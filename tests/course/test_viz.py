@@ -61,6 +61,52 @@ def test_router_comparison_writes_each_value_in_its_panel_format():
     assert all(t.get_text() == "" for t in fig.axes[1].get_yticklabels())
 
 
+# ----------------------------------------------------------------------------- readable, honest figures
+def _overlaps(labels):
+    """Pairs of visible, non-empty tick labels whose drawn boxes overlap."""
+    boxes = [t.get_window_extent() for t in labels if t.get_visible() and t.get_text()]
+    return [(a, b) for i, a in enumerate(boxes) for b in boxes[i + 1:] if a.overlaps(b)]
+
+
+def test_accuracy_bars_start_at_zero():
+    """Bars starting at 0.42 would make a 0.44-vs-0.60 gap look like 1 : 9."""
+    rows = [{"name": n, "acc": a, "cv": 0.1, "unserved": 0.0} for n, a in (("a", 0.44), ("b", 0.61), ("c", 0.60))]
+    fig = viz.plot_router_comparison(rows)
+    assert fig.axes[0].get_xlim()[0] == 0.0
+    assert fig.axes[0].get_xlim()[1] >= 0.61
+
+
+def test_class_heatmap_is_readable():
+    """Lesson 09's heatmap had 3 panels of 12 rotated 7-pt labels squeezed into 1646×308 px."""
+    rng = np.random.default_rng(0)
+    names = [f"class {i}" for i in range(12)]
+    tables = {f"model {m}": rng.integers(0, 50, (4, 12)) for m in range(3)}
+    fig = viz.plot_expert_classes(tables, names, k=2)
+    fig.canvas.draw()
+    w, h = fig.get_size_inches()
+    assert w <= 12 and h >= 4 and w / h < 3                # not a strip
+    first = fig.axes[0].get_yticklabels()
+    assert [t.get_text() for t in first] == names and all(t.get_fontsize() >= 8 for t in first)
+    assert all(t.get_rotation() == 0 for t in first)
+    assert not _overlaps(first)
+
+
+def test_knowledge_vs_compute_legend_covers_no_marker_and_ticks_do_not_collide():
+    rows = [{"kind": kind, "acc": a, "flops": f, "params": p} for kind, a, f, p in (
+        ("ensemble", 0.597, 5200, 2800), ("generalist", 0.56, 1700, 900), ("dense_moe", 0.684, 5000, 2600),
+        ("sparse_moe", 0.696, 1700, 2700))]
+    sweep = [{"E": E, "acc": a, "flops": f, "params": p} for E, a, f, p in (
+        (2, 0.571, 1500, 850), (4, 0.63, 1550, 1500), (8, 0.696, 1700, 2700), (16, 0.709, 2000, 5200))]
+    fig = viz.plot_knowledge_vs_compute(rows, sweep)
+    fig.canvas.draw()
+    assert all(ax.get_legend() is None for ax in fig.axes), "a legend inside an axes can cover a marker"
+    assert len(fig.legends) == 1
+    legend_box = fig.legends[0].get_window_extent()
+    for ax in fig.axes:
+        assert not legend_box.overlaps(ax.get_window_extent())
+        assert not _overlaps(ax.get_xticklabels()), [t.get_text() for t in ax.get_xticklabels()]
+
+
 def test_load_shares_draw_visible_perfect_balance_lines():
     load = np.array([[6, 2, 0, 0], [3, 3, 1, 1], [2, 2, 2, 2]])
     hist = SimpleNamespace(epoch=[1, 2, 3], load_array=lambda: load, dropped=[0, 0, 0])

@@ -68,12 +68,18 @@ def _no_token_loop(fn, name, make_args, check_out, hint):
 
 
 # --------------------------------------------------------------------------- graders
-@LESSON.exercise("expert_capacity")
+@LESSON.exercise("expert_capacity", forbid=[dispatch.expert_capacity, expert_capacity_ref])
 def expert_capacity(fn):
     cases = [(100, 10, 1, 1.1), (64, 8, 2, 1.25), (100, 8, 1, 1.0), (3, 8, 1, 1.0), (12, 4, 2, 0.5),
-             (48, 6, 2, 2.0), (70, 7, 1, 1.1), (5, 4, 2, None)]
+             (48, 6, 2, 2.0), (70, 7, 1, 1.1), (5, 4, 2, None), (10, 4, 1, 0.9)]
     for T, E, k, cf in cases:
-        got = call(fn, T, E, k, cf, name="expert_capacity")
+        try:
+            got = call(fn, T, E, k, cf, name="expert_capacity")
+        except Fail as e:
+            if cf is None and "TypeError" in str(e):
+                raise Fail(f"{e}. With capacity_factor=None (no limit) there is nothing to multiply: "
+                           f"check `if capacity_factor is None: return None` first.") from None
+            raise
         want = expert_capacity_ref(T, E, k, cf)
         where = f"for T={T}, E={E}, k={k}, capacity_factor={cf}"
         if want is None:
@@ -83,12 +89,15 @@ def expert_capacity(fn):
         if got is None:
             raise Fail(f"expert_capacity returned None {where} — did you forget a `return`? (Only "
                        f"capacity_factor=None means no limit.)")
-        if isinstance(got, (float, np.floating)) and float(got) != int(got):
+        if isinstance(got, (float, np.floating)) and np.isfinite(got) and float(got) != int(got):
             raise Fail(f"C must be a whole number of appointments, got {got!r} {where}: round up with math.ceil.")
-        try:
-            g = int(got)
-        except (TypeError, ValueError):
-            raise Fail(f"expert_capacity should return an int, got {type(got).__name__}") from None
+        if isinstance(got, (bool, np.bool_)) or not isinstance(got, (int, np.integer)):
+            if isinstance(got, (float, np.floating)) and np.isfinite(got):
+                raise Fail(f"expert_capacity returned the float {got!r} {where}; C counts appointment slots, "
+                           f"so return an int: np.ceil returns a float, wrap it in int(...) (or use "
+                           f"math.ceil, which returns an int). A float C breaks slicing and np.arange later.")
+            raise Fail(f"expert_capacity should return an int, got {type(got).__name__} {got!r:.40} {where}")
+        g = int(got)
         x = cf * T * k / E
         if g == want:
             continue
@@ -103,7 +112,7 @@ def expert_capacity(fn):
             raise Fail(f"{where} you return {g}, expected {want}: each token makes k = {k} referrals, "
                        f"so the books must hold capacity_factor · T · k / E.")
         raise Fail(f"{where} you return {g}, expected C = ceil(capacity_factor · T · k / E) = {want}.")
-    return "C = ceil(capacity_factor · T · k / E), None for no limit — right on 8 cases, " \
+    return "C = ceil(capacity_factor · T · k / E), None for no limit — right on 9 cases, " \
            "including 1.1 · 100 / 10 (which is 11.000000000000002 in floating point)."
 
 
@@ -117,6 +126,10 @@ def _check_plan(out, idx, E, C):
     if order.ndim != 1 or (order.size and not np.issubdtype(order.dtype, np.integer)):
         raise Fail(f"order should be a 1-D integer array (flat assignment ids a = t·k + j), got "
                    f"{order.dtype} {order.shape}")
+    if offsets.ndim == 1 and offsets.size < E + 1 and np.bincount(idx.reshape(-1)).size < E:
+        raise Fail(f"offsets has {offsets.size} entries, expected E + 1 = {E + 1}: the last expert(s) "
+                   f"got no referral here, and np.bincount(idx.reshape(-1)) stops at the largest expert "
+                   f"it sees. Pass minlength=E, so idle experts get their (empty) group.")
     if offsets.shape == (E,):
         raise Fail(f"offsets should have E + 1 = {E + 1} entries, starting with 0: expert e's patients "
                    f"are order[offsets[e]:offsets[e+1]].")
@@ -160,10 +173,10 @@ def _check_plan(out, idx, E, C):
     ])
 
 
-@LESSON.exercise("dispatch_plan")
+@LESSON.exercise("dispatch_plan", forbid=[dispatch.make_plan, dispatch_plan_ref])
 def dispatch_plan(fn):
     cases = [(12, 4, 2, 4, None), (1, 3, 1, 1, None), (40, 5, 2, None, None), (30, 4, 1, 5, None),
-             (300, 6, 3, 120, None), (25, 5, 2, 6, 4), (200, 8, 2, 40, None)]
+             (300, 6, 3, 120, None), (25, 5, 2, 6, 4), (200, 8, 2, 40, None)]   # (25, 5, …, 4): idle last expert
     for seed, (T, E, k, C, unused) in enumerate(cases):
         idx = referrals(600 + seed, T, E, k, unused=unused)
         out = call(fn, idx, E, C, name="dispatch_plan")
@@ -214,17 +227,26 @@ def _check_combine(y, yg, gates, order, T):
         np.add.at(wrong, token, gates.reshape(-1)[:, None] * yg)
         mistakes.append((wrong, "The rows of yg are in expert order, not token order: the gate of row n "
                                 "is gates.reshape(-1)[order[n]]."))
-    got = None if y is None else np.asarray(y, dtype=float)
+    try:
+        got = None if y is None else np.asarray(y, dtype=float)
+    except (TypeError, ValueError):
+        got = None
     if got is not None and got.shape == want.shape:
         served = np.zeros(T, dtype=bool)
         served[token] = True
-        if (~served).any() and np.allclose(got[served], want[served]) and not np.allclose(got, want):
-            raise Fail("The served tokens are right, but a token whose referrals were all turned away must "
-                       "get y = 0 (the residual connection carries it on): start from np.zeros, not np.empty.")
-    expect_array("y", y, want, shape_desc="(T, d)", mistakes=mistakes)
+        with np.errstate(all="ignore"):          # np.empty garbage may hold NaN or ±inf: no warning leaks
+            junk = ~np.isfinite(got[~served]).all()
+            if (~served).any() and np.allclose(got[served], want[served]) and not np.array_equal(
+                    got[~served], want[~served]):
+                raise Fail("The served tokens are right, but a token whose referrals were all turned away must "
+                           "get y = 0 (the residual connection carries it on)"
+                           + ("; yours got NaN or ±inf there" if junk else "; yours got leftover values there")
+                           + ": start from np.zeros, not np.empty (which keeps whatever was in memory).")
+    with np.errstate(all="ignore"):
+        expect_array("y", y, want, shape_desc="(T, d)", mistakes=mistakes)
 
 
-@LESSON.exercise("combine")
+@LESSON.exercise("combine", forbid=[dispatch.combine_forward, combine_ref])
 def combine(fn):
     for seed, (T, E, k, cf) in enumerate(_COMBINE_CASES):
         plan, yg, gates = _plan_case(660 + seed, T, E, k, cf)
@@ -259,7 +281,7 @@ def _check_combine_backward(out, dy, yg, gates, order):
     })
 
 
-@LESSON.exercise("combine_backward")
+@LESSON.exercise("combine_backward", forbid=[dispatch.combine_backward])
 def combine_backward(fn):
     worst = 0.0
     for seed, (T, E, k, cf) in enumerate(_COMBINE_CASES):

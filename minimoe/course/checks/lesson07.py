@@ -50,7 +50,7 @@ def epochs_to_reach_ref(epochs, val_acc, target):
 
 
 # --------------------------------------------------------------------------- exercise 1
-@LESSON.exercise("matched_width")
+@LESSON.exercise("matched_width", forbid=[matched_width_ref, sparse_block_flops])
 def matched_width(fn):
     for d, h, E, k in [(16, 8, 8, 2), (16, 8, 7, 2), (32, 64, 64, 1), (12, 5, 3, 3)]:
         got = call(fn, d, h, E, k, name="matched_width")
@@ -132,7 +132,7 @@ def _run_steps(step_fn, seed, data):
     return snaps, outs, model
 
 
-@LESSON.exercise("train_step")
+@LESSON.exercise("train_step", forbid=[train_step_ref])
 def train_step(fn):
     for seed in (0, 1):
         data = make_clinic(48, 0, 0, n_symptoms=6, n_specialties=3, n_classes=3, seed=seed)
@@ -193,7 +193,7 @@ def _record_high(acc):
     return float(acc[records[len(records) // 2]])
 
 
-@LESSON.exercise("epochs_to_reach")
+@LESSON.exercise("epochs_to_reach", forbid=[epochs_to_reach_ref])
 def epochs_to_reach(fn):
     epochs, acc = _curve(0, 40, 0.3)
     cases = [(epochs, acc, 0.6), (epochs, acc, 0.75), (epochs, acc, 0.95),    # never reached

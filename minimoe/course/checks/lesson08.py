@@ -68,7 +68,7 @@ def _tables():
     return [one_to_one, merged, split, np.array([[3, 9, 1]])]
 
 
-@LESSON.exercise("purity")
+@LESSON.exercise("purity", forbid=[purity_ref])
 def purity(fn):
     for counts in _tables():
         got = call(fn, counts, name="purity")
@@ -112,12 +112,15 @@ def _as_split(item, i):
     if isinstance(item, Split):
         return item
     if isinstance(item, (tuple, list)) and len(item) == 3:
-        return Split(*(np.asarray(a) for a in item))
+        raise Fail(f"item {i} of your list is a plain {type(item).__name__} of three arrays. It unpacks like a "
+                   f"Split, but the code that trains the members reads member_split.x and .y, which a "
+                   f"plain {type(item).__name__} does not have: build Split(x[mask], y[mask], specialty[mask]) "
+                   f"(from minimoe.clinic.data import Split).")
     raise Fail(f"item {i} of your list should be a minimoe.clinic.data.Split (x, y, specialty), "
                f"got {type(item).__name__}")
 
 
-@LESSON.exercise("split_by_specialty")
+@LESSON.exercise("split_by_specialty", forbid=[split_by_specialty_ref])
 def split_by_specialty(fn):
     for split, S in _splits():
         given = Split(split.x.copy(), split.y.copy(), split.specialty.copy())
@@ -166,17 +169,18 @@ class _Counted:
     """A member that counts how often it is asked (to catch a loop over patients)."""
 
     def __init__(self, model):
-        self._model, self.calls = model, 0
+        self._model, self.calls, self.rows = model, 0, 0
 
     def forward(self, x, *args, **kwargs):
         self.calls += 1
+        self.rows += int(np.shape(x)[0]) if np.ndim(x) else 0
         return self._model.forward(x, *args, **kwargs)
 
     def __getattr__(self, name):
         return getattr(self._model, name)
 
 
-@LESSON.exercise("referral_predict")
+@LESSON.exercise("referral_predict", forbid=[referral_predict_ref])
 def referral_predict(fn):
     for seed, (N, M) in enumerate([(30, 4), (1, 3), (25, 5)]):
         rng = np.random.default_rng(90 + seed)
@@ -187,6 +191,7 @@ def referral_predict(fn):
         counted = [_Counted(m) for m in members]
         got = call(fn, counted, x, route, name="referral_predict")
         calls = sum(c.calls for c in counted)
+        rows = sum(c.rows for c in counted)
         if calls > M:
             raise Fail(f"your members were asked {calls} times for {N} patients. Ask each member once, "
                        f"with all of its patients at once (x[route == s]): a loop over members, never "
@@ -205,5 +210,10 @@ def referral_predict(fn):
             (want[order], "The answers are in member order. Put each member's answers back in its "
                           "patients' rows: logits[route == s] = members[s].forward(x[route == s])."),
         ])
+        if rows > N:
+            raise Fail(f"your members examined {rows} patients in all, for {N} patients: you ran every member "
+                       f"on every patient and kept one answer each. That is the opposite of a sparse MoE "
+                       f"(asking every specialist, then discarding), costing {M}× the compute of a "
+                       f"referral. Give each member only its own patients: members[s].forward(x[route == s]).")
     return ("each patient is answered by its own member only, one forward call per member, "
             "answers back in the patients' rows (3 cases, one member left idle).")

@@ -13,7 +13,7 @@ import numpy as np
 from ...core.layers import softmax
 from ...beyond.lossfree import bias_update as _bias_update
 from .compare import expect_array, expect_grads, expect_number, numeric_grads
-from .grading import Fail, Lesson, call
+from .grading import Fail, Lesson, call, no_token_loop
 
 LESSON = Lesson("09", "Beyond the GP")
 progress = LESSON.progress
@@ -87,57 +87,92 @@ def _by_token(idx, gates):
 
 
 # --------------------------------------------------------------------------- exercise 1
-@LESSON.exercise("expert_choice_select")
+def _check_select(out, S, C):
+    """Compare a learner's (idx, gates) with the reference and explain the difference."""
+    T, E = S.shape
+    if not isinstance(out, tuple) or len(out) != 2:
+        raise Fail("expert_choice_select should return a pair (idx, gates), each of shape (E, C).")
+    idx, gates = (None if a is None else np.asarray(a) for a in out)
+    if idx is None or gates is None:
+        raise Fail("idx or gates is None — did you forget to return both?")
+    what = f"for T={T} tokens, E={E} experts, C={C}"
+    if idx.shape == (T, C) and (T, C) != (E, C):
+        raise Fail(f"idx has shape {idx.shape} = (T, C) {what}: you gave each *token* its best C "
+                   f"experts — that is token choice. In expert choice each *expert* ranks all tokens "
+                   f"by its column S[:, e]: sort the rows of S.T, giving idx of shape (E, C).")
+    if gates.shape == (E, C, E):
+        raise Fail("gates has shape (E, C, E): S[idx] picks whole rows of S. The gate of pick (e, c) "
+                   "is the single affinity S[idx[e, c], e]: np.take_along_axis(S.T, idx, axis=1).")
+    if idx.shape != (E, C) or gates.shape != (E, C):
+        raise Fail(f"idx and gates should both have shape (E, C) = {(E, C)} {what}; "
+                   f"got {idx.shape} and {gates.shape}.")
+    if not np.issubdtype(idx.dtype, np.integer):
+        raise Fail(f"idx should hold integer token indices, got dtype {idx.dtype}.")
+    if idx.min() < 0 or idx.max() >= T:
+        raise Fail(f"idx should hold token indices in [0, {T}) {what}; got values from "
+                   f"{idx.min()} to {idx.max()}.")
+    want_idx, want_gates = expert_choice_select_ref(S, C)
+    worst = np.argsort(S.T, axis=1, kind="stable")[:, :C]
+    if C < T and np.array_equal(np.sort(idx, 1), np.sort(worst, 1)):
+        raise Fail(f"idx is wrong {what}: each expert picked the C tokens it likes *least*. "
+                   f"np.argsort sorts ascending: sort -S.T (or reverse the order) to get the best first.")
+    got_i, got_g = _by_token(idx, gates)
+    ref_i, ref_g = _by_token(want_idx, want_gates)
+    if not np.array_equal(got_i, ref_i):
+        e = int(np.flatnonzero(np.any(got_i != ref_i, axis=1))[0])
+        raise Fail(f"idx is wrong {what}: expert {e} picked tokens {sorted(got_i[e].tolist())}, but "
+                   f"its C largest affinities S[:, {e}] are at tokens {sorted(ref_i[e].tolist())}.")
+    picked = np.take_along_axis(S.T, idx, axis=1)
+    expect_array(f"gates {what}", gates, picked, shape_desc="(E, C)", mistakes=[
+        (picked / picked.sum(axis=1, keepdims=True),
+         "The gate is the affinity itself, S[idx[e, c], e]: don't renormalise an expert's C picks "
+         "to sum to 1 (the router learns through these values, lesson 03)."),
+        (S.T[:, :C], "S.T[:, :C] is the affinity of the first C tokens, not of the tokens each "
+                     "expert picked: gather at idx, np.take_along_axis(S.T, idx, axis=1)."),
+    ])
+    if not np.array_equal(idx, want_idx):             # the right picks, in another order
+        e = int(np.flatnonzero(np.any(idx != want_idx, axis=1))[0])
+        raise Fail(f"idx has the right tokens {what}, but not best first: expert {e}'s list is "
+                   f"{idx[e].tolist()}, its affinities in that order {np.round(S[idx[e], e], 3).tolist()}. "
+                   f"The docstring asks for each expert's picks best first: sort -S.T (np.argpartition "
+                   f"leaves the top C unordered).")
+
+
+def _check_select_loose(out, S, C):
+    """At the loop detector's sizes: the gates must be each expert's C largest affinities, best first."""
+    if not isinstance(out, tuple) or len(out) != 2:
+        raise Fail("expert_choice_select should return a pair (idx, gates), each of shape (E, C).")
+    expect_array("gates", out[1], -np.sort(-S.T, axis=1)[:, :C], shape_desc="(E, C)")
+
+
+@LESSON.exercise("expert_choice_select", forbid=[expert_choice_select_ref])
 def expert_choice_select(fn):
-    for seed, (T, E, C) in enumerate([(8, 4, 4), (1, 3, 1), (10, 5, 3), (6, 2, 6)]):
+    for seed, (T, E, C) in enumerate([(8, 4, 4), (1, 3, 1), (10, 5, 3), (6, 2, 6), (12, 3, 5)]):
         S = _affinities(900 + seed, T, E)
-        out = call(fn, S, C, name="expert_choice_select")
-        if not isinstance(out, tuple) or len(out) != 2:
-            raise Fail("expert_choice_select should return a pair (idx, gates), each of shape (E, C).")
-        idx, gates = (None if a is None else np.asarray(a) for a in out)
-        if idx is None or gates is None:
-            raise Fail("idx or gates is None — did you forget to return both?")
-        what = f"for T={T} tokens, E={E} experts, C={C}"
-        if idx.shape == (T, C) and (T, C) != (E, C):
-            raise Fail(f"idx has shape {idx.shape} = (T, C) {what}: you gave each *token* its best C "
-                       f"experts — that is token choice. In expert choice each *expert* ranks all tokens "
-                       f"by its column S[:, e]: sort the rows of S.T, giving idx of shape (E, C).")
-        if gates.shape == (E, C, E):
-            raise Fail("gates has shape (E, C, E): S[idx] picks whole rows of S. The gate of pick (e, c) "
-                       "is the single affinity S[idx[e, c], e]: np.take_along_axis(S.T, idx, axis=1).")
-        if idx.shape != (E, C) or gates.shape != (E, C):
-            raise Fail(f"idx and gates should both have shape (E, C) = {(E, C)} {what}; "
-                       f"got {idx.shape} and {gates.shape}.")
-        if not np.issubdtype(idx.dtype, np.integer):
-            raise Fail(f"idx should hold integer token indices, got dtype {idx.dtype}.")
-        if idx.min() < 0 or idx.max() >= T:
-            raise Fail(f"idx should hold token indices in [0, {T}) {what}; got values from "
-                       f"{idx.min()} to {idx.max()}.")
-        want_idx, want_gates = expert_choice_select_ref(S, C)
-        worst = np.argsort(S.T, axis=1, kind="stable")[:, :C]
-        if C < T and np.array_equal(np.sort(idx, 1), np.sort(worst, 1)):
-            raise Fail(f"idx is wrong {what}: each expert picked the C tokens it likes *least*. "
-                       f"np.argsort sorts ascending: sort -S.T (or reverse the order) to get the best first.")
-        got_i, got_g = _by_token(idx, gates)
-        ref_i, ref_g = _by_token(want_idx, want_gates)
-        if not np.array_equal(got_i, ref_i):
-            e = int(np.flatnonzero(np.any(got_i != ref_i, axis=1))[0])
-            raise Fail(f"idx is wrong {what}: expert {e} picked tokens {sorted(got_i[e].tolist())}, but "
-                       f"its C largest affinities S[:, {e}] are at tokens {sorted(ref_i[e].tolist())}.")
-        picked = np.take_along_axis(S.T, idx, axis=1)
-        expect_array(f"gates {what}", gates, picked, shape_desc="(E, C)", mistakes=[
-            (picked / picked.sum(axis=1, keepdims=True),
-             "The gate is the affinity itself, S[idx[e, c], e]: don't renormalise an expert's C picks "
-             "to sum to 1 (the router learns through these values, lesson 03)."),
-            (S.T[:, :C], "S.T[:, :C] is the affinity of the first C tokens, not of the tokens each "
-                         "expert picked: gather at idx, np.take_along_axis(S.T, idx, axis=1)."),
-        ])
-    return ("each expert's top-C tokens by its own column of affinities, and their gates S[idx[e,c], e], "
-            "on 4 cases (including one token and C = T).")
+        _check_select(call(fn, S, C, name="expert_choice_select"), S, C)
+
+    def make(T):
+        return softmax(np.random.default_rng(T).standard_normal((T, 8))), T // 4
+    small, big = no_token_loop(fn, "expert_choice_select", make, _check_select_loose,
+                               hint="Rank every expert's column in one call, np.argsort(-S.T, axis=1)[:, :C], "
+                                    "and gather the gates with np.take_along_axis.",
+                               loops="a loop over tokens (or over each expert's picks)")
+    return ("each expert's top-C tokens, best first, by its own column of affinities, and their gates "
+            f"S[idx[e,c], e], on 5 cases (including one token and C = T); vectorised ({small} Python steps "
+            f"at T = 64, {big} at T = 1024).")
 
 
 # --------------------------------------------------------------------------- exercise 2
-@LESSON.exercise("expert_choice_combine_backward")
+def _check_combine_backward_loose(out, dy, yg, gates, idx):
+    """At the loop detector's sizes: compare with the reference (no finite differences)."""
+    if not isinstance(out, tuple) or len(out) != 2:
+        raise Fail("expert_choice_combine_backward should return a pair (dyg, dS).")
+    want_dyg, want_dS = expert_choice_combine_backward_ref(dy, yg, gates, idx)
+    expect_array("dyg", out[0], want_dyg, shape_desc="(E, C, d)")
+    expect_array("dS", out[1], want_dS, shape_desc="(T, E)")
+
+
+@LESSON.exercise("expert_choice_combine_backward", forbid=[expert_choice_combine_backward_ref])
 def expert_choice_combine_backward(fn):
     worst = 0.0
     for seed, (T, E, C, d) in enumerate([(6, 3, 4, 2), (1, 2, 1, 3), (9, 4, 5, 2), (5, 5, 2, 1)]):
@@ -172,12 +207,22 @@ def expert_choice_combine_backward(fn):
                             "answer mattered. Don't multiply it by the gate itself."),
                   (-dS_right, "Wrong sign: dS[idx[e,c], e] = +⟨dy[idx[e,c]], yg[e,c]⟩.")],
         }))
+
+    def make(T):
+        rng = np.random.default_rng(T)
+        idx, gates = expert_choice_select_ref(softmax(rng.standard_normal((T, 8))), T // 4)
+        return rng.standard_normal((T, 3)), rng.standard_normal((8, T // 4, 3)), gates, idx
+    small, big = no_token_loop(fn, "expert_choice_combine_backward", make, _check_combine_backward_loose,
+                               hint="Gather dy[idx] once, an (E, C, d) block; scatter the gate gradients with "
+                                    "one fancy assignment, dS[idx, np.arange(E)[:, None]] = ....",
+                               loops="a loop over tokens (or over each expert's picks)")
     return (f"dyg = G·dy[idx] and dS[idx[e,c], e] = ⟨dy[idx[e,c]], yg[e,c]⟩ (0 where nobody picked) pass "
-            f"the gradient check on 4 cases (worst relative error {worst:.1e}).")
+            f"the gradient check on 4 cases (worst relative error {worst:.1e}), vectorised ({small} Python "
+            f"steps at T = 64, {big} at T = 1024).")
 
 
 # --------------------------------------------------------------------------- exercise 3
-@LESSON.exercise("bias_update")
+@LESSON.exercise("bias_update", forbid=[_bias_update, bias_update_ref])
 def bias_update(fn):
     cases = [(np.zeros(4), np.array([10, 2, 4, 0]), 0.01),
              (np.array([0.3, -0.2, 0.0, 0.1, -0.05]), np.array([6, 4, 5, 5, 5]), 0.1),   # two at the mean
@@ -216,11 +261,12 @@ def _report_cases():
     ec_kept[ec_idx, np.arange(3)[:, None]] = True
     tc = np.argsort(-rng.standard_normal((12, 5)), axis=1)[:, :2]
     tc_kept = rng.random((12, 2)) > 0.3
+    idle_last = np.array([[0, 1], [1, 0], [0, 2], [2, 1]])          # expert 3 never asked
     return [(idx, kept, 4), (np.broadcast_to(np.arange(3), (9, 3)), ec_kept, 3), (tc, tc_kept, 5),
-            (np.array([[2]]), np.array([[True]]), 3)]
+            (np.array([[2]]), np.array([[True]]), 3), (idle_last, np.ones((4, 2), dtype=bool), 4)]
 
 
-@LESSON.exercise("routing_report")
+@LESSON.exercise("routing_report", forbid=[routing_report_ref])
 def routing_report(fn):
     for idx, kept, E in _report_cases():
         out = call(fn, idx, kept, E, name="routing_report")
@@ -230,6 +276,10 @@ def routing_report(fn):
         want_load, want_cv, want_unserved = routing_report_ref(idx, kept, E)
         asked = np.bincount(idx.reshape(-1), minlength=E)
         what = f"for idx of shape {idx.shape} and E={E}"
+        if np.ndim(load) == 1 and 0 < np.size(load) < E:
+            raise Fail(f"load has {np.size(load)} entries {what}, expected E = {E}: the last expert(s) "
+                       f"served nobody, and np.bincount stops at the largest expert it sees. Pass "
+                       f"minlength=n_experts, so an idle expert counts as 0.")
         expect_array(f"load {what}", load, want_load, shape_desc="(E,)", mistakes=[
             (asked, "Count only the kept assignments, np.bincount(idx[kept], minlength=E): a referral "
                     "that was turned away never reached the specialist."),
@@ -265,7 +315,7 @@ def _count_tables():
     return [syntax, independent, sparse, np.array([[5, 2, 0, 1]])]
 
 
-@LESSON.exercise("mutual_information")
+@LESSON.exercise("mutual_information", forbid=[mutual_information_ref])
 def mutual_information(fn):
     for counts in _count_tables():
         got = call(fn, counts, name="mutual_information")

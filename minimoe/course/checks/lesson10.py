@@ -92,7 +92,8 @@ def mixed_units(load_is_honest, fixed_smooth_load):
                        f"with a tolerance of a few standard errors.")
     for seed, T, E, k in _LOAD_CASES:
         L, H, s = load_fixture(310 + seed, T, E, k)
-        got = call(fixed_smooth_load, L, H, s, k, name="fixed_smooth_load")
+        got = call(fixed_smooth_load, L, H, s, k, name="fixed_smooth_load",
+                   forbid=[losses.load_loss_forward, minimoe_smooth_load])
         expect_array("fixed_smooth_load", _first(got), minimoe_smooth_load(L, H, s, k), shape_desc="(E,)",
                      rtol=1e-9, mistakes=[
             (buggy_smooth_load(L, H, s, k), "That is still the bug: the thresholds are read off "
@@ -138,7 +139,8 @@ def no_gradient(switch_loss_gradcheck, fixed_switch_loss_backward):
     for seed in (2, 3):
         p, first = _switch_fixture(410 + seed, T=6 + seed, E=3 + seed)
         _, cache = bugs.bug2_switch_loss_forward(p, first)
-        got = _first(call(fixed_switch_loss_backward, 1.0, cache, name="fixed_switch_loss_backward"))
+        got = _first(call(fixed_switch_loss_backward, 1.0, cache, name="fixed_switch_loss_backward",
+                          forbid=[losses.switch_loss_backward]))
         _, ref = losses.switch_loss_forward(p, first)
         want = losses.switch_loss_backward(1.0, ref)[0]
         T, E = p.shape
@@ -149,7 +151,8 @@ def no_gradient(switch_loss_gradcheck, fixed_switch_loss_backward):
             (np.broadcast_to(E * f, p.shape), "P_e is a *mean* over the T tokens: divide by T."),
             (np.broadcast_to(f / T, p.shape), "You left out the factor E in front of the sum."),
         ])
-        got2 = _first(call(fixed_switch_loss_backward, 2.5, cache, name="fixed_switch_loss_backward"))
+        got2 = _first(call(fixed_switch_loss_backward, 2.5, cache, name="fixed_switch_loss_backward",
+                           forbid=[losses.switch_loss_backward]))
         expect_array("dprobs for dloss = 2.5", got2, 2.5 * want, shape_desc="(T, E)", rtol=1e-9, mistakes=[
             (want, "Multiply by the upstream gradient dloss (the loss coefficient α arrives through it)."),
         ])
@@ -206,12 +209,18 @@ def noisy_eval(eval_is_deterministic, fixed_router_logits_forward):
                    "at least twice and compare the outputs exactly (np.array_equal).")
     if not _verdict(call(eval_is_deterministic, lambda: good_layer.forward(x, train=False), name=name), name):
         raise Fail(f"{name} rejects minimoe's MoELayer in eval mode, which returns the same array every time.")
+    whisper = np.random.default_rng(9)                     # noise far below any tolerance, still noise
+    faint = lambda: good_layer.forward(x, train=False) * (1 + 1e-12 * whisper.standard_normal())  # noqa: E731
+    if _verdict(call(eval_is_deterministic, faint, name=name), name):
+        raise Fail(f"{name} passes an eval whose output changes in the 12th digit from call to call. The "
+                   "exercise asks for *exactly* equal outputs: np.allclose (or a tolerance) lets a little "
+                   "leftover noise through; compare with np.array_equal.")
     rng = np.random.default_rng(3)
     Wg, Wn = rng.standard_normal((6, 4)), rng.standard_normal((6, 4))
 
     def run(train, gen):
         return _first(call(fixed_router_logits_forward, x, Wg, Wn, rng=gen, train=train,
-                           name="fixed_router_logits_forward"))
+                           name="fixed_router_logits_forward", forbid=[router.router_logits_forward]))
     gen = np.random.default_rng(4)
     evals = [np.asarray(run(False, gen), dtype=float) for _ in range(2)]
     if not np.array_equal(evals[0], evals[1]):
@@ -222,10 +231,28 @@ def noisy_eval(eval_is_deterministic, fixed_router_logits_forward):
     if np.array_equal(trains[0], trains[1]) or np.allclose(trains[0], x @ Wg):
         raise Fail("in training (train=True) the GP must still explore: add the noise ε ⊙ softplus(x W_noise), "
                    "with ε drawn from rng.")
-    ratio = (trains[0] - x @ Wg) / router.softplus(x @ Wn)          # should be ε ~ N(0, 1)
+    # With a fresh generator the learner's ε is the one minimoe would draw (rng.standard_normal or
+    # rng.normal, shape (T, E)), so the usual mistakes can be named exactly.
+    L, sp = x @ Wg, router.softplus(x @ Wn)
+    H = np.asarray(run(True, np.random.default_rng(44)), dtype=float)
+    eps = np.random.default_rng(44).standard_normal(L.shape)
+    named = [(L + eps, "you added ε alone: scale it by the learned noise level softplus(x W_noise), "
+                       "H = L + ε ⊙ softplus(x W_noise)."),
+             (L + eps * (x @ Wn), "you scaled ε by x W_noise itself, which can be negative: the scale is "
+                                  "softplus(x W_noise) = log(1 + exp(x W_noise)) > 0."),
+             (L + eps * np.exp(x @ Wn), "you scaled ε by exp(x W_noise): the scale is softplus(x W_noise) = "
+                                        "log(1 + exp(x W_noise)), lesson 04."),
+             (L + eps / sp, "you divided ε by softplus(x W_noise): multiply, H = L + ε ⊙ softplus(x W_noise)."),
+             (eps * sp, "you returned the noise alone: H = x W_gate + ε ⊙ softplus(x W_noise).")]
+    if H.shape == L.shape and not np.allclose(H, L + eps * sp, rtol=1e-12, atol=1e-12):
+        for wrong, hint in named:
+            if np.allclose(H, wrong, rtol=1e-12, atol=1e-12):
+                raise Fail(f"fixed_router_logits_forward in training: {hint}")
+    ratio = (trains[0] - L) / sp                      # your noise over the right scale: should be ε ~ N(0, 1)
     if not 0.3 < np.std(ratio) < 3.0:
-        raise Fail(f"the training noise should be ε ⊙ softplus(x W_noise) with ε ~ N(0,1); yours divided by "
-                   f"softplus(x W_noise) has standard deviation {np.std(ratio):.3g}.")
+        raise Fail(f"in training, your noise H − x W_gate, divided by the right scale softplus(x W_noise), "
+                   f"should be standard normal ε (std 1), but its standard deviation is {np.std(ratio):.3g}: "
+                   f"the noise must be ε ⊙ softplus(x W_noise) with ε = rng.standard_normal((T, E)).")
     return "your determinism test catches noise in eval, and your router explores in training only."
 
 
@@ -264,7 +291,8 @@ def detached_sum(gates_sum_is_constant, fixed_renormalize_backward):
         p, idx = _renorm_fixture(510 + seed, T, E, k)
         g, cache = bugs.bug5_renormalize_forward(p, idx)
         dg = np.random.default_rng(520 + seed).standard_normal(g.shape)
-        got = _first(call(fixed_renormalize_backward, dg, cache, name="fixed_renormalize_backward"))
+        got = _first(call(fixed_renormalize_backward, dg, cache, name="fixed_renormalize_backward",
+                          forbid=[router.renormalize_backward]))
         pp = p.copy()
         num = numeric_grads(lambda: router.renormalize_forward(pp, idx)[0], {"p": pp}, dg)
         s = cache[1]
@@ -275,6 +303,9 @@ def detached_sum(gates_sum_is_constant, fixed_renormalize_backward):
             (buggy, "That is still the detached sum: dp = dg/s misses the quotient rule's second term, "
                     "−⟨dg, g⟩/s at the chosen experts."),
             (undivided, "Divide by s: g = p/s, so every term of the derivative carries 1/s."),
+            (_renorm_backward_plus(dg, cache)[0],
+             "Sign flip in the quotient rule: raising p_j raises s, which *lowers* every gate, so the "
+             "second term is subtracted, dp_j = (dg_j − ⟨dg, g⟩)/s."),
         ]}))
     return (f"your property test (Σ_j g_j is constant, so its gradient is 0) catches the detached sum "
             f"without a single finite difference, and your quotient rule passes the gradient check "

@@ -78,8 +78,8 @@ def plot_router_comparison(rows, path=None, title="Six ways to refer a patient, 
     for i, (ax, (key, label, color, fmt)) in enumerate(zip(axes, panels)):
         vals = np.array([r[key] for r in rows], dtype=np.float64)
         top = vals.max() if vals.size and vals.max() > 0 else 1.0
-        if key == "acc":            # zoom in on the accuracies, with room for the error bars
-            err, xlim = [r.get("acc_std", 0.0) for r in rows], (max(0.0, vals.min() - 0.1), top * 1.02 + 0.03)
+        if key == "acc":            # bars start at 0: a zoomed axis would exaggerate the gaps
+            err, xlim = [r.get("acc_std", 0.0) for r in rows], (0.0, min(1.0, top * 1.15 + 0.02))
         else:
             err, xlim = None, (0.0, top * 1.3)
         _bar_panel(ax, names, vals, xlabel=label, color=color, fmt=fmt, xerr=err, xlim=xlim, show_names=i == 0)
@@ -118,27 +118,30 @@ def plot_expert_classes(tables, class_names, path=None, k=1, title="Where each k
     share of class c's tokens that expert e serves, so a class that always goes to expert e
     has a cell of 100% (with k experts per token a column adds up to k·100%).
 
-    ``tables``: ``{panel title: (E, K) counts}``; ``class_names``: the K column labels;
+    ``tables``: ``{panel title: (E, K) counts}``; ``class_names``: the K labels;
     ``k``: assignments per token.
+
+    Drawn transposed, one row per class and one column per expert, so the class names
+    read horizontally at full size and the panels stay narrow enough to sit side by side.
     """
     plt = _plt()
     n = len(tables)
     K = len(class_names)
     E_max = max(np.shape(t)[0] for t in tables.values())
-    fig, axes = plt.subplots(1, n, figsize=(n * (1.2 + 0.36 * K), 1.9 + 0.3 * E_max), squeeze=False)
-    for ax, (name, counts) in zip(axes[0], tables.items()):
+    fig, axes = plt.subplots(1, n, figsize=(1.6 + n * (0.9 + 0.55 * E_max), 1.3 + 0.32 * K), squeeze=False)
+    for i, (ax, (name, counts)) in enumerate(zip(axes[0], tables.items())):
         counts = np.asarray(counts, dtype=np.float64)
         cols = counts.sum(axis=0, keepdims=True)
-        frac = np.divide(k * counts, cols, out=np.zeros_like(counts), where=cols > 0)
+        frac = (np.divide(k * counts, cols, out=np.zeros_like(counts), where=cols > 0)).T    # (K, E)
         ax.imshow(frac, cmap="Purples", vmin=0, vmax=1, aspect="auto")
-        for e, c in zip(*np.nonzero(frac >= 0.5)):
-            ax.text(c, e, f"{100 * frac[e, c]:.0f}", ha="center", va="center", fontsize=6,
-                    color="white" if frac[e, c] > 0.7 else "black")
-        ax.set_xticks(range(K), class_names, rotation=60, ha="right", fontsize=7)
-        ax.set_yticks(range(counts.shape[0]))
+        for c, e in zip(*np.nonzero(frac >= 0.5)):
+            ax.text(e, c, f"{100 * frac[c, e]:.0f}", ha="center", va="center", fontsize=8,
+                    color="white" if frac[c, e] > 0.7 else "black")
+        ax.set_xticks(range(frac.shape[1]))
+        ax.set_xlabel("expert", fontsize=9)
+        ax.set_yticks(range(K), class_names if i == 0 else [""] * K, fontsize=9)
         ax.set_title(name, fontsize=9)
-    axes[0][0].set_ylabel("expert")
-    fig.suptitle(title + " (% of each class's tokens that each expert serves)", fontsize=10)
+    fig.suptitle(title + "\n(% of each class's tokens that each expert serves; 50% and up written)", fontsize=10)
     fig.tight_layout()
     return _finish(fig, path)
 

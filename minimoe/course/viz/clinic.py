@@ -16,13 +16,19 @@ __all__ = ["plot_clinic_data", "plot_learning_curves", "plot_accuracy_vs_compute
 
 
 def _log_count_axis(ax):
-    """A log-scale x axis labelled with plain counts (1,000 rather than 10³), minor ticks too."""
-    from matplotlib.ticker import FuncFormatter
+    """A log-scale x axis labelled with plain counts (1,000 rather than 10³).
+
+    Labels sit at 1, 2, 3 and 5 times each power of ten, all in one font size: labelling
+    every minor tick (800, 900, 1,000, ...) makes neighbouring labels collide.
+    """
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
     ax.set_xscale("log")
     fmt = FuncFormatter(lambda v, _: f"{v:,.0f}")
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 3.0, 5.0)))
     ax.xaxis.set_major_formatter(fmt)
-    ax.xaxis.set_minor_formatter(fmt)
-    ax.tick_params(axis="x", which="minor", labelsize=7)
+    ax.xaxis.set_minor_locator(LogLocator(base=10, subs=np.arange(2, 10)))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.tick_params(axis="x", which="major", labelsize=8)
 
 
 def plot_clinic_data(split, centers, path=None, max_points=3000):
@@ -157,7 +163,7 @@ def plot_knowledge_vs_compute(rows, sweep, path=None, bayes=None):
     """
     plt = _plt()
     sweep = sorted(sweep, key=lambda r: r["E"])
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.8), sharey=True)
     for ax, key, xlabel in ((axes[0], "flops", "FLOPs per patient (compute)"),
                             (axes[1], "params", "parameters (knowledge)")):
         xs = [r[key] for r in sweep]
@@ -174,12 +180,15 @@ def plot_knowledge_vs_compute(rows, sweep, path=None, bayes=None):
         if bayes is not None:
             ax.axhline(bayes, color="k", ls="--", lw=1)
         _log_count_axis(ax)
+        ax.margins(x=0.1)                                 # room for the E=… labels at the ends
         ax.set_xlabel(xlabel + ", log scale")
         ax.grid(alpha=0.3, which="both")
     axes[0].set_ylabel("test accuracy")
     axes[0].set_title("Accuracy against compute per patient", fontsize=10)
     axes[1].set_title("Accuracy against parameters", fontsize=10)
-    axes[1].legend(fontsize=7, loc="lower right")
+    # The legend goes below both panels, where it cannot cover a marker.
+    handles, labels = axes[1].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=8, loc="lower center", ncol=3, frameon=False)
     fig.suptitle("More specialists add knowledge without adding compute", fontsize=11)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
     return _finish(fig, path)

@@ -1,0 +1,147 @@
+"""What the lessons' prose says about their own output holds in the run CI executes.
+
+Each claim is either computed here from the library (the capacity example of lesson 06) or
+read back from the printed output of the solution notebook as built (quick mode, as
+tests/course/test_lessons.py runs it), and the numbers the sentence states are asserted.
+A sentence and its test change together: each test quotes the sentence it guards.
+"""
+import re
+from pathlib import Path
+
+import nbformat
+import numpy as np
+import pytest
+
+from minimoe.core import dispatch
+
+LESSONS = Path(__file__).resolve().parents[2] / "lessons"
+
+
+def _source(stem):
+    return (LESSONS / "src" / f"{stem}.py").read_text(encoding="utf-8")
+
+
+def _printed(stem):
+    """All stream output of the executed solution notebook ``stem``, as one string."""
+    from nbclient import NotebookClient
+    nb = nbformat.read(LESSONS / "solutions" / f"{stem}.ipynb", as_version=4)
+    NotebookClient(nb, timeout=300, kernel_name="python3",
+                   resources={"metadata": {"path": str(LESSONS)}}).execute()
+    return "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code"
+                   for o in c.get("outputs", []) if o.get("output_type") == "stream")
+
+
+# ----------------------------------------------------------------------------- lesson 06
+def test_06_a_factor_below_1_need_not_drop():
+    """ "With T = 10, E = 4, k = 1 and a factor of 0.9, C = ⌈2.25⌉ = 3, so there are 12 slots
+    for 10 patients. Only C · E < T k guarantees that someone is turned away." """
+    src = _source("06_appointment_books")
+    assert "a factor below 1 guarantees drops" not in src
+    assert "12 slots for 10 patients" in src
+    C = dispatch.expert_capacity(10, 4, 1, 0.9)
+    assert C == 3 and C * 4 == 12 > 10
+    # and a perfectly balanced GP (each expert asked by ⌊10/4⌋ or ⌈10/4⌉ = 3 patients) drops nobody
+    idx = (np.arange(10) % 4)[:, None]
+    assert dispatch.make_plan(idx, 4, C).dropped == 0
+
+
+def test_06_gate_based_priority_is_named_as_a_choice():
+    """ "That is a choice, not a law. V-MoE's Batch Prioritized Routing ... by their gate values" """
+    src = _source("06_appointment_books")
+    assert "Why must the priority rule not depend on the gate values?" not in src
+    assert "Batch" in src and "Prioritized Routing" in src and "Riquelme et al. 2021" in src
+
+
+# ----------------------------------------------------------------------------- lesson 08
+def test_08_the_clusters_not_classes_quote_is_cited():
+    src = _source("08_what_specialists_learn")
+    assert "one essay" not in src
+    assert "Douglas Orr" in src and "douglasorr.github.io/2023-03-deep-metaphors/mixture_of_experts.html" in src
+
+
+# ----------------------------------------------------------------------------- lesson 09
+@pytest.fixture(scope="module")
+def out09():
+    src = _source("09_beyond_the_gp")
+    assert re.search(r"^QUICK = True$", src, flags=re.M), "CI runs the notebook in quick mode"
+    return _printed("09_beyond_the_gp")
+
+
+def _clinics(text):
+    """{router name: (accuracy, load CV, share nobody saw)} from lesson 09's comparison table."""
+    rows = re.findall(r"^(\S.*?)\s+(\d\.\d{3}) ± \d\.\d{3}\s+(\d+\.\d\d)\s+(\d+\.\d)%$", text, flags=re.M)
+    return {name.strip(): (float(a), float(cv), float(u) / 100) for name, a, cv, u in rows}
+
+
+def test_09_the_comparison_table_is_read_as_the_prose_says(out09):
+    c = _clinics(out09)
+    assert len(c) == 7, c
+    none, loss, hash_, ec = (c["token choice, no balancing"], c["token choice + balancing loss"],
+                             c["hash (intake form)"], c["expert choice"])
+    lf0, lf, shared = c["loss-free, γ = 0 (control)"], c["loss-free, γ = 0.03"], c["shared + fine-grained"]
+    balanced = [loss, ec, lf, shared]
+    # "No balancing collapses ... about a quarter of the patients are seen by nobody, and the
+    # accuracy drops far below the others."
+    assert 0.2 <= none[2] <= 0.3
+    assert all(none[0] < b[0] - 0.1 for b in balanced)
+    # "The balancing loss and the loss-free bias both spread the load evenly and see everyone"
+    assert loss[2] == lf[2] == 0.0 and loss[1] < 0.2 and lf[1] < 0.2
+    assert lf0[1] > 0.5 and lf0[2] > 0.1                  # the γ = 0 control collapses, turns patients away
+    # "the loss-free clinic diagnoses somewhat worse (by about 0.05 with the first seed ...)"
+    assert 0.03 <= loss[0] - lf[0] <= 0.07
+    # "Expert choice is perfectly balanced (CV 0) and diagnoses as well as the balanced GP ... a few
+    # patients see nobody."
+    assert ec[1] == 0.0 and abs(ec[0] - loss[0]) <= 0.02 and 0 < ec[2] < 0.02
+    # hash: "a third of the patients are turned away everywhere ... it diagnoses about as badly as
+    # the collapsed GP (within 0.02 of it), far below every balanced clinic."
+    assert 0.28 <= hash_[2] <= 0.38
+    assert abs(hash_[0] - none[0]) <= 0.02
+    assert all(hash_[0] < b[0] - 0.1 for b in balanced)
+    # "Shared + fine-grained diagnoses about as well as the balanced GP."
+    assert abs(shared[0] - loss[0]) <= 0.02
+    src = _source("09_beyond_the_gp")
+    assert "the worst clinic here" not in src
+
+
+def test_09_the_paper_rate_is_shown_and_the_score_scale_stays_unbalanced(out09):
+    """ "γ = 0.02 per step — 20 times the paper's u = 0.001" and, at the paper's rate, "the slow
+    receptionist gets the logit-scale load nearly even too, and the score scale stays far from
+    balance" """
+    fast = dict(re.findall(r"^(bias on the \w+)\S*.*?mean of the last 100 steps (\d\.\d\d)$", out09, flags=re.M))
+    slow = dict(re.findall(r"^γ = 0\.001, bias on the (\w+)\s+load CV: .*? (\d\.\d\d)$", out09, flags=re.M))
+    assert set(slow) == {"logits", "scores"} and len(fast) == 2, (fast, slow)
+    assert float(fast["bias on the logits"]) < 0.25 < 1.0 < float(fast["bias on the scores"])
+    assert float(slow["logits"]) < 0.25 and float(slow["scores"]) > 0.5
+    assert "20 times the paper's" in _source("09_beyond_the_gp")
+
+
+def _mi_rows(text):
+    rows = re.findall(r"^(.+?), block (\d)\s+I\(expert; class\) [\d.]+ nats \(\s*([\d.]+)% of H\)\s+"
+                      r"I\(expert; topic\) [\d.]+ nats \(\s*([\d.]+)% of H\)\s+load CV (\d\.\d\d)$", text, flags=re.M)
+    return {(n, int(b)): (float(c), float(t), float(cv)) for n, b, c, t, cv in rows}
+
+
+def test_09_what_the_language_model_blocks_show(out09):
+    rows = _mi_rows(out09)
+    assert set(rows) == {("learned (top-2)", 0), ("learned (top-2)", 1),
+                         ("hash on the word", 0), ("hash on the word", 1)}, rows
+    # "In every block of every model the expert says far more about the word's class than about
+    # the note's topic"; "in every block the topic stays under 1% of its entropy"
+    assert all(c > 5 * t and t < 1.0 for c, t, _ in rows.values())
+    b0, b1 = rows[("learned (top-2)", 0)], rows[("learned (top-2)", 1)]
+    # "block 1 reveals a little more about the class than block 0 ... and no more about the topic"
+    assert b0[0] < b1[0] < b0[0] + 3.0 and b1[1] <= b0[1]
+    # "block 1 is far from balanced (load CV about 0.5, against about 0.2 in block 0)"
+    assert 0.4 <= b1[2] <= 0.6 and b0[2] <= 0.3
+    # "it reveals about as much about the word class in block 0 as the learned router does"
+    assert abs(rows[("hash on the word", 0)][0] - b0[0]) <= 1.0
+    # "The hash model's two blocks hash the same word with the same hash, so they route identically."
+    assert rows[("hash on the word", 0)] == rows[("hash on the word", 1)]
+    src = _source("09_beyond_the_gp")
+    assert "a little more about the topic" not in src and "about 10 seconds" not in src
+
+
+def test_09_limits_blas_to_one_thread():
+    """ "the cell after the imports limits numpy's BLAS to one thread (with threadpoolctl)" """
+    src = _source("09_beyond_the_gp")
+    assert "threadpool_limits(limits=1, user_api=\"blas\")" in src
