@@ -1,0 +1,111 @@
+"""ExpertParallelMoELayer: equal to the single-process MoELayer under mpiexec -n 2 and -n 4.
+
+The MPI cases live in ``mpi_cases.py`` (a worker script run by mpiexec through a
+subprocess, with a timeout so a hang fails instead of stalling CI); each rank checks its
+slice against ``MoELayer`` on the whole batch to 1e-12. The plan's bookkeeping
+(``global_plan``) is also checked here without MPI, against ``make_plan`` on the
+concatenated batch, simulating P ranks in one process.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from minimoe.beyond.parallel import global_plan
+from minimoe.core.dispatch import expert_capacity, make_plan
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+
+
+def find_mpiexec():
+    """mpiexec beside this Python (a pip-installed MPICH puts it in the venv's bin), else on PATH."""
+    beside = Path(sys.executable).parent / "mpiexec"
+    return str(beside) if beside.exists() else shutil.which("mpiexec")
+
+
+def mpi_missing():
+    try:
+        import mpi4py  # noqa: F401
+    except ImportError:
+        return "mpi4py is not installed (pip install -e '.[mpi]' brings mpi4py and MPICH)"
+    if find_mpiexec() is None:
+        return "no mpiexec beside the Python executable or on PATH"
+    return None
+
+
+needs_mpi = pytest.mark.skipif(mpi_missing() is not None, reason=str(mpi_missing()))
+
+
+def run_cases(n, *steps, timeout=150):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+               OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    cmd = [find_mpiexec(), "-n", str(n), sys.executable, str(HERE / "mpi_cases.py"), *steps]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+    except subprocess.TimeoutExpired as err:
+        pytest.fail(f"mpiexec -n {n} did not finish in {timeout} s (a hang?):\n{err.stdout}\n{err.stderr}")
+    lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
+    assert done.returncode == 0 and lines, f"mpiexec -n {n} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}"
+    return json.loads(lines[-1])
+
+
+@needs_mpi
+def test_two_ranks_equal_single_process_with_gradcheck_and_bad_input():
+    report = run_cases(2)
+    assert report["ranks"] == 2
+    assert report["failures"] == [], "\n".join(report["failures"])
+    assert report["passed"] == 12      # 9 equality cases, the bad inputs, two gradient checks
+
+
+@needs_mpi
+def test_four_ranks_equal_single_process_and_bad_input():
+    report = run_cases(4, "equality", "bad")
+    assert report["ranks"] == 4
+    assert report["failures"] == [], "\n".join(report["failures"])
+    assert report["passed"] == 10
+
+
+@pytest.mark.parametrize("P,k,cf", [(2, 2, 1.0), (4, 2, 0.5), (4, 1, 1.0), (3, 2, None), (2, 3, 0.75)])
+def test_global_plan_keeps_what_make_plan_keeps_on_the_whole_batch(P, k, cf):
+    """P simulated ranks: the concatenation of their kept masks is make_plan's over the whole batch."""
+    rng = np.random.default_rng(P * 10 + k)
+    E, sizes = 6, [7, 4, 9, 5][:P]
+    # skewed routing: expert 0 is everyone's favourite, so capacity drops
+    idx = np.stack([rng.choice(E, size=k, replace=False, p=[.4, .2, .15, .1, .1, .05])
+                    for _ in range(sum(sizes))])
+    C = expert_capacity(sum(sizes), E, k, cf)
+    ref = make_plan(idx, E, C)
+    parts = np.split(idx, np.cumsum(sizes)[:-1])
+    counts = np.stack([np.bincount((np.arange(k) * E + p).reshape(-1), minlength=k * E).reshape(k, E)
+                       for p in parts])
+    kept, load = [], np.zeros(E, dtype=int)
+    for r, part in enumerate(parts):
+        plan, kept_counts = global_plan(part, counts, r, C, E)
+        kept.append(plan.kept)
+        load += plan.load
+        assert np.array_equal(np.diff(plan.offsets), plan.load)
+        assert np.array_equal(part.reshape(-1)[plan.order], np.repeat(np.arange(E), plan.load))
+    assert np.array_equal(np.concatenate(kept), ref.kept)
+    assert np.array_equal(load, ref.load)
+    assert np.array_equal(kept_counts.sum(axis=(0, 1)), ref.load)
+    if cf is not None and cf <= 1.0:
+        assert ref.dropped > 0, "fixture drops nothing"
+
+
+def test_import_minimoe_does_not_need_mpi4py():
+    code = ("import sys, builtins; real = builtins.__import__\n"
+            "def no_mpi(name, *a, **k):\n"
+            "    if name.startswith('mpi4py'): raise ImportError('no mpi4py here')\n"
+            "    return real(name, *a, **k)\n"
+            "builtins.__import__ = no_mpi\n"
+            "import minimoe, minimoe.beyond.parallel\n"
+            "print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                         env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert out.stdout.strip() == "ok", out.stderr
