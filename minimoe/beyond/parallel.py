@@ -46,6 +46,7 @@ mpi4py is imported lazily: ``import minimoe`` never needs it.
 from __future__ import annotations
 
 import hashlib
+import threading
 import time
 
 import numpy as np
@@ -58,7 +59,7 @@ from ..core.moe import MoELayer
 from ..core.router import gate_backward, gate_forward, router_logits_backward, router_logits_forward
 from ..validate import check_array, check_tokens
 
-__all__ = ["ExpertParallelMoELayer", "global_plan", "MPI_HELP"]
+__all__ = ["ExpertParallelMoELayer", "global_plan", "LocalComm", "run_ranks", "MPI_HELP"]
 
 MPI_HELP = ("expert parallelism needs mpi4py and an MPI library: pip install mpi4py mpich "
             "(or pip install -e '.[mpi]'), then run with mpiexec -n P python ...")
@@ -453,8 +454,9 @@ class ExpertParallelMoELayer:
 
         # The replicated router's gradient is the sum over ranks: one Allreduce of both matrices.
         names = [n for n in _ROUTER if n in self.params]
-        flat = np.concatenate([rgrads[n].reshape(-1) for n in names])
-        self.comm.Allreduce(self._in_place(), flat)
+        local = np.concatenate([rgrads[n].reshape(-1) for n in names])
+        flat = np.empty_like(local)
+        self.comm.Allreduce(local, flat)
         at = 0
         for n in names:
             size = self.params[n].size
@@ -464,13 +466,78 @@ class ExpertParallelMoELayer:
         self.stats["exchange_seconds"] += self._exchange_seconds
         return dx.reshape(shape)
 
-    @staticmethod
-    def _in_place():
-        from mpi4py import MPI
-        return MPI.IN_PLACE
-
     def __repr__(self):
         return (f"ExpertParallelMoELayer(d_model={self.d_model}, d_hidden={self.d_hidden}, "
                 f"n_experts={self.n_experts}, k={self.k}, gate={self.gate!r}, ranks={self.n_ranks}, "
                 f"rank={self.rank}, experts={self.expert_ids.start}..{self.expert_ids.stop - 1}, "
                 f"capacity_factor={self.capacity_factor}, dtype={np.dtype(self.dtype).name})")
+
+
+# --------------------------------------------------------------------------- P ranks in one process
+class LocalComm:
+    """A stand-in for an mpi4py communicator: P threads of one process play the P ranks.
+
+    It has just what :class:`ExpertParallelMoELayer` uses — ``Get_size``, ``Get_rank``,
+    ``allgather``, ``Alltoallv`` and ``Allreduce`` (sum) — with MPI's semantics, so the
+    very same layer code runs without MPI (lesson 11's fallback, and fast tests). Build
+    the P communicators with :func:`run_ranks`, not by hand.
+    """
+
+    def __init__(self, rank, shared):
+        self._rank, self._shared = rank, shared
+
+    def Get_size(self):
+        return self._shared["size"]
+
+    def Get_rank(self):
+        return self._rank
+
+    def _swap(self, item):
+        """Post ``item``, wait for every rank, return everyone's items (a list in rank order)."""
+        slots, barrier = self._shared["slots"], self._shared["barrier"]
+        slots[self._rank] = item
+        barrier.wait()
+        items = list(slots)
+        barrier.wait()           # nobody overwrites a slot before everyone has read it
+        return items
+
+    def allgather(self, obj):
+        return self._swap(obj)
+
+    def Alltoallv(self, send, recv):
+        (sbuf, (sc, sd)), (rbuf, (rc, rd)) = send, recv
+        posted = self._swap((np.asarray(sbuf).reshape(-1), np.asarray(sc), np.asarray(sd)))
+        out, r = rbuf.reshape(-1), self._rank
+        for s, (buf, counts, displs) in enumerate(posted):
+            out[rd[s]:rd[s] + rc[s]] = buf[displs[r]:displs[r] + counts[r]]
+
+    def Allreduce(self, send, recv):
+        recv[...] = sum(self._swap(np.array(send, copy=True)))   # in rank order, like the header sums
+
+
+def run_ranks(n_ranks, fn, timeout=60.0):
+    """Run ``fn(comm)`` on ``n_ranks`` simulated ranks (threads) and return their results in rank order.
+
+    If a rank raises, the others are released (the barrier is broken, never a hang) and the
+    first error is raised here.
+    """
+    shared = {"size": n_ranks, "slots": [None] * n_ranks, "barrier": threading.Barrier(n_ranks, timeout=timeout)}
+    results, errors = [None] * n_ranks, [None] * n_ranks
+
+    def work(r):
+        try:
+            results[r] = fn(LocalComm(r, shared))
+        except BaseException as err:   # noqa: BLE001 - handed to the caller below
+            errors[r] = err
+            shared["barrier"].abort()
+
+    threads = [threading.Thread(target=work, args=(r,), daemon=True) for r in range(n_ranks)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    first = next((e for e in errors if e is not None and not isinstance(e, threading.BrokenBarrierError)),
+                 next((e for e in errors if e is not None), None))
+    if first is not None:
+        raise first
+    return results

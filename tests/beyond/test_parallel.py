@@ -109,3 +109,50 @@ def test_import_minimoe_does_not_need_mpi4py():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert out.stdout.strip() == "ok", out.stderr
+
+
+# ----------------------------------------------------------------------------- without MPI: P threads
+def test_simulated_ranks_equal_the_single_process_layer():
+    """The same layer code on LocalComm threads (lesson 11's fallback) equals MoELayer too."""
+    from minimoe import MoELayer
+    from minimoe.beyond.parallel import ExpertParallelMoELayer, run_ranks
+    rng = np.random.default_rng(11)
+    ref = MoELayer(5, 7, 8, k=2, gate="switch", balance="switch", capacity_factor=0.75, z_loss_coef=0.01,
+                   rng=rng)
+    ref.params["W_gate"] *= 20                             # skewed, so capacity drops
+    x, noise, dy = (rng.standard_normal((21, 5)), rng.standard_normal((21, 8)), rng.standard_normal((21, 5)))
+    y, dx = ref.forward(x, noise=noise), None
+    dx = ref.backward(dy)
+    assert ref.stats["dropped"] > 0
+    for P in (2, 4):
+        bounds = np.linspace(0, 21, P + 1).astype(int)
+
+        def rank(comm):
+            r = comm.Get_rank()
+            s = slice(bounds[r], bounds[r + 1])
+            par = ExpertParallelMoELayer.from_layer(ref, comm)
+            out = par.forward(x[s], noise=noise[s]), par.backward(dy[s])
+            return out + (par.grads, par.aux_loss, par.stats["dropped"], par.stats["sent_bytes"])
+        runs = run_ranks(P, rank)
+        np.testing.assert_allclose(np.concatenate([r[0] for r in runs]), y, rtol=0, atol=1e-12)
+        np.testing.assert_allclose(np.concatenate([r[1] for r in runs]), dx, rtol=0, atol=1e-12)
+        for name in ("W_gate", "W_noise"):
+            for r in runs:
+                np.testing.assert_allclose(r[2][name], ref.grads[name], rtol=0, atol=1e-12)
+        np.testing.assert_allclose(np.concatenate([r[2]["W1"] for r in runs]), ref.grads["W1"], rtol=0, atol=1e-12)
+        assert all(abs(r[3] - ref.aux_loss) < 1e-12 and r[4] == ref.stats["dropped"] for r in runs)
+        assert all(r[5] > 0 for r in runs)
+
+
+def test_simulated_bad_input_raises_on_every_rank_not_a_hang():
+    from minimoe.beyond.parallel import ExpertParallelMoELayer, run_ranks
+    errors = []
+
+    def rank(comm):
+        try:
+            ExpertParallelMoELayer(4, 4, 6, rng=np.random.default_rng(0), comm=comm)
+        except ValueError as err:
+            errors.append(str(err))
+    run_ranks(4, rank, timeout=20)
+    assert len(errors) == 4 and all("n_experts=6 must be divisible by the number of ranks P=4" in e
+                                    for e in errors)
