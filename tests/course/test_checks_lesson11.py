@@ -190,6 +190,17 @@ def test_cost_model_counts_remote_rows_four_times():
 def test_simulated_demo_run_equals_the_single_process_layer():
     r = lesson11.simulate(2)
     assert r["ranks"] == 2 and r["experts_per_rank"] == [[0, 3], [4, 7]]
-    assert max(r["max_diff_y"], r["max_diff_dx"], r["max_diff_W_gate_grad"]) < 1e-12
+    assert max(r["max_diff_y"], r["max_diff_dx"], r["max_rel_diff_W_gate_grad"]) < 1e-12
     assert abs(r["aux_loss"] - r["aux_loss_single"]) < 1e-12 and r["dropped"] == r["dropped_single"]
     assert sum(r["rows_treated"]) == 512 * 2 - r["dropped"] and min(r["sent_bytes"]) > 0
+
+
+def test_bytes_figure_draws_every_panel_curve_and_point(tmp_path):
+    from minimoe.course import viz
+    panels = [{"xlabel": "E", "x": [1, 2], "curves": {"model": [1024, 2048]}, "points": {"run": ([1, 2], [0, 4096])}},
+              {"xlabel": "cf", "x": [1, 2], "curves": {"a": [1, 2], "b": [3, 4]}}]
+    fig = viz.plot_bytes_moved(panels, tmp_path / "b.png")
+    assert (tmp_path / "b.png").exists()
+    ax0, ax1 = fig.axes
+    assert [list(l.get_ydata()) for l in ax0.lines] == [[1.0, 2.0], [0.0, 4.0]]     # shown in KiB
+    assert len(ax1.lines) == 2 and ax0.get_xlabel() == "E"
