@@ -156,3 +156,29 @@ def test_simulated_bad_input_raises_on_every_rank_not_a_hang():
     run_ranks(4, rank, timeout=20)
     assert len(errors) == 4 and all("n_experts=6 must be divisible by the number of ranks P=4" in e
                                     for e in errors)
+
+
+def test_batched_input_and_a_failed_forward_leaves_the_layer_as_it_was():
+    from minimoe import MoELayer
+    from minimoe.beyond.parallel import ExpertParallelMoELayer, run_ranks
+    ref = MoELayer(4, 6, 4, k=2, rng=np.random.default_rng(3))
+    x = np.random.default_rng(4).standard_normal((2, 6, 4))             # (B, S, d) per rank
+    noise = np.random.default_rng(5).standard_normal((2, 2, 6, 4))
+    y_ref = ref.forward(np.concatenate([x.reshape(-1, 4)] * 2), noise=noise.reshape(-1, 4))
+
+    def rank(comm):
+        r = comm.Get_rank()
+        par = ExpertParallelMoELayer.from_layer(ref, comm)
+        y = par.forward(x, noise=noise[r])
+        stats, params = dict(par.stats), {n: p.copy() for n, p in par.params.items()}
+        try:
+            par.forward(x[..., :3] if r == 1 else x, noise=noise[r])
+        except ValueError as err:
+            message = str(err)
+        assert par.stats.keys() == stats.keys() and par.stats["sent_bytes"] == stats["sent_bytes"]
+        assert all(np.array_equal(p, params[n]) for n, p in par.params.items())
+        return y, message
+    runs = run_ranks(2, rank)
+    np.testing.assert_allclose(np.concatenate([r[0].reshape(-1, 4) for r in runs]), y_ref, rtol=0, atol=1e-12)
+    assert runs[0][0].shape == (2, 6, 4)
+    assert all("rank 1: ValueError: x must have width d_model=4" in r[1] for r in runs)
