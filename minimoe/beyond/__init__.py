@@ -4,4 +4,5 @@
     expert_choice.py   expert-choice routing: the specialists pick their patients
     lossfree.py        auxiliary-loss-free balancing: a bias that steers the referrals, not the advice
     shared_experts.py  shared + fine-grained experts (DeepSeekMoE): a specialist on duty for everyone
+    parallel.py        expert parallelism over MPI: a network of clinics, the all-to-all by hand
 """

@@ -16,14 +16,16 @@ The modules, in the order the course meets them:
     specialties.py  the demo and lesson 08: which specialty each expert serves, and what that is worth
     balance.py      lessons 05, 06, 10: expert load, balancing losses, appointment books, drops
     beyond.py       lesson 09: other routers, loss-free balancing, the tiny MoE language model
+    parallel.py     lesson 11: what the all-to-all moves, against E, P, k and the capacity factor
 """
-from . import _style, balance, basics, beyond, clinic, specialties
+from . import _style, balance, basics, beyond, clinic, parallel, specialties
 from ._style import *  # noqa: F401,F403
 from .balance import *  # noqa: F401,F403
 from .basics import *  # noqa: F401,F403
 from .beyond import *  # noqa: F401,F403
 from .clinic import *  # noqa: F401,F403
+from .parallel import *  # noqa: F401,F403
 from .specialties import *  # noqa: F401,F403
 
 __all__ = [*_style.__all__, *basics.__all__, *clinic.__all__, *specialties.__all__, *balance.__all__,
-           *beyond.__all__]
+           *beyond.__all__, *parallel.__all__]
