@@ -24,7 +24,9 @@ import argparse
 import json
 import math
 import os
+import shutil
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -32,8 +34,9 @@ import numpy as np
 from .clinic.data import bayes_accuracy, make_clinic
 from .clinic.models import DenseMoE, Ensemble, Generalist, SparseMoE
 from .clinic.train import evaluate, specialty_routing, train
+from .validate import atomic_write_text, check_out_dir
 
-__all__ = ["DEFAULTS", "QUICK", "build_clinics", "run_demo", "format_table", "main"]
+__all__ = ["DEFAULTS", "QUICK", "OUTPUTS", "build_clinics", "run_demo", "format_table", "write_outputs", "main"]
 
 # The full demo. Measured over seeds 0–4, see README: the GP clinic beats the
 # generalist by ~0.18 accuracy at equal compute per patient.
@@ -129,26 +132,42 @@ def format_table(rows, markdown=False):
     return "\n".join([fmt(head), "  ".join("-" * w for w in widths)] + [fmt(r) for r in lines])
 
 
-def write_outputs(res, out_dir):
-    """Write the figures, results.json and results.md; return the list of paths written."""
+OUTPUTS = ("clinic_summary.png", "learning_curves.png", "expert_load.png", "expert_specialty.png",
+           "clinic_data.png", "results.md", "results.json")
+
+
+def write_outputs(res, out_dir, log=print):
+    """Write the figures, results.json and results.md; return the list of paths written.
+
+    Everything is drawn into a hidden staging folder inside ``out_dir`` first and moved into
+    place only when all of it is done, so an interrupted run leaves the folder as it was
+    (never a truncated PNG, never new figures mixed with an earlier run's numbers); a rerun
+    replaces every file of the earlier run, and says so.
+    """
     from .course import viz
-    os.makedirs(out_dir, exist_ok=True)
-    p = lambda name: os.path.join(out_dir, name)  # noqa: E731
-    paths = []
-    viz.plot_clinic_summary(res["rows"], res["routing"], p("clinic_summary.png"), bayes=res["bayes"])
-    viz.plot_learning_curves(res["histories"], p("learning_curves.png"), bayes=res["bayes"])
-    viz.plot_expert_load(res["histories"]["sparse_moe"], p("expert_load.png"),
-                         title="GP referral: share of patients each specialist saw during training")
-    viz.plot_specialty_routing(res["routing"], p("expert_specialty.png"),
-                                title="GP referral: which specialty each expert ends up serving (%)")
-    viz.plot_clinic_data(res["data"].test, res["data"].centers, p("clinic_data.png"))
-    paths += [p(n) for n in ("clinic_summary.png", "learning_curves.png", "expert_load.png",
-                             "expert_specialty.png", "clinic_data.png")]
-    with open(p("results.md"), "w") as f:
-        f.write(format_table(res["rows"], markdown=True) + "\n")
-    with open(p("results.json"), "w") as f:
-        json.dump({k: res[k] for k in ("config", "seeds", "bayes", "rows")}, f, indent=1)
-    return paths + [p("results.md"), p("results.json")]
+    check_out_dir("out_dir", out_dir)
+    stage = tempfile.mkdtemp(dir=out_dir, prefix=".minimoe-demo-")
+    p = lambda name: os.path.join(stage, name)  # noqa: E731
+    try:
+        viz.plot_clinic_summary(res["rows"], res["routing"], p("clinic_summary.png"), bayes=res["bayes"])
+        viz.plot_learning_curves(res["histories"], p("learning_curves.png"), bayes=res["bayes"])
+        viz.plot_expert_load(res["histories"]["sparse_moe"], p("expert_load.png"),
+                             title="GP referral: share of patients each specialist saw during training")
+        viz.plot_specialty_routing(res["routing"], p("expert_specialty.png"),
+                                    title="GP referral: which specialty each expert ends up serving (%)")
+        viz.plot_clinic_data(res["data"].test, res["data"].centers, p("clinic_data.png"))
+        atomic_write_text(p("results.md"), format_table(res["rows"], markdown=True) + "\n")
+        atomic_write_text(p("results.json"),
+                          json.dumps({k: res[k] for k in ("config", "seeds", "bayes", "rows")}, indent=1))
+        old = [n for n in OUTPUTS if os.path.exists(os.path.join(out_dir, n))]
+        for name in OUTPUTS:
+            os.replace(p(name), os.path.join(out_dir, name))
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    if old:
+        log(f"Replaced {len(old)} files of an earlier run in {out_dir}: all {len(OUTPUTS)} files there are "
+            f"now from this run.")
+    return [os.path.join(out_dir, n) for n in OUTPUTS]
 
 
 def _parser():
@@ -162,14 +181,17 @@ def _parser():
                     help="random seed(s) for data, weights and training; several seeds give mean ± std "
                          "(default: 0)")
     ap.add_argument("--n-train", type=int, default=None, metavar="N",
-                    help="training patients (default: 16000, or 2000 with --quick)")
+                    help=f"training patients (default: {DEFAULTS['n_train']}, or {QUICK['n_train']} with --quick)")
     ap.add_argument("--epochs", type=int, default=None, metavar="N",
-                    help="passes over the training data (default: 20, or 3 with --quick)")
+                    help=f"passes over the training data (default: {DEFAULTS['epochs']}, or {QUICK['epochs']} "
+                         f"with --quick)")
     ap.add_argument("--specialties", type=int, default=None, metavar="S",
-                    help="hidden specialties in the data (default: 8)")
+                    help=f"hidden specialties in the data (default: {DEFAULTS['n_specialties']})")
     ap.add_argument("--out", default="minimoe_demo", metavar="DIR",
                     help="directory for the figures and results (default: ./minimoe_demo)")
-    ap.add_argument("--quick", action="store_true", help="small data and few epochs: a few seconds")
+    ap.add_argument("--quick", action="store_true",
+                    help=f"small data and few epochs: {QUICK['n_train']} training, {QUICK['n_val']} validation "
+                         f"and {QUICK['n_test']} test patients, {QUICK['epochs']} epochs (a few seconds)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
     ap.add_argument("--no-figures", action="store_true", help="print the table only")
     return ap
@@ -189,8 +211,11 @@ def main(argv=None):
             if value < low:
                 ap.error(f"{opt} must be >= {low}, got {value}")
             cfg[key] = value
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        ap.error(f"--out {args.out!r} exists and is not a directory")
+    if not args.no_figures:
+        try:                        # before any training: a bad --out must not cost a whole run
+            check_out_dir("--out", args.out)
+        except (TypeError, ValueError) as err:
+            ap.error(str(err))
     progress = False if args.no_progress else None
 
     t0 = time.perf_counter()
@@ -209,7 +234,7 @@ def main(argv=None):
           f"in all, embedding and readout included).")
     print("Load CV: std/mean of the referrals each expert received on the test set (0 = perfectly even).")
     if not args.no_figures:
-        paths = write_outputs(res, args.out)
+        paths = write_outputs(res, args.out, log=print)
         print(f"\nWrote {len(paths)} files to {os.path.abspath(args.out)}/: "
               + ", ".join(os.path.basename(q) for q in paths))
     print(f"Done in {time.perf_counter() - t0:.1f} s.")

@@ -65,10 +65,12 @@ import platform
 import sys
 import time
 import tracemalloc
+import warnings
 
 import numpy as np
 
 from .core.moe import MoELayer
+from .validate import atomic_write_text, check_out_dir
 
 __all__ = ["FULL", "QUICK", "TARGETS", "make_moe_step", "make_ceiling_step", "make_grouped_ceiling_step",
            "time_interleaved",
@@ -362,7 +364,8 @@ def _parser():
                    help="capacity factor of the layer, or 'none' for no dropping (default none: the "
                         "layer then does exactly the ceiling's expert work)")
     p.add_argument("--threads", type=_positive_int, default=None, metavar="N",
-                   help="limit the BLAS to N threads (needs threadpoolctl); default: as configured")
+                   help="limit the BLAS to N threads (needs threadpoolctl; more than the cores warns); "
+                        "default: as configured")
     p.add_argument("--json", metavar="PATH", default=None, help="also write the JSON result to PATH")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.add_argument("--parallel", action="store_true",
@@ -384,6 +387,17 @@ def main(argv=None):
         folder = os.path.dirname(os.path.abspath(args.json))
         if not os.path.isdir(folder):
             parser.error(f"--json: folder {folder!r} does not exist")
+        if os.path.isdir(args.json):
+            parser.error(f"--json {args.json!r} is a directory; give a file name")
+        try:                        # before the run: an unwritable folder must not cost a whole benchmark
+            check_out_dir("--json: folder", folder, create=False)
+        except ValueError as err:
+            parser.error(str(err))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    if args.threads is not None and cores and args.threads > cores:
+        warnings.warn(f"--threads {args.threads} is more than the {cores} cores available: the threads will "
+                      f"share cores, and the timings will be slower and noisier, not faster", RuntimeWarning,
+                      stacklevel=2)
     if args.parallel:
         return _main_parallel(args, cfg, parser)
     limiter = None
@@ -402,8 +416,7 @@ def main(argv=None):
     line = json.dumps(result)
     print(line)
     if args.json is not None:
-        with open(args.json, "w") as f:
-            f.write(line + "\n")
+        atomic_write_text(args.json, line + "\n")      # never a truncated JSON, even if interrupted
     return result
 
 

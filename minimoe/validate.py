@@ -37,11 +37,18 @@ def check_array(name, x, *, ndim=None, shape=None, finite=True, floating=True):
         ``x`` unchanged, so the call can be used inline.
 
     Raises:
-        TypeError: ``x`` is not an ndarray, or has the wrong dtype kind.
+        TypeError: ``x`` is not an ndarray, is a masked array or an ``np.matrix``
+            (their mask and semantics would be silently lost), or has the wrong dtype kind.
         ValueError: wrong rank, wrong shape, or non-finite values.
     """
     if not isinstance(x, np.ndarray):
         raise TypeError(f"{name} must be a numpy array, got {type(x).__name__}")
+    # Subclasses that change what the numbers mean are refused, not silently reinterpreted:
+    if isinstance(x, np.ma.MaskedArray):
+        raise TypeError(f"{name} is a masked array: minimoe would silently use the values under its mask; "
+                        f"fill them (x.filled(value)) or drop the masked rows, then pass a plain ndarray")
+    if isinstance(x, np.matrix):
+        raise TypeError(f"{name} is a numpy.matrix (always 2-D, * means matmul); pass np.asarray({name})")
     if floating and not np.issubdtype(x.dtype, np.floating):
         raise TypeError(f"{name} must have a floating dtype (float32 or float64), got {x.dtype}")
     if ndim is not None:
@@ -217,3 +224,106 @@ def check_tokens(x, d_model, dtype):
     if x2.shape[0] == 0:
         raise ValueError(f"x must contain at least one token, got shape {x.shape}")
     return x2, x.shape
+
+
+# --------------------------------------------------------------------------- output files
+__all__ += ["check_out_dir", "atomic_open", "atomic_write_text"]
+
+
+def check_out_dir(name, path, *, create=True):
+    """Check, *before* any long computation, that ``path`` is a directory we can write into.
+
+    Args:
+        name: how the caller names the argument in messages (e.g. ``"--out"``).
+        path: a directory path (str or os.PathLike). It may not exist yet: then every
+            existing part of it must be a directory, and (if ``create``) it is created now.
+        create: create a missing directory (else a missing one is an error).
+
+    Returns:
+        ``path`` as a str.
+
+    Raises:
+        TypeError: ``path`` is not a str or path.
+        ValueError: ``path`` is empty, names a file (or lies under one, ``file/sub``), does
+            not exist (with ``create=False``), cannot be created, or is not writable.
+    """
+    import os
+    import tempfile
+
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"{name} must be a directory path, got {type(path).__name__}")
+    path = os.fspath(path)
+    if not path.strip():
+        raise ValueError(f"{name} is empty: give a directory, e.g. {name} results")
+    # The nearest part of the path that exists must be a directory: "file/sub" cannot be made.
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    if os.path.exists(probe) and not os.path.isdir(probe):
+        where = "exists and is not a directory" if probe == os.path.abspath(path) else f"is inside {probe!r}, a file"
+        raise ValueError(f"{name} {path!r} {where}")
+    if not os.path.isdir(path):
+        if not create:
+            raise ValueError(f"{name} {path!r} does not exist")
+        try:
+            os.makedirs(path, exist_ok=True)
+        except OSError as err:
+            raise ValueError(f"{name} {path!r} cannot be created: {err.strerror or err}") from None
+    try:                                   # os.access is not enough (root, read-only mounts): try it
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as err:
+        raise ValueError(f"{name} {path!r} is not writable: {err.strerror or err}") from None
+    return path
+
+
+class _AtomicFile:
+    """Context manager behind :func:`atomic_open`."""
+
+    def __init__(self, path, mode):
+        import os
+        if mode not in ("w", "wb"):
+            raise ValueError(f"mode must be 'w' or 'wb', got {mode!r}")
+        self.path, self.mode = os.fspath(path), mode
+
+    def __enter__(self):
+        import os
+        import tempfile
+        folder = os.path.dirname(os.path.abspath(self.path))
+        fd, self.tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(self.path) + ".", suffix=".tmp")
+        self.file = os.fdopen(fd, self.mode)
+        return self.file
+
+    def __exit__(self, exc_type, exc, tb):
+        import os
+        try:
+            self.file.close()
+            if exc_type is None:
+                umask = os.umask(0)
+                os.umask(umask)
+                os.chmod(self.tmp, 0o666 & ~umask)   # mkstemp makes 0600; a plain open() would not
+                os.replace(self.tmp, self.path)        # atomic: readers see the old file or the new one
+        finally:
+            if os.path.exists(self.tmp):
+                os.remove(self.tmp)                    # interrupted (even by Ctrl-C): no truncated output
+        return False
+
+
+def atomic_open(path, mode="w"):
+    """Open ``path`` for writing *atomically*: ``with atomic_open(p, "wb") as f: ...``.
+
+    The data goes to a temporary file in the same directory, renamed over ``path`` only when
+    the block finishes without an exception. An interrupted write (an error, Ctrl-C, a full
+    disk) leaves ``path`` as it was — the old file or none — never a truncated one.
+    """
+    return _AtomicFile(path, mode)
+
+
+def atomic_write_text(path, text):
+    """Write the string ``text`` to ``path`` atomically (see :func:`atomic_open`); returns ``path``."""
+    with atomic_open(path, "w") as f:
+        f.write(text)
+    return path

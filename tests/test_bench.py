@@ -220,3 +220,58 @@ def test_idle_experts_get_zeros_even_from_recycled_memory(rng):
     _, grads = experts_backward(np.ones((24, d)), experts_forward(x[:24], idle, **p)[1])
     for e in (1, 3, 4, 5):
         assert all(np.all(g[e] == 0) for g in grads.values()), e
+
+
+# --------------------------------------------------------------------------- issue 14: --threads, --json
+class _Stop(Exception):
+    """Raised instead of running the benchmark: these tests are about what happens before."""
+
+
+def _no_run(*a, **kw):
+    raise _Stop
+
+
+def test_threads_above_the_core_count_warns(monkeypatch):
+    pytest.importorskip("threadpoolctl")
+    monkeypatch.setattr(bench.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(bench.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(bench, "run_bench", _no_run)
+    with pytest.warns(RuntimeWarning, match="--threads 3 is more than the 2 cores available"), pytest.raises(_Stop):
+        bench.main(["--quick", "--no-progress", "--threads", "3"])
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")            # at or below the core count: no warning
+        with pytest.raises(_Stop):
+            bench.main(["--quick", "--no-progress", "--threads", "2"])
+
+
+@pytest.mark.parametrize("where, msg", [("DIR", "is a directory; give a file name"),
+                                        ("/proc/bench.json", "'/proc' is not writable")])
+def test_bad_json_paths_are_rejected_before_the_run(tmp_path, capsys, monkeypatch, where, msg):
+    monkeypatch.setattr(bench, "run_bench", _no_run)
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["--quick", "--no-progress", "--json", where.replace("DIR", str(tmp_path))])
+    assert exc.value.code == 2 and msg in capsys.readouterr().err
+
+
+def test_json_is_written_atomically_over_an_old_one(tmp_path, monkeypatch):
+    path = tmp_path / "bench.json"
+    path.write_text("old, and longer than the new result will be ....................................")
+    monkeypatch.setattr(bench, "run_bench", lambda *a, **kw: {"rows": [1, 2]})
+    monkeypatch.setattr(bench, "format_report", lambda result: "report")
+    bench.main(["--quick", "--no-progress", "--json", str(path)])
+    assert json.loads(path.read_text()) == {"rows": [1, 2]}
+    assert os.listdir(tmp_path) == ["bench.json"]
+    # An interrupted write keeps the old file whole.
+    monkeypatch.setattr(bench.json, "dumps", lambda obj: "x" * 10)
+
+    def interrupted(p, text):
+        from minimoe.validate import atomic_open
+        with atomic_open(p) as f:
+            f.write(text[:3])
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench, "atomic_write_text", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(["--quick", "--no-progress", "--json", str(path)])
+    assert json.loads(path.read_text()) == {"rows": [1, 2]} and os.listdir(tmp_path) == ["bench.json"]

@@ -99,3 +99,99 @@ def test_figures_command_lists_and_rejects(capsys):
         figures.main(["--only", "no-such-figure"])
     assert "matches no builder" in capsys.readouterr().err
     assert figures.default_dir().endswith("figures")
+
+
+# --------------------------------------------------------------------------- issue 14: outputs, --out, --help
+import re  # noqa: E402
+
+from minimoe import __main__ as demo  # noqa: E402
+
+
+def test_help_says_what_quick_really_does():
+    text = " ".join(demo._parser().format_help().split())
+    assert f"or {QUICK['n_train']} with --quick" in text
+    assert f"or {QUICK['epochs']} with --quick" in text
+    assert f"default: {demo.DEFAULTS['n_train']}," in text and f"default: {demo.DEFAULTS['epochs']}," in text
+    m = re.search(r"--quick small data and few epochs: (\d+) training, (\d+) validation and (\d+) test "
+                  r"patients, (\d+) epochs", text)
+    assert m is not None, text
+    assert tuple(int(g) for g in m.groups()) == (QUICK["n_train"], QUICK["n_val"], QUICK["n_test"], QUICK["epochs"])
+
+
+@pytest.fixture
+def no_training(monkeypatch):
+    """Fail loudly if the demo starts training: a bad --out must be caught before."""
+    def run_demo(*a, **kw):
+        raise AssertionError("training started before --out was checked")
+    monkeypatch.setattr(demo, "run_demo", run_demo)
+
+
+@pytest.mark.parametrize("out, msg", [
+    ("", "--out is empty: give a directory"),
+    ("FILE/sub", "is inside"),
+    ("FILE", "exists and is not a directory"),
+    ("/proc/minimoe-demo", "cannot be created"),
+])
+def test_bad_out_is_rejected_before_any_training(tmp_path, capsys, no_training, out, msg):
+    f = tmp_path / "a_file"
+    f.write_text("x")
+    with pytest.raises(SystemExit) as exc:
+        main(["--quick", "--no-progress", "--out", out.replace("FILE", str(f))])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert msg in err and "Traceback" not in err
+
+
+@pytest.fixture(scope="module")
+def tiny_res():
+    cfg = dict(QUICK, n_train=200, n_val=50, n_test=100, epochs=1)
+    return demo.run_demo(cfg, progress=False, log=lambda *a: None)
+
+
+def test_a_rerun_replaces_every_old_result_and_says_so(tmp_path, tiny_res):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "results.json").write_text("stale")
+    (out / "clinic_summary.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 116)   # a truncated one
+    said = []
+    paths = demo.write_outputs(tiny_res, str(out), log=said.append)
+    assert sorted(os.listdir(out)) == sorted(demo.OUTPUTS) and len(paths) == len(demo.OUTPUTS)
+    assert json.loads((out / "results.json").read_text())["rows"]
+    assert len((out / "clinic_summary.png").read_bytes()) > 10_000
+    assert said and "Replaced 2 files of an earlier run" in said[0]
+    said.clear()
+    demo.write_outputs(tiny_res, str(out), log=said.append)
+    assert f"Replaced {len(demo.OUTPUTS)} files" in said[0]
+
+
+def test_an_interrupted_write_leaves_the_old_results_untouched(tmp_path, tiny_res, monkeypatch):
+    from minimoe.course import viz
+    out = tmp_path / "out"
+    demo.write_outputs(tiny_res, str(out), log=lambda *a: None)
+    before = {n: (out / n).read_bytes() for n in demo.OUTPUTS}
+
+    def interrupted(*a, **kw):
+        raise KeyboardInterrupt      # Ctrl-C after two figures were drawn
+
+    monkeypatch.setattr(viz, "plot_expert_load", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        demo.write_outputs(tiny_res, str(out), log=lambda *a: None)
+    assert sorted(os.listdir(out)) == sorted(demo.OUTPUTS)        # no staging folder, no temporary left
+    assert {n: (out / n).read_bytes() for n in demo.OUTPUTS} == before   # the old run, whole and unmixed
+    # and into an empty folder, an interrupted run leaves nothing (no truncated PNG)
+    empty = tmp_path / "empty"
+    with pytest.raises(KeyboardInterrupt):
+        demo.write_outputs(tiny_res, str(empty), log=lambda *a: None)
+    assert os.listdir(empty) == []
+
+
+@pytest.mark.parametrize("out, msg", [("", "--out is empty"), ("FILE/sub", "is inside"),
+                                      ("/proc/minimoe-figures", "cannot be created")])
+def test_figures_command_checks_out_before_building(tmp_path, capsys, monkeypatch, out, msg):
+    f = tmp_path / "a_file"
+    f.write_text("x")
+    ran = []
+    monkeypatch.setattr(figures, "BUILDERS", {"clinic_demo": lambda d: ran.append(d) or []})
+    with pytest.raises(SystemExit) as exc:
+        figures.main(["--out", out.replace("FILE", str(f))])
+    assert exc.value.code == 2 and msg in capsys.readouterr().err and ran == []

@@ -475,10 +475,11 @@ def check_layer(layer, x, dout=None, *, forward_kwargs=None, selection=None, rng
     y_again = np.asarray(layer.forward(x, **kw), dtype=np.float64)
     if not np.array_equal(y, y_again):
         raise ValueError(
-            f"{type(layer).__name__}.forward gave different outputs for the same x on two calls: its "
-            f"noise is redrawn on every call (a noisy router in training mode), so finite differences "
-            f"would compare different functions. Fix the noise: forward_kwargs={{'noise': eps}} with eps "
-            f"of shape (T, E), or check in eval mode with forward_kwargs={{'train': False}}")
+            f"{type(layer).__name__}.forward gave different outputs for the same x on two calls: "
+            f"something in it changes on every call — a noisy router in training mode: the noise is "
+            f"redrawn on every call — so finite differences would compare different functions. Fix the "
+            f"noise: forward_kwargs={{'noise': eps}} with eps of shape (T, E), or check in eval mode "
+            f"with forward_kwargs={{'train': False}}")
     dout = _dout(dout, y, rng)
     dx = layer.backward(dout)
     analytic = _analytic("layer.backward (through layer.grads)", layer.grads, layer.params)

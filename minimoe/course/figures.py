@@ -7,7 +7,9 @@
 Each *builder* is a function ``builder(out_dir) -> list of paths`` registered
 with :func:`register`; parts of minimoe that add figures for the README or the
 lessons register a builder here, so this one command keeps ``figures/`` in
-step with the code. Builders compute first, then draw with :mod:`minimoe.course.viz`.
+step with the code. Builders compute first, then draw with :mod:`minimoe.course.viz`
+(whose save is atomic: an interrupted run never leaves a truncated PNG). ``--out`` is
+checked before any builder runs.
 """
 from __future__ import annotations
 
@@ -15,6 +17,8 @@ import argparse
 import os
 import sys
 import time
+
+from ..validate import check_out_dir
 
 __all__ = ["BUILDERS", "register", "default_dir", "main"]
 
@@ -70,6 +74,10 @@ def main(argv=None):
         return 0
     if not chosen:
         ap.error(f"--only {args.only!r} matches no builder; choose from: {', '.join(BUILDERS)}")
+    try:                            # before any builder runs: a bad --out must not cost a whole run
+        check_out_dir("--out", args.out)
+    except (TypeError, ValueError) as err:
+        ap.error(str(err))
     for name, fn in chosen.items():
         t0 = time.perf_counter()
         paths = fn(args.out)

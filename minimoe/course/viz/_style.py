@@ -52,13 +52,20 @@ def expert_colors(E):
 
 
 def save(fig, path, dpi=130):
-    """Save ``fig`` to ``path`` (creating its directory) and close it; returns ``path``."""
+    """Save ``fig`` to ``path`` (creating its directory), atomically, and close it; returns ``path``."""
     plt = _plt()
     d = os.path.dirname(os.fspath(path))
     if d:
         os.makedirs(d, exist_ok=True)
-    fig.savefig(path, dpi=dpi, bbox_inches="tight")
-    plt.close(fig)
+    # Atomically (a temporary file, renamed when complete): an interrupted save never leaves a
+    # truncated PNG behind, only the old file or none.
+    from ...validate import atomic_open
+    fmt = os.path.splitext(os.fspath(path))[1][1:].lower() or None
+    try:
+        with atomic_open(path, "wb") as f:
+            fig.savefig(f, format=fmt, dpi=dpi, bbox_inches="tight")
+    finally:
+        plt.close(fig)
     return path
 
 
