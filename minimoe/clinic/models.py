@@ -32,47 +32,18 @@ FLOPs are counted as 2 per multiply–add of the matrix products, at inference
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
-from ..core.experts import ffn_backward, ffn_forward, init_expert_params
+from ..core.experts import Expert
 from ..core.layers import cross_entropy_backward, cross_entropy_forward, linear_backward, linear_forward, softmax
 from ..validate import check_array, check_int, check_rng
 
-__all__ = ["FFNBlock", "moe_block", "Clinic", "Generalist", "DenseMoE", "SparseMoE", "Ensemble", "CLINICS"]
+__all__ = ["moe_block", "Clinic", "Generalist", "DenseMoE", "SparseMoE", "Ensemble", "CLINICS"]
 
 
 # --------------------------------------------------------------------------- blocks
-class FFNBlock:
-    """The generalist's block: one FFN ``relu(u W1 + b1) W2 + b2``, u (T, d), hidden width h."""
-
-    def __init__(self, d_model, d_hidden, rng, dtype=np.float64, activation="relu"):
-        p = init_expert_params(1, d_model, d_hidden, rng, dtype)
-        self.params = {k: v[0] for k, v in p.items()}
-        self.grads = {k: np.zeros_like(v) for k, v in self.params.items()}
-        self.activation = activation
-        self.d, self.h = d_model, d_hidden
-        self.aux_loss = 0.0
-        self._cache = None
-
-    def forward(self, u, train=True, noise=None):
-        out, self._cache = ffn_forward(u, **self.params, activation=self.activation)
-        return out
-
-    def backward(self, dout):
-        du, g = ffn_backward(dout, self._cache)
-        self.grads.update(g)
-        return du
-
-    @property
-    def n_params(self):
-        return sum(v.size for v in self.params.values())
-
-    n_active_params = n_params
-
-    def flops_per_token(self):
-        return 2 * self.d * self.h * 2         # two matmuls, d×h and h×d
-
-
 def moe_block(d_model, d_hidden, n_experts, rng, dtype=np.float64, **kwargs):
     """An :class:`~minimoe.core.moe.MoELayer` (imported here so the dense clinics work without it)."""
     from ..core.moe import MoELayer
@@ -80,6 +51,12 @@ def moe_block(d_model, d_hidden, n_experts, rng, dtype=np.float64, **kwargs):
 
 
 # --------------------------------------------------------------------------- one network
+class ClinicCache(NamedTuple):
+    embed: tuple            # linear_forward's cache of the embedding
+    readout: tuple          # linear_forward's cache of the readout
+    loss: tuple | None      # cross_entropy_forward's cache (None until forward_loss)
+
+
 class Clinic:
     """Embed → residual block → readout, with a hand-written backward.
 
@@ -87,7 +64,7 @@ class Clinic:
         n_symptoms: input width; n_classes: number of diagnoses C; d_model: width d.
         block: an object with ``params``, ``grads``, ``forward(u, train, noise)``,
             ``backward(dv)``, ``aux_loss``, ``n_params``, ``n_active_params`` and
-            ``flops_per_token()`` (an :class:`FFNBlock` or an ``MoELayer``).
+            ``flops_per_token()`` (a :class:`~minimoe.core.experts.Expert` or an ``MoELayer``).
         rng: generator for the embedding and readout weights.
     """
 
@@ -116,7 +93,7 @@ class Clinic:
     @property
     def moe(self):
         """The MoE layer, or ``None`` for a dense clinic."""
-        return None if isinstance(self.block, FFNBlock) else self.block
+        return None if isinstance(self.block, Expert) else self.block
 
     def forward(self, x, train=False, rng=None, noise=None):
         """Logits (T, C) for symptoms x (T, n_symptoms).
@@ -132,7 +109,7 @@ class Clinic:
         v = u + self.block.forward(u, train=train, noise=noise)
         self.aux_loss = float(self.block.aux_loss or 0.0)
         logits, c_out = linear_forward(v, p["readout.W"], p["readout.b"])
-        self._caches = (c_emb, c_out, None)
+        self._caches = ClinicCache(c_emb, c_out, None)   # the loss's cache comes with forward_loss
         self.last_logits = logits
         return logits
 
@@ -140,7 +117,7 @@ class Clinic:
         """Mean cross-entropy of diagnoses y (T,) int; ``aux_loss`` is set too."""
         logits = self.forward(x, train=train, rng=rng, noise=noise)
         loss, c_ce = cross_entropy_forward(logits, y)
-        self._caches = self._caches[:2] + (c_ce,)
+        self._caches = self._caches._replace(loss=c_ce)
         return loss
 
     def backward(self):
@@ -150,7 +127,7 @@ class Clinic:
         *and* through the block, and the two are added (``du = dv + block'(dv)``).
         The block's backward also adds its auxiliary loss's gradient.
         """
-        if self._caches is None or self._caches[2] is None:
+        if self._caches is None or self._caches.loss is None:
             raise RuntimeError("call forward_loss before backward")
         c_emb, c_out, c_ce = self._caches
         dlogits, _ = cross_entropy_backward(1.0, c_ce)
@@ -189,7 +166,7 @@ class Generalist(Clinic):
 
     def __init__(self, n_symptoms, n_classes, d_model=16, d_hidden=32, rng=None, dtype=np.float64):
         rng = np.random.default_rng(0) if rng is None else rng
-        block = FFNBlock(d_model, check_int("d_hidden", d_hidden, low=1), rng, dtype)
+        block = Expert(d_model, check_int("d_hidden", d_hidden, low=1), rng=rng, dtype=dtype)   # one FFN
         super().__init__(n_symptoms, n_classes, d_model, block, rng, dtype)
 
 
