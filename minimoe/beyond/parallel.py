@@ -45,6 +45,7 @@ mpi4py is imported lazily: ``import minimoe`` never needs it.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import threading
 import time
@@ -57,7 +58,7 @@ from ..core.dispatch import (DispatchPlan, combine_backward, combine_forward, di
 from ..core.experts import experts_backward, experts_forward
 from ..core.moe import MoELayer
 from ..core.router import gate_backward, gate_forward, router_logits_backward, router_logits_forward
-from ..validate import check_array, check_tokens
+from ..validate import check_array, check_rng, check_tokens
 
 __all__ = ["ExpertParallelMoELayer", "global_plan", "LocalComm", "run_ranks", "MPI_HELP"]
 
@@ -253,8 +254,10 @@ class ExpertParallelMoELayer:
         self.params.update({n: layer.params[n][r * per:(r + 1) * per].copy() for n in _EXPERT})
         self.grads = {n: np.zeros_like(p) for n, p in self.params.items()}
         if noise_rng is None:
-            noise_rng = np.random.default_rng([int(layer.rng.integers(2**63)), r])
-        self.rng = noise_rng
+            # Drawn from a copy, so building the twin leaves the single-process layer's generator
+            # as it was; one stream per rank, so ranks never share their noise.
+            noise_rng = np.random.default_rng([int(copy.deepcopy(layer.rng).integers(2**63)), r])
+        self.rng = check_rng("noise_rng", noise_rng)
         self.aux_loss, self.stats, self._cache = 0.0, {}, None
 
     # ------------------------------------------------------------------ helpers
