@@ -204,7 +204,7 @@ class ExpertParallelMoELayer:
             "capacity", "losses" describe the global batch; "topk_idx", "topk_gates",
             "kept", "probs" this rank's tokens; plus "sent_bytes" (bytes this rank sent to
             other ranks in the last forward and backward), "exchange_seconds" (time in
-            the two Alltoallv of forward and backward), "received_rows" (assignments its
+            their four Alltoallv, waiting included), "received_rows" (assignments its
             experts ran), "n_tokens_global" (T).
     """
 
@@ -213,10 +213,16 @@ class ExpertParallelMoELayer:
                  dtype=np.float64, rng=None, comm=None, noise_rng=None):
         # MoELayer validates every option and draws the weights; from the same seed every
         # rank draws the same router and the same bank, and keeps its own slice of the bank.
-        layer = MoELayer(d_model, d_hidden, n_experts, k=k, gate=gate, noisy=noisy, balance=balance,
-                         balance_coef=balance_coef, z_loss_coef=z_loss_coef,
-                         capacity_factor=capacity_factor, activation=activation, dtype=dtype, rng=rng)
-        self._adopt(layer, comm, noise_rng)
+        # A bad option on one rank only must not leave the others waiting: the error travels
+        # in the first collective, and every rank raises it.
+        try:
+            layer, error = MoELayer(d_model, d_hidden, n_experts, k=k, gate=gate, noisy=noisy, balance=balance,
+                                    balance_coef=balance_coef, z_loss_coef=z_loss_coef,
+                                    capacity_factor=capacity_factor, activation=activation, dtype=dtype,
+                                    rng=rng), None
+        except (ValueError, TypeError) as err:
+            layer, error = None, f"{type(err).__name__}: {err}"
+        self._adopt(layer, comm, noise_rng, error)
 
     @classmethod
     def from_layer(cls, layer, comm=None, noise_rng=None):
@@ -228,9 +234,11 @@ class ExpertParallelMoELayer:
         self._adopt(layer, comm, noise_rng)
         return self
 
-    def _adopt(self, layer, comm, noise_rng):
+    def _adopt(self, layer, comm, noise_rng, error=None):
         comm = _world() if comm is None else comm
         P, r = comm.Get_size(), comm.Get_rank()
+        if error is not None:
+            _check_agreement(comm.allgather({"options": {}, "error": error}))
         self._options = {name: getattr(layer, name) for name in (
             "d_model", "d_hidden", "n_experts", "k", "gate", "noisy", "balance", "balance_coef",
             "z_loss_coef", "capacity_factor", "activation")}
