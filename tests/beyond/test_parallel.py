@@ -207,3 +207,28 @@ def test_from_layer_leaves_the_source_layer_untouched_and_ranks_draw_different_n
         assert "layer must be a MoELayer, got str" in str(err)
     else:
         raise AssertionError("no error")
+
+
+def test_a_rank_whose_experts_get_no_patients_and_a_rank_with_one_token():
+    from minimoe import MoELayer
+    from minimoe.beyond.parallel import ExpertParallelMoELayer, run_ranks
+    ref = MoELayer(3, 4, 4, k=1, noisy=False, balance="importance", capacity_factor=1.0,
+                   rng=np.random.default_rng(0))
+    ref.params["W_gate"][...] = 0
+    ref.params["W_gate"][:, 0] = 5.0                   # every positive-sum token goes to expert 0
+    x = np.abs(np.random.default_rng(1).standard_normal((7, 3)))
+    dy = np.random.default_rng(2).standard_normal((7, 3))
+    y, dx = ref.forward(x), None
+    dx = ref.backward(dy)
+    bounds = [0, 1, 7]                                  # rank 0 has one token, rank 1 six
+
+    def rank(comm):
+        r = comm.Get_rank()
+        par = ExpertParallelMoELayer.from_layer(ref, comm)
+        out = par.forward(x[bounds[r]:bounds[r + 1]]), par.backward(dy[bounds[r]:bounds[r + 1]])
+        return out + (par.stats["received_rows"], par.grads["W1"])
+    runs = run_ranks(2, rank)
+    np.testing.assert_allclose(np.concatenate([r[0] for r in runs]), y, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(np.concatenate([r[1] for r in runs]), dx, rtol=0, atol=1e-12)
+    assert runs[1][2] == 0 and not runs[1][3].any()     # rank 1's experts saw nobody: zero gradients
+    assert ref.stats["dropped"] == 7 - 2               # C = ceil(7/4) = 2 beds at expert 0
