@@ -560,9 +560,11 @@ def format_parallel_report(result):
         f"  layer:   gate={c['gate']!r} noisy={c['noisy']} balance={c['balance']!r} "
         f"capacity_factor={c['capacity_factor']} activation={c['activation']!r}; E/P experts per rank",
         f"  BLAS:    one thread per rank; single = the single-process MoELayer on rank 0 with {P} BLAS threads",
-        f"  ceiling: the six expert matmuls on each rank's T*k/P={c['tokens_per_rank'] * c['k']} rows, all ranks at once",
-        f"  grouped: the same on each rank's E/P groups; exchange: the four Alltoallv of a step (slowest rank)",
-        f"  timing:  median of {c['repeats']} interleaved rounds after {c['warmup']} warm-up; a step = the slowest rank",
+        f"  ceiling: the six expert matmuls on each rank's T*k/P={c['tokens_per_rank'] * c['k']} rows, "
+        f"all ranks at once",
+        "  grouped: the same on each rank's E/P groups; exchange: the four Alltoallv of a step (slowest rank)",
+        f"  timing:  median of {c['repeats']} interleaved rounds after {c['warmup']} warm-up; "
+        f"a step = the slowest rank",
         "",
         f"{'dtype':8s} {'E':>4s} {'moe_ms':>9s} {'ceiling_ms':>11s} {'ceiling/moe':>12s} {'E64/E8':>8s} "
         f"{'grouped_ms':>11s} {'grouped/moe':>12s} {'grouped E64/E8':>15s} {'peak_MiB':>9s} "

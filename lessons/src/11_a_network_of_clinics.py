@@ -288,6 +288,9 @@ panels = [
 ]
 fig = viz.plot_bytes_moved(panels)
 plt.show()
+by_E, by_P, by_k, by_cf = (p["points"]["measured"][1] for p in panels)     # what the text below says:
+assert max(by_E) < 1.1 * min(by_E) and np.all(np.diff(by_P) > 0) and np.all(np.diff(by_k) > 0)
+assert by_cf[0] < by_cf[2] < model() and max(by_cf) <= model() * 1.05
 
 # %% [markdown]
 # Read the panels left to right. **E does not matter**: a token's row travels once per

@@ -45,6 +45,7 @@ mpi4py is imported lazily: ``import minimoe`` never needs it.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import threading
 import time
@@ -57,7 +58,7 @@ from ..core.dispatch import (DispatchPlan, combine_backward, combine_forward, di
 from ..core.experts import experts_backward, experts_forward
 from ..core.moe import MoELayer
 from ..core.router import gate_backward, gate_forward, router_logits_backward, router_logits_forward
-from ..validate import check_array, check_tokens
+from ..validate import check_array, check_rng, check_tokens
 
 __all__ = ["ExpertParallelMoELayer", "global_plan", "LocalComm", "run_ranks", "MPI_HELP"]
 
@@ -203,7 +204,7 @@ class ExpertParallelMoELayer:
             "capacity", "losses" describe the global batch; "topk_idx", "topk_gates",
             "kept", "probs" this rank's tokens; plus "sent_bytes" (bytes this rank sent to
             other ranks in the last forward and backward), "exchange_seconds" (time in
-            the two Alltoallv of forward and backward), "received_rows" (assignments its
+            their four Alltoallv, waiting included), "received_rows" (assignments its
             experts ran), "n_tokens_global" (T).
     """
 
@@ -212,10 +213,16 @@ class ExpertParallelMoELayer:
                  dtype=np.float64, rng=None, comm=None, noise_rng=None):
         # MoELayer validates every option and draws the weights; from the same seed every
         # rank draws the same router and the same bank, and keeps its own slice of the bank.
-        layer = MoELayer(d_model, d_hidden, n_experts, k=k, gate=gate, noisy=noisy, balance=balance,
-                         balance_coef=balance_coef, z_loss_coef=z_loss_coef,
-                         capacity_factor=capacity_factor, activation=activation, dtype=dtype, rng=rng)
-        self._adopt(layer, comm, noise_rng)
+        # A bad option on one rank only must not leave the others waiting: the error travels
+        # in the first collective, and every rank raises it.
+        try:
+            layer, error = MoELayer(d_model, d_hidden, n_experts, k=k, gate=gate, noisy=noisy, balance=balance,
+                                    balance_coef=balance_coef, z_loss_coef=z_loss_coef,
+                                    capacity_factor=capacity_factor, activation=activation, dtype=dtype,
+                                    rng=rng), None
+        except (ValueError, TypeError) as err:
+            layer, error = None, f"{type(err).__name__}: {err}"
+        self._adopt(layer, comm, noise_rng, error)
 
     @classmethod
     def from_layer(cls, layer, comm=None, noise_rng=None):
@@ -227,9 +234,11 @@ class ExpertParallelMoELayer:
         self._adopt(layer, comm, noise_rng)
         return self
 
-    def _adopt(self, layer, comm, noise_rng):
+    def _adopt(self, layer, comm, noise_rng, error=None):
         comm = _world() if comm is None else comm
         P, r = comm.Get_size(), comm.Get_rank()
+        if error is not None:
+            _check_agreement(comm.allgather({"options": {}, "error": error}))
         self._options = {name: getattr(layer, name) for name in (
             "d_model", "d_hidden", "n_experts", "k", "gate", "noisy", "balance", "balance_coef",
             "z_loss_coef", "capacity_factor", "activation")}
@@ -253,8 +262,10 @@ class ExpertParallelMoELayer:
         self.params.update({n: layer.params[n][r * per:(r + 1) * per].copy() for n in _EXPERT})
         self.grads = {n: np.zeros_like(p) for n, p in self.params.items()}
         if noise_rng is None:
-            noise_rng = np.random.default_rng([int(layer.rng.integers(2**63)), r])
-        self.rng = noise_rng
+            # Drawn from a copy, so building the twin leaves the single-process layer's generator
+            # as it was; one stream per rank, so ranks never share their noise.
+            noise_rng = np.random.default_rng([int(copy.deepcopy(layer.rng).integers(2**63)), r])
+        self.rng = check_rng("noise_rng", noise_rng)
         self.aux_loss, self.stats, self._cache = 0.0, {}, None
 
     # ------------------------------------------------------------------ helpers

@@ -131,10 +131,16 @@ def bad_input_cases(failures):
                  lambda: ExpertParallelMoELayer.from_layer(MoELayer(D, HID, E, rng=np.random.default_rng(RANK)), comm),
                  "router weights differ", failures)
     expect_error("options differ",
-                 lambda: ExpertParallelMoELayer(D, HID, E, k=1 if RANK == last else 2, rng=np.random.default_rng(0), comm=comm),
+                 lambda: ExpertParallelMoELayer(D, HID, E, k=1 if RANK == last else 2,
+                                                rng=np.random.default_rng(0), comm=comm),
                  "k differs", failures)
+    expect_error("a bad option on one rank only",
+                 lambda: ExpertParallelMoELayer(D, HID, E, k=E + 1 if RANK == last else 2,
+                                                rng=np.random.default_rng(0), comm=comm),
+                 f"rank {last}: ValueError: k", failures)
     expect_error("E differs",
-                 lambda: ExpertParallelMoELayer(D, HID, E if RANK != last else 2 * E, rng=np.random.default_rng(0), comm=comm),
+                 lambda: ExpertParallelMoELayer(D, HID, E if RANK != last else 2 * E,
+                                                rng=np.random.default_rng(0), comm=comm),
                  "n_experts differs", failures)
     par = ExpertParallelMoELayer(D, HID, E, k=2, rng=np.random.default_rng(0), comm=comm)
     x = np.random.default_rng(RANK).standard_normal((5, D))

@@ -182,3 +182,53 @@ def test_batched_input_and_a_failed_forward_leaves_the_layer_as_it_was():
     np.testing.assert_allclose(np.concatenate([r[0].reshape(-1, 4) for r in runs]), y_ref, rtol=0, atol=1e-12)
     assert runs[0][0].shape == (2, 6, 4)
     assert all("rank 1: ValueError: x must have width d_model=4" in r[1] for r in runs)
+
+
+def test_from_layer_leaves_the_source_layer_untouched_and_ranks_draw_different_noise():
+    from minimoe import MoELayer
+    from minimoe.beyond.parallel import ExpertParallelMoELayer, run_ranks
+    ref = MoELayer(4, 6, 4, k=2, rng=np.random.default_rng(3))
+    state = ref.rng.bit_generator.state
+    params = {n: p.copy() for n, p in ref.params.items()}
+    x = np.random.default_rng(0).standard_normal((5, 4))
+
+    def rank(comm):
+        par = ExpertParallelMoELayer.from_layer(ref, comm)
+        par.params["W1"] += 1.0                        # the twin's arrays are its own
+        par.forward(x)                                 # noise from the rank's own stream
+        return par.stats["topk_idx"], par._cache[1].noise
+    runs = run_ranks(2, rank)
+    assert ref.rng.bit_generator.state == state
+    assert all(np.array_equal(p, params[n]) for n, p in ref.params.items())
+    assert not np.allclose(runs[0][1], runs[1][1])     # the same x, different noise on each rank
+    try:
+        ExpertParallelMoELayer.from_layer("not a layer")
+    except TypeError as err:
+        assert "layer must be a MoELayer, got str" in str(err)
+    else:
+        raise AssertionError("no error")
+
+
+def test_a_rank_whose_experts_get_no_patients_and_a_rank_with_one_token():
+    from minimoe import MoELayer
+    from minimoe.beyond.parallel import ExpertParallelMoELayer, run_ranks
+    ref = MoELayer(3, 4, 4, k=1, noisy=False, balance="importance", capacity_factor=1.0,
+                   rng=np.random.default_rng(0))
+    ref.params["W_gate"][...] = 0
+    ref.params["W_gate"][:, 0] = 5.0                   # every positive-sum token goes to expert 0
+    x = np.abs(np.random.default_rng(1).standard_normal((7, 3)))
+    dy = np.random.default_rng(2).standard_normal((7, 3))
+    y, dx = ref.forward(x), None
+    dx = ref.backward(dy)
+    bounds = [0, 1, 7]                                  # rank 0 has one token, rank 1 six
+
+    def rank(comm):
+        r = comm.Get_rank()
+        par = ExpertParallelMoELayer.from_layer(ref, comm)
+        out = par.forward(x[bounds[r]:bounds[r + 1]]), par.backward(dy[bounds[r]:bounds[r + 1]])
+        return out + (par.stats["received_rows"], par.grads["W1"])
+    runs = run_ranks(2, rank)
+    np.testing.assert_allclose(np.concatenate([r[0] for r in runs]), y, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(np.concatenate([r[1] for r in runs]), dx, rtol=0, atol=1e-12)
+    assert runs[1][2] == 0 and not runs[1][3].any()     # rank 1's experts saw nobody: zero gradients
+    assert ref.stats["dropped"] == 7 - 2               # C = ceil(7/4) = 2 beds at expert 0
