@@ -21,6 +21,8 @@ PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 # import name -> distribution name, for the third-party modules minimoe imports
 DIST = {"IPython": "ipykernel", "matplotlib": "matplotlib", "tqdm": "tqdm", "threadpoolctl": "threadpoolctl",
         "nbformat": "nbformat", "nbclient": "nbclient", "jupytext": "jupytext", "numpy": "numpy"}
+# Imports that belong to another extra than [course]: expert parallelism needs an MPI.
+OTHER_EXTRA = {"mpi4py": ("mpi", "mpi4py")}
 
 
 def _imports(path):
@@ -43,6 +45,11 @@ def test_the_course_extra_covers_every_import():
         for name in _imports(path):
             if name not in sys.stdlib_module_names and name != "minimoe":
                 third_party.add(name)
+    for module, (extra, dist) in OTHER_EXTRA.items():
+        if module in third_party:
+            assert dist in _names(PYPROJECT["project"]["optional-dependencies"][extra]), \
+                f"minimoe imports {module}: the [{extra}] extra must list {dist}"
+            third_party.discard(module)
     unknown = third_party - set(DIST)
     assert not unknown, f"minimoe imports {sorted(unknown)}: add them to [course] and to DIST here"
     deps = _names(PYPROJECT["project"]["dependencies"])
@@ -58,7 +65,8 @@ def test_extras_and_requirements():
     assert {"pytest", "hypothesis"} <= _names(extras["test"])
     assert _names(extras["teacher"]) == {"nbgrader"}
     lines = [line.split("#")[0].strip() for line in (ROOT / "requirements.txt").read_text().splitlines()]
-    assert [line for line in lines if line] == ["-e .[course,test]"]
+    assert [line for line in lines if line] == ["-e .[course,test,mpi]"]
+    assert {"mpi4py", "mpich"} <= _names(extras["mpi"]), "the [mpi] extra brings mpi4py and a pip-installed MPI"
     markers = " ".join(PYPROJECT["tool"]["pytest"]["ini_options"]["markers"])
     assert "notebooks:" in markers and "nbgrader:" in markers
 
