@@ -64,8 +64,7 @@ def shared_experts_forward(x, W1, b1, W2, b2, activation="relu"):
     Returns:
         y (T, d) and the cache.
     """
-    check_array("x", x, ndim=2)
-    check_array("W1", W1, ndim=3)
+    check_shapes(x=(x, ("T", "d")), W1=(W1, ("S", "d", "h")))
     S, T = W1.shape[0], x.shape[0]
     yg, ecache = experts_forward(np.tile(x, (S, 1)), np.arange(S + 1) * T, W1, b1, W2, b2, activation)
     return yg.reshape(S, T, -1).sum(axis=0), SharedCache(ecache, T, S, x.shape[1])
