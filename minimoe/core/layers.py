@@ -33,7 +33,7 @@ __all__ = [
     "gelu_forward", "gelu_backward",
     "ActivationCache", "activation_forward", "activation_backward", "ACTIVATIONS",
     "softmax", "softmax_forward", "softmax_backward",
-    "log_softmax", "cross_entropy_forward", "cross_entropy_backward",
+    "log_softmax", "cross_entropy_forward", "cross_entropy_backward", "PairLayer",
 ]
 
 
@@ -285,3 +285,31 @@ def cross_entropy_backward(dloss, cache):
     d = p.copy()
     d[np.arange(p.shape[0]), y] -= 1.0
     return (float(dloss) / N) * d.reshape(shape), {}
+
+
+# --------------------------------------------------------------------------- thin classes
+class PairLayer:
+    """The base of the thin classes (``Expert``, ``ExpertBank``, ``LayerNorm``, ...): one pair, kept.
+
+    A thin class holds ``params`` and ``grads`` (dicts with identical keys, so one optimizer
+    and one gradient checker serve every layer) and the cache of its last forward. A
+    subclass names its pair's backward (``pair_backward = staticmethod(thing_backward)``),
+    makes its weights with :meth:`_keep_params` and writes ``forward``, which stores the
+    pair's cache in ``self._cache``; :meth:`backward` is the same for all of them.
+    """
+
+    pair_backward = None      # the subclass's thing_backward(dout, cache) -> (dx, grads)
+
+    def _keep_params(self, params):
+        """Set ``params``, zero ``grads`` of the same keys and shapes, and no cache yet."""
+        self.params = params
+        self.grads = {name: np.zeros_like(p) for name, p in params.items()}
+        self._cache = None
+
+    def backward(self, dout):
+        """dout (the output's shape) -> the input's gradient; fills ``self.grads``."""
+        if self._cache is None:
+            raise RuntimeError("call forward before backward")
+        dx, grads = self.pair_backward(dout, self._cache)
+        self.grads.update(grads)
+        return dx
