@@ -234,6 +234,14 @@ def log_softmax(z, axis=-1):
 
 
 # --------------------------------------------------------------------------- cross-entropy
+def check_labels(labels, C):
+    """Class labels must exist: at least one class, every label in [0, C)."""
+    if C == 0:
+        raise ValueError("logits must have at least one class (last axis), got 0")
+    if labels.size and (labels.min() < 0 or labels.max() >= C):
+        raise ValueError(f"labels must be in [0, {C}) for {C} classes; got values from {labels.min()} to {labels.max()}")
+
+
 class CrossEntropyCache(NamedTuple):
     p: np.ndarray       # (N, C) softmax of the logits
     labels: np.ndarray  # (N,) int
@@ -253,17 +261,10 @@ def cross_entropy_forward(logits, labels):
         loss (a float) and the cache. An empty batch (N = 0) has loss 0 and a
         zero gradient rather than 0/0.
     """
-    check_array("logits", logits, ndim=range(1, 8))
-    C = logits.shape[-1]
-    if C == 0:
-        raise ValueError(f"logits must have at least one class (last axis), got shape {logits.shape}")
     labels = np.asarray(labels)
-    if not np.issubdtype(labels.dtype, np.integer):
-        raise TypeError(f"labels must be integers, got dtype {labels.dtype}")
-    if labels.shape != logits.shape[:-1]:
-        raise ValueError(f"labels must have shape {logits.shape[:-1]} (one per row of logits), got {labels.shape}")
-    if labels.size and (labels.min() < 0 or labels.max() >= C):
-        raise ValueError(f"labels must be in [0, {C}) for {C} classes; got values from {labels.min()} to {labels.max()}")
+    C = check_shapes(logits=(logits, ("...", "C")), labels=(labels, ("...",), "one per row of logits"),
+                     integer=("labels",))["C"]
+    check_labels(labels, C)
     z = logits.reshape(-1, C)
     y = labels.reshape(-1)
     logp = log_softmax(z)
