@@ -16,6 +16,18 @@ DeepSeekMoE changes *which* experts there are, not how they are routed. Two idea
     y_t = Σ_{s=1..K_s} FFN_s(x_t)  +  Σ_{e in TopK(t)} G_te · FFN_e(x_t)
           shared: always on, gate 1    routed: an ordinary MoELayer
 
+The routing is DeepSeekMoE's (Dai et al. 2024, §3.2, eq. 9–11), by default: with u_t the
+token, e_i the router's column of expert i, m·N experts of which K_s are shared and
+m·K − K_s are routed per token,
+
+    h_t  = Σ_{i=1}^{K_s} FFN_i(u_t) + Σ_{i=K_s+1}^{mN} g_{i,t} FFN_i(u_t) + u_t     (9)
+    g_{i,t} = s_{i,t} if s_{i,t} ∈ TopK({s_{j,t} | K_s+1 ≤ j ≤ mN}, mK − K_s), else 0   (10)
+    s_{i,t} = Softmax_i(u_tᵀ e_i)                                                   (11)
+
+— a softmax over the routed experts read at the chosen ones, **not renormalised** (the
+gates of a token sum to less than 1) and with **no noise**: MoELayer's ``gate="switch",
+noisy=False``. (The residual ``+ u_t`` of eq. 9 is the caller's, as for every layer here.)
+
 In the clinic: every patient sees the duty nurse (shared), and the GP refers them
 on to a few of many narrow specialists (routed). A sum of always-on FFNs is just
 one wider FFN (its hidden units concatenated); they are kept as separate experts
@@ -107,8 +119,13 @@ class SharedExpertMoELayer(MoEBase):
         n_shared: K_s ≥ 0 shared experts (0: fine-grained routing only).
         rng: numpy.random.Generator for the weights and the routed layer's noise.
         dtype, activation: as in MoELayer.
-        **routed_kwargs: passed to the routed MoELayer (gate, noisy, balance, balance_coef,
-            z_loss_coef, capacity_factor).
+        gate: the routed layer's gate; default "switch", DeepSeekMoE's eq. 10–11 (softmax
+            affinity over the routed experts, not renormalised). "topk" renormalises.
+        noisy: router noise; default None = no noise (DeepSeekMoE), except when ``balance``
+            is "load" or "importance+load": the smooth load estimator is built from the
+            noise (Shazeer et al. 2017), so asking for it turns the noise on.
+        **routed_kwargs: passed to the routed MoELayer (balance, balance_coef, z_loss_coef,
+            capacity_factor, switch_fraction, balance_groups, fast).
 
     Attributes:
         routed: the MoELayer of routed experts (its arrays are shared with ``params``).
@@ -120,12 +137,14 @@ class SharedExpertMoELayer(MoEBase):
     repr_fields = MoEBase.repr_fields[:4] + ("n_shared", "gate", "noisy", "balance")
 
     def __init__(self, d_model, d_hidden, n_experts, k=2, n_shared=1, activation="relu",
-                 dtype=np.float64, rng=None, **routed_kwargs):
+                 dtype=np.float64, rng=None, gate="switch", noisy=None, **routed_kwargs):
         self.n_shared = check_int("n_shared", n_shared, low=0)
         dtype = layer_dtype(dtype)
         rng = np.random.default_rng(0) if rng is None else check_rng("rng", rng)
-        self.routed = MoELayer(d_model, d_hidden, n_experts, k=k, activation=activation, dtype=dtype,
-                               rng=rng, **routed_kwargs)
+        if noisy is None:                 # DeepSeekMoE has no noise; the smooth load loss needs it
+            noisy = routed_kwargs.get("balance") in ("load", "importance+load")
+        self.routed = MoELayer(d_model, d_hidden, n_experts, k=k, gate=gate, noisy=noisy,
+                               activation=activation, dtype=dtype, rng=rng, **routed_kwargs)
         r = self.routed
         self.d_model, self.d_hidden, self.n_experts, self.k = r.d_model, r.d_hidden, r.n_experts, r.k
         self.capacity_factor, self.activation, self.dtype, self.rng = r.capacity_factor, r.activation, dtype, rng
