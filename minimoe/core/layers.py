@@ -8,7 +8,10 @@ Each block is a pair of functions in the style of the CS231n assignments:
 ``dout`` is ∂L/∂out for some scalar loss L; backward returns ∂L/∂x and a dict
 ``grads`` with ∂L/∂(each parameter) under the parameter's own name (empty for
 blocks without parameters). A cache is a small NamedTuple holding exactly what
-backward needs.
+backward needs. A forward with several differentiable inputs (``combine_forward(yg,
+gates, plan)``, ``load_loss_forward(clean, noisy, sigma, k)``) gets one gradient per
+input back, positionally in the forward's order, then the ``grads`` dict, which holds
+gradients of parameters only: ``dyg, dgates, grads = combine_backward(dy, cache)``.
 
 Shapes: ``x`` may have any leading dimensions ``(..., d)`` — a batch of tokens
 ``(T, d)`` or of sequences ``(B, S, d)``; the last axis is the feature axis.
