@@ -61,7 +61,7 @@ class SharedCache(NamedTuple):
     d: int            # width
 
 
-def shared_experts_forward(x, W1, b1, W2, b2, activation="relu"):
+def shared_experts_forward(x, W1, b1, W2, b2, activation="relu", *, W3=None, b3=None):
     """Every token through every shared expert, summed: ``y = Σ_s FFN_s(x)``.
 
     The bank of experts.py expects tokens grouped by expert; for shared experts
@@ -71,7 +71,7 @@ def shared_experts_forward(x, W1, b1, W2, b2, activation="relu"):
     Args:
         x: (T, d) tokens.
         W1 (K_s,d,h), b1 (K_s,h), W2 (K_s,h,d), b2 (K_s,d): the shared experts.
-        activation: "relu" or "gelu".
+        activation: "relu", "gelu" or "swiglu" (then W3 (K_s,d,h), b3 (K_s,h) too).
 
     Returns:
         y (T, d) and the cache.
@@ -79,7 +79,8 @@ def shared_experts_forward(x, W1, b1, W2, b2, activation="relu"):
     check_array("x", x, ndim=2)
     check_array("W1", W1, ndim=3)
     S, T = W1.shape[0], x.shape[0]
-    yg, ecache = experts_forward(np.tile(x, (S, 1)), np.arange(S + 1) * T, W1, b1, W2, b2, activation)
+    yg, ecache = experts_forward(np.tile(x, (S, 1)), np.arange(S + 1) * T, W1, b1, W2, b2, activation,
+                                 W3=W3, b3=b3)
     return yg.reshape(S, T, -1).sum(axis=0), SharedCache(ecache, T, S, x.shape[1])
 
 
@@ -92,7 +93,8 @@ def shared_experts_backward(dy, cache):
     return dxg.reshape(S, T, -1).sum(axis=0), grads
 
 
-_SHARED_KEYS = {"W1": "W1_shared", "b1": "b1_shared", "W2": "W2_shared", "b2": "b2_shared"}
+_SHARED_KEYS = {"W1": "W1_shared", "b1": "b1_shared", "W2": "W2_shared", "b2": "b2_shared",
+                "W3": "W3_shared", "b3": "b3_shared"}       # W3, b3: SwiGLU experts only
 
 
 class SharedLayerCache(NamedTuple):
@@ -151,7 +153,7 @@ class SharedExpertMoELayer(MoEBase):
         self.gate, self.noisy, self.balance = r.gate, r.noisy, r.balance
         self.params = dict(r.params)
         if self.n_shared:
-            shared = init_expert_params(self.n_shared, self.d_model, self.d_hidden, rng, dtype)
+            shared = init_expert_params(self.n_shared, self.d_model, self.d_hidden, rng, dtype, self.activation)
             self.params.update({_SHARED_KEYS[name]: v for name, v in shared.items()})
         self.grads = {name: np.zeros_like(p) for name, p in self.params.items()}
         self._cache = None
@@ -208,11 +210,14 @@ class SharedExpertMoELayer(MoEBase):
     def _shared_forward(self, x2):
         """The shared branch, its weights checked under their own names (W1_shared, ...)."""
         p = self.params
+        glu = {}
+        if "W3_shared" in p:
+            glu = {"W3_shared": (p["W3_shared"], ("S", "d", "h")), "b3_shared": (p["b3_shared"], ("S", "h"))}
         check_shapes(x=(x2, ("T", "d")), W1_shared=(p["W1_shared"], ("S", "d", "h")),
                      b1_shared=(p["b1_shared"], ("S", "h")), W2_shared=(p["W2_shared"], ("S", "h", "d")),
-                     b2_shared=(p["b2_shared"], ("S", "d")))
+                     b2_shared=(p["b2_shared"], ("S", "d")), **glu)
         return shared_experts_forward(x2, p["W1_shared"], p["b1_shared"], p["W2_shared"], p["b2_shared"],
-                                      self.activation)
+                                      self.activation, W3=p.get("W3_shared"), b3=p.get("b3_shared"))
 
     @property
     def aux_loss(self):
@@ -252,5 +257,7 @@ class SharedExpertMoELayer(MoEBase):
 
     def flops_per_token(self):
         """Routed layer's FLOPs (router, k experts, weighted combine) plus 4dh for each of the
-        K_s shared experts (their outputs are summed with gate 1: additions, not counted)."""
-        return int(self.routed.flops_per_token() + self.n_shared * 4 * self.d_model * self.d_hidden)
+        K_s shared experts (6dh for SwiGLU; their outputs are summed with gate 1: additions,
+        not counted)."""
+        return int(self.routed.flops_per_token()
+                   + self.n_shared * self._expert_matmuls() * 2 * self.d_model * self.d_hidden)
