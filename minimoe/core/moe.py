@@ -13,6 +13,9 @@
 four of ``minimoe.beyond``): the constructor checks, the parameters' initialisation,
 counting, the cache guard, the ``stats`` dict and ``__repr__``. Each class adds its routing.
 
+The dispatch and the expert bank run from ``fast.py`` by default (the same numbers, with
+reused buffers); ``MoELayer(..., fast=False)`` runs the textbook ``dispatch.py``/``experts.py``.
+
 Shapes: T tokens (B·S for (B,S,d) input), d = d_model, h = d_hidden, E experts, k per token.
 """
 from __future__ import annotations
