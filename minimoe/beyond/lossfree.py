@@ -5,12 +5,15 @@ The balancing losses of losses.py keep the GP fair by adding a term to the
 objective — and its gradient flows into the router *and mixes with the task
 gradient*, so a strong balance term hurts the model (Wang et al. 2024). Loss-free
 balancing leaves the objective alone. Each expert e gets a bias ``b_e`` that is
-added to the router's logits **for choosing the top k only**:
+added to the router's logits (or scores, below) **for choosing the top k only**:
 
     L_t   = x_t W_gate,   s_t = softmax(L_t)  (or sigmoid, as in DeepSeek-V3)   (T,E)
     idx_t = TopK(L_t + b, k)               the bias decides *who* is chosen
     G_te  = s_te  for e in idx_t           but the gate is the unbiased score
     y_t   = Σ_{e in idx_t} G_te · FFN_e(x_t)
+
+(the form for softmax scores; for sigmoid scores the default is DeepSeek-V3's,
+``TopK(s_t + b, k)`` and normalised gates: see below).
 
 and after every training step the bias is nudged against the load it caused
 (Algorithm 1, with the update rate u = γ):
