@@ -68,7 +68,7 @@ from ..core.dispatch import dispatch_combine_backward, dispatch_combine_forward,
 from ..core.layers import SoftmaxCache, softmax, softmax_backward
 from ..core.router import router_logits_backward, router_logits_forward, sigmoid, topk_indices
 from ..core.moe import MoEBase, check_bool
-from ..validate import check_array, check_choice, check_positive_float
+from ..validate import check_choice, check_positive_float, check_shapes
 
 __all__ = ["SCORES", "BIAS_ON", "scores_forward", "scores_backward", "biased_topk_forward",
            "biased_topk_backward", "normalize_gates_forward", "normalize_gates_backward", "bias_update",
@@ -117,9 +117,7 @@ def biased_topk_forward(logits, scores, bias, k):
         idx (T, k) int (largest ``L + b`` first), gates (T, k) = ``s[t, idx_t]``, and the cache.
         The gates never contain b: the bias changes *which* experts are chosen, never *how much*.
     """
-    check_array("logits", logits, ndim=2)
-    check_array("scores", scores, shape=logits.shape)
-    check_array("bias", bias, shape=(logits.shape[1],))
+    check_shapes(logits=(logits, ("T", "E")), scores=(scores, ("T", "E")), bias=(bias, ("E",)))
     idx = topk_indices(logits + bias, k)
     gates = np.take_along_axis(scores, idx, axis=1)
     return idx, gates, BiasedTopKCache(idx, scores.shape)
