@@ -27,16 +27,16 @@ import numpy as np
 from . import fast as fast_path
 from . import losses
 from .dispatch import dispatch_combine_backward, dispatch_combine_forward, expert_capacity
-from .experts import init_expert_params
-from .layers import ACTIVATIONS
+from .experts import EXPERT_ACTIVATIONS, GLU_KEYS, init_expert_params
 from .router import (GATES, gate_backward, gate_forward, init_gate_weights, router_logits_backward,
                      router_logits_forward)
 from ..validate import (check_array, check_choice, check_dtype, check_int, check_positive_float, check_rng,
                         check_tokens)
 
-__all__ = ["MoEBase", "MoELayer", "BALANCES", "USUAL_BALANCE_COEF", "DTYPES"]
+__all__ = ["MoEBase", "MoELayer", "BALANCES", "BALANCE_GROUPS", "USUAL_BALANCE_COEF", "DTYPES"]
 
 BALANCES = (None, "importance", "load", "importance+load", "switch")
+BALANCE_GROUPS = ("batch", "sequence")
 # The coefficients the papers use (see losses.py): Shazeer et al. 2017 and Fedus et al. 2021.
 USUAL_BALANCE_COEF = {"importance": 0.1, "load": 0.1, "importance+load": 0.1, "switch": 0.01}
 DTYPES = (np.float32, np.float64)       # every layer class computes in one of these
@@ -74,7 +74,7 @@ class MoEBase:
             if capacity_factor > MAX_CAPACITY_FACTOR:
                 raise ValueError(f"capacity_factor must be at most {MAX_CAPACITY_FACTOR:g} (C = ceil(capacity_factor·T·k/E) "
                                  f"must stay a finite integer; use None for no dropping), got {capacity_factor!r}")
-        self.activation = check_choice("activation", activation, tuple(ACTIVATIONS))
+        self.activation = check_choice("activation", activation, EXPERT_ACTIVATIONS)
         self.dtype = layer_dtype(dtype)
         self.rng = np.random.default_rng(0) if rng is None else check_rng("rng", rng)
         self.d_model, self.d_hidden, self.n_experts, self.capacity_factor = d, h, E, capacity_factor
@@ -85,7 +85,7 @@ class MoEBase:
             self.params["W_gate"] = init_gate_weights(d, E, self.rng, self.dtype)
         if "W_noise" in router:
             self.params["W_noise"] = np.zeros((d, E), dtype=self.dtype)
-        self.params.update(init_expert_params(E, d, h, self.rng, self.dtype))
+        self.params.update(init_expert_params(E, d, h, self.rng, self.dtype, self.activation))
         self.grads = {name: np.zeros_like(p) for name, p in self.params.items()}
         self.aux_loss, self.stats, self._cache = 0.0, {}, None
 
@@ -152,18 +152,26 @@ class MoEBase:
     def n_active_params(self):
         """Parameters one token touches: the router (incl. W_noise if noisy) plus its experts."""
         router = sum(self.params[n].size for n in self.router_keys if n in self.params)
-        per_expert = sum(self.params[n][0].size for n in ("W1", "b1", "W2", "b2"))
+        per_expert = sum(self.params[n][0].size for n in ("W1", "b1", "W2", "b2") + GLU_KEYS if n in self.params)
         return int(round(router + self.experts_per_token * per_expert))
 
     def flops_per_token(self):
         """Forward FLOPs per token in eval mode, counting 2 FLOPs per multiply-add and only
         the products: router scores x W_gate (2dE, if there is a router), two matmuls in each
-        of the token's experts (4dh each) and the weighted combine (2d each). Biases,
+        of the token's experts (4dh each; SwiGLU's three: 6dh) and the weighted combine (2d each). Biases,
         activations, softmax, sorting and the training-only noise matmul are not counted; no
         token is assumed dropped."""
         d, h, E = self.d_model, self.d_hidden, self.n_experts
         router = 2 * d * E if "W_gate" in self.params else 0
-        return int(round(router + self.experts_per_token * (4 * d * h + 2 * d)))
+        return int(round(router + self.experts_per_token * (self._expert_matmuls() * 2 * d * h + 2 * d)))
+
+    def _expert_matmuls(self):
+        """d×h-sized matmuls per expert: 2 (W1, W2), or 3 for SwiGLU (W1, W3, W2)."""
+        return 3 if self.activation == "swiglu" else 2
+
+    def _glu_params(self):
+        """SwiGLU's extra expert arrays as keyword arguments (``{}`` for ReLU/GELU)."""
+        return {n: self.params[n] for n in GLU_KEYS if n in self.params}
 
     def __repr__(self):
         fields = ", ".join(f"{f}={getattr(self, f)!r}" for f in self.repr_fields)
@@ -185,12 +193,19 @@ def check_bool(name, value):
     return bool(value)
 
 
+def _loss_backward(backward, dloss, cache):
+    """A loss's backward, through the per-sequence average if the forward was grouped."""
+    if isinstance(cache, losses.GroupedCache):
+        return losses.grouped_loss_backward(backward, dloss, cache)
+    return backward(dloss, cache)
+
+
 class AuxCaches(NamedTuple):
     """The caches of the auxiliary losses of one forward (None: that loss is off)."""
     importance: tuple | None = None
     load: tuple | None = None
     switch: tuple | None = None
-    first_choice: np.ndarray | None = None   # (T,) the Switch loss's f counts these
+    first_choice: np.ndarray | None = None   # (T,) or (T,k): what the Switch loss's f counts
     z: tuple | None = None
 
 
@@ -240,12 +255,27 @@ class MoELayer(MoEBase):
             load-balancing loss(es) added to ``aux_loss`` ("load" needs noisy=True and a sparse gate).
         balance_coef: weight of each balancing loss; None means the papers' usual value
             (0.1 for importance/load, 0.01 for switch).
+        switch_fraction: what the Switch loss's f counts (balance="switch" only).
+            "first" (default; GShard): each token's first choice — f sums to 1 and the loss
+            is exactly 1 at perfect balance. "all" (Mixtral, as HF transformers'
+            ``load_balancing_loss_func`` on this layer's router logits; flaxformer, Megatron):
+            every chosen expert, f = mean over tokens of the (T,k,E) one-hot choices summed
+            over k — f sums to k and the loss is exactly **k** at perfect balance (so the same
+            α weighs it k times more). f is a count in both: no gradient flows through it.
+        balance_groups: "batch" (default) pools all B·S tokens into one balancing loss;
+            "sequence" computes each balancing loss (importance, load, Switch) on each of the
+            B sequences of a (B, S, d) input and averages them — HF Switch Transformers'
+            per-group form, DeepSeek-V3's sequence-wise balance loss (§2.1.2, eq. 17–20) —
+            so every sequence must be balanced, not just the batch. (T, d) input is one group.
+            The z-loss is a mean over tokens, and all sequences have S tokens, so its
+            per-sequence average *is* the pooled mean: it is computed pooled in both modes.
         z_loss_coef: weight of the router z-loss (ST-MoE uses 0.001); 0 turns it off.
         capacity_factor: each expert takes at most ``C = ceil(capacity_factor·T·k/E)``
             assignments; None means no dropping. When an expert is full, first choices are
             served before second choices, then earlier tokens before later ones; a dropped
             assignment contributes 0 to y (the residual connection carries the token on).
-        activation: "relu" or "gelu".
+        activation: "relu", "gelu" or "swiglu" (``(silu(x W1 + b1) ⊙ (x W3 + b3)) W2 + b2``, as
+            Mixtral's w1/w3/w2; adds W3 (E,d,h) and b3 (E,h) = 0, see experts.py).
         dtype: np.float64 (gradient checks) or np.float32 (speed); every array stays in it.
         rng: numpy.random.Generator for the initial weights and for the training noise
             (default ``np.random.default_rng(0)``).
@@ -254,7 +284,8 @@ class MoELayer(MoEBase):
 
     Attributes:
         params / grads: dicts with identical keys ``W_gate (d,E)``, ``W_noise (d,E)`` (if
-            noisy), ``W1 (E,d,h)``, ``b1 (E,h)``, ``W2 (E,h,d)``, ``b2 (E,d)``.
+            noisy), ``W1 (E,d,h)``, ``b1 (E,h)``, ``W2 (E,h,d)``, ``b2 (E,d)`` (and, for SwiGLU,
+            ``W3 (E,d,h)``, ``b3 (E,h)``).
         aux_loss: float, weighted sum of the balancing and z losses of the last forward.
         stats: dict from the last forward — "load" (E,) int assignments each expert processed,
             "requested" (E,) int the same before capacity, "importance" (E,) gate mass per expert (before capacity), "dropped" int,
@@ -266,9 +297,14 @@ class MoELayer(MoEBase):
 
     def __init__(self, d_model, d_hidden, n_experts, k=2, gate="topk", noisy=True, balance=None,
                  balance_coef=None, z_loss_coef=0.0, capacity_factor=None, activation="relu",
-                 dtype=np.float64, rng=None, fast=True):
+                 dtype=np.float64, rng=None, fast=True, switch_fraction="first", balance_groups="batch"):
         check_choice("gate", gate, GATES)
         check_choice("balance", balance, BALANCES)
+        self.switch_fraction = check_choice("switch_fraction", switch_fraction, losses.SWITCH_FRACTIONS)
+        self.balance_groups = check_choice("balance_groups", balance_groups, BALANCE_GROUPS)
+        if switch_fraction == "all" and gate == "dense":
+            raise ValueError("switch_fraction='all' needs a sparse gate ('topk' or 'switch'): with gate='dense' "
+                             "every token chooses every expert, f_e = 1 and the Switch loss is the constant E")
         noisy, self.fast = check_bool("noisy", noisy), check_bool("fast", fast)
         if balance in ("load", "importance+load"):
             if not noisy:
@@ -310,18 +346,28 @@ class MoELayer(MoEBase):
         C = expert_capacity(T, E, k, self.capacity_factor)
         trip = fast_path.dispatch_combine_forward if self.fast else dispatch_combine_forward
         y, dcache = trip(x2, routing.idx, routing.gates, p["W1"], p["b1"], p["W2"], p["b2"],
-                         capacity=C, activation=self.activation)
+                         capacity=C, activation=self.activation, **self._glu_params())
 
         # Auxiliary losses: unweighted values in `terms`, caches for backward in `aux`.
+        # balance_groups="sequence": each balancing loss per sequence, averaged (one group per
+        # sequence of a (B, S, d) input); the z-loss is a mean over tokens, the same either way.
+        G = shape[0] if self.balance_groups == "sequence" and len(shape) == 3 else 1
+        balance_loss = (lambda fwd, *a, **kw: fwd(*a, **kw)) if G == 1 else \
+            (lambda fwd, *a, **kw: losses.grouped_loss_forward(fwd, G, *a, **kw))
         terms, aux = {}, {}
         if self.balance in ("importance", "importance+load"):
-            terms["importance"], aux["importance"] = losses.importance_loss_forward(routing.gates, routing.idx, E)
+            terms["importance"], aux["importance"] = balance_loss(losses.importance_loss_forward,
+                                                                  routing.gates, routing.idx, n_experts=E)
         if self.balance in ("load", "importance+load"):
-            terms["load"], aux["load"] = losses.load_loss_forward(lcache.clean, H, lcache.sigma, k)
+            terms["load"], aux["load"] = balance_loss(losses.load_loss_forward, lcache.clean, H,
+                                                      lcache.sigma, k=k)
         if self.balance == "switch":
-            first = routing.probs.argmax(axis=1) if self.gate == "dense" else routing.idx[:, 0]
-            terms["switch"], aux["switch"] = losses.switch_loss_forward(routing.probs, first)
-            aux["first_choice"] = first
+            if self.switch_fraction == "all":      # Mixtral: f counts all k choices (k at balance)
+                choices = routing.idx
+            else:                                  # GShard: f counts first choices (1 at balance)
+                choices = routing.probs.argmax(axis=1) if self.gate == "dense" else routing.idx[:, 0]
+            terms["switch"], aux["switch"] = balance_loss(losses.switch_loss_forward, routing.probs, choices)
+            aux["first_choice"] = choices
         if self.z_loss_coef > 0:
             terms["z"], aux["z"] = losses.z_loss_forward(lcache.clean)
         aux_loss = float(sum(self.z_loss_coef * v if name == "z" else self.balance_coef * v
@@ -359,7 +405,8 @@ class MoELayer(MoEBase):
         if aux.first_choice is not None:
             sig += (aux.first_choice,)
         if aux.load is not None:
-            sig += (aux.load.ranked,)
+            groups = aux.load.caches if isinstance(aux.load, losses.GroupedCache) else (aux.load,)
+            sig += (np.concatenate([c.ranked for c in groups]),)
         return sig
 
     # ------------------------------------------------------------------ backward
@@ -372,12 +419,12 @@ class MoELayer(MoEBase):
         else:
             dx, dgates, grads = dispatch_combine_backward(dy2, c.dispatch)
         if aux.importance is not None:                            # importance acts on the gates
-            dgates = dgates + losses.importance_loss_backward(wb, aux.importance)[0]
-        dprobs = losses.switch_loss_backward(wb, aux.switch)[0] if aux.switch is not None else None
+            dgates = dgates + _loss_backward(losses.importance_loss_backward, wb, aux.importance)[0]
+        dprobs = _loss_backward(losses.switch_loss_backward, wb, aux.switch)[0] if aux.switch is not None else None
         dH, _ = gate_backward(dgates, c.gate, dprobs)
         d_clean = d_sigma = None
         if aux.load is not None:                                  # load acts on L, H and σ
-            d_clean, d_noisy, d_sigma, _ = losses.load_loss_backward(wb, aux.load)
+            d_clean, d_noisy, d_sigma, _ = _loss_backward(losses.load_loss_backward, wb, aux.load)
             dH = dH + d_noisy
         if aux.z is not None:                                     # z-loss acts on the clean logits
             dz = losses.z_loss_backward(wz, aux.z)[0]

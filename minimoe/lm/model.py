@@ -59,7 +59,14 @@ class MoELM:
     Attributes:
         embed, pos, blocks, ln_f: the parts.  params / grads: flat dicts with keys "embed.W",
         "pos.W_pos", "block0.attn.W_qkv", ..., "ln_f.gamma", "readout.W", "readout.b".
-        aux_loss: sum of the blocks' auxiliary losses at the last forward.
+        aux_loss: sum of the blocks' auxiliary losses at the last forward. Each MoE layer's
+            loss is computed on its own tokens and router scores, and the layers' losses are
+            **summed** — never one loss over the layers' router logits concatenated. A
+            concatenated loss measures the balance of all layers together, so one layer's
+            imbalance can cancel another's: two layers collapsed onto different experts look
+            perfectly balanced (HF transformers issues #28255 and #28093, where Mixtral's
+            ``load_balancing_loss_func`` on concatenated logits came out constant;
+            tests/lm/test_lm.py builds that case).
     """
 
     def __init__(self, vocab_size=len(corpus.VOCAB), d_model=32, n_heads=2, n_layers=2, max_len=32, ffn="moe",
@@ -116,6 +123,7 @@ class MoELM:
             x = block.forward(x, train=train, noise=eps, ids=ids)
         z = self.ln_f.forward(x)
         logits, c_out = linear_forward(z, self._own["readout.W"], self._own["readout.b"])
+        # One loss per layer, on that layer's tokens, summed (see aux_loss in the docstring)
         self.aux_loss = float(sum(b.aux_loss for b in self.blocks))
         self._cache = LMCache(c_out, None)          # the loss's cache comes with forward_loss
         return logits
