@@ -211,10 +211,15 @@ class ExpertParallelMoELayer:
 
     Args:
         the options of :class:`~minimoe.core.moe.MoELayer` (its ``rng`` must give every
-        rank the same weights: pass the same seed), and
+        rank the same weights: pass the same seed; ``fast`` picks fast.py's expert bank or
+        the textbook's, the same numbers), and
         comm: an mpi4py communicator (default ``MPI.COMM_WORLD``); E must be divisible by its size.
         noise_rng: this rank's generator for training noise (default: one drawn from ``rng``
             and the rank, so ranks never share noise).
+
+    Only the MoELayer options above are mirrored: ``from_layer`` refuses a layer with any
+    other option value (e.g. ``switch_fraction="all"``, ``balance_groups="sequence"``, a
+    SwiGLU bank) with a ValueError naming it, rather than compute something else.
 
     Attributes:
         params / grads: ``W_gate (d,E)``, ``W_noise (d,E)`` (if noisy), and the local experts'
