@@ -248,6 +248,8 @@ class ExpertParallelMoELayer:
                                     rng=rng, fast=fast), None
         except (ValueError, TypeError) as err:
             layer, error = None, f"{type(err).__name__}: {err}"
+        if layer is not None:     # an option MoELayer accepts but this layer does not implement (e.g. activation)
+            error = _unsupported(layer)
         self._adopt(layer, comm, noise_rng, error)
 
     @classmethod
