@@ -602,8 +602,7 @@ def _main_parallel(args, cfg, parser):
         line = json.dumps(result)
         print(line)
         if args.json is not None:
-            with open(args.json, "w") as f:
-                f.write(line + "\n")
+            atomic_write_text(args.json, line + "\n")  # never a truncated JSON, as the single-process mode
     return result
 
 

@@ -26,6 +26,12 @@
 # `ExpertParallelMoELayer.forward` and `.backward`, and `LocalComm` (P ranks as threads).
 
 # %%
+try:  # the course's packages; if one is missing, say how to install them all
+    import minimoe, matplotlib, nbformat  # noqa: E401, F401
+except ModuleNotFoundError as missing:
+    raise ModuleNotFoundError(f"{missing.name} is not installed for this kernel: install the course with "
+                              f"`pip install -r requirements.txt` in the repository (or `pip install "
+                              f"'minimoe[course]'`), then restart the kernel") from None
 import numpy as np
 import matplotlib.pyplot as plt
 

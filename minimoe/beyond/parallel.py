@@ -52,6 +52,7 @@ import time
 
 import numpy as np
 
+from ..core import fast as fast_path
 from ..core import losses as L
 from ..core.dispatch import (DispatchPlan, combine_backward, combine_forward, dispatch_backward,
                              dispatch_forward, expert_capacity)
@@ -67,6 +68,25 @@ MPI_HELP = ("expert parallelism needs mpi4py and an MPI library: pip install mpi
 
 _ROUTER = ("W_gate", "W_noise")
 _EXPERT = ("W1", "b1", "W2", "b2")
+# MoELayer options this layer mirrors at one value only, with that value. An attribute a
+# MoELayer does not have yet counts as its default, so this keeps working as options appear.
+_ONLY_DEFAULT = {"switch_fraction": "first", "balance_groups": "batch"}
+_ACTIVATIONS = ("relu", "gelu")        # the expert banks this layer slices (W1, b1, W2, b2)
+
+
+def _unsupported(layer):
+    """None if this layer can mirror ``layer``, else a message naming each option it cannot."""
+    problems = [f"{name}={getattr(layer, name)!r} (only {default!r} is supported)"
+                for name, default in _ONLY_DEFAULT.items() if getattr(layer, name, default) != default]
+    if getattr(layer, "activation", "relu") not in _ACTIVATIONS:
+        problems.append(f"activation={layer.activation!r} (only {' or '.join(map(repr, _ACTIVATIONS))})")
+    extra = sorted(set(layer.params) - set(_ROUTER + _EXPERT))
+    if extra:     # a parameter this layer would neither copy nor slice: refuse, never drop it silently
+        problems.append(f"parameters {', '.join(extra)} (only {', '.join(_ROUTER + _EXPERT)} are copied or sliced)")
+    if not problems:
+        return None
+    return ("ValueError: ExpertParallelMoELayer cannot mirror this MoELayer: " + "; ".join(problems)
+            + ". Build the MoELayer with the supported values")
 
 
 def _world():
@@ -80,16 +100,17 @@ def _world():
 # --------------------------------------------------------------------------- the core's return conventions
 # The only two places that read the shape of a core function's return value beyond
 # "(array, {})"; if core/ changes a convention, adapt these two lines and nothing else.
+# (The core returns one gradient per input, in the forward's order, then the parameters' dict.)
 def _combine_backward(dy, cache):
     """-> (dyg (N,d), dgates (T,k)), from ``dispatch.combine_backward``."""
-    dyg, g = combine_backward(dy, cache)
-    return dyg, g["gates"]
+    dyg, dgates, _ = combine_backward(dy, cache)
+    return dyg, dgates
 
 
 def _load_loss_backward(w, cache):
     """-> (d_clean, d_noisy, d_sigma), each (T,E), from ``losses.load_loss_backward``."""
-    d_clean, g = L.load_loss_backward(w, cache)
-    return d_clean, g["noisy"], g["sigma"]
+    d_clean, d_noisy, d_sigma, _ = L.load_loss_backward(w, cache)
+    return d_clean, d_noisy, d_sigma
 
 
 # --------------------------------------------------------------------------- the plan, from the count table
@@ -190,10 +211,15 @@ class ExpertParallelMoELayer:
 
     Args:
         the options of :class:`~minimoe.core.moe.MoELayer` (its ``rng`` must give every
-        rank the same weights: pass the same seed), and
+        rank the same weights: pass the same seed; ``fast`` picks fast.py's expert bank or
+        the textbook's, the same numbers), and
         comm: an mpi4py communicator (default ``MPI.COMM_WORLD``); E must be divisible by its size.
         noise_rng: this rank's generator for training noise (default: one drawn from ``rng``
             and the rank, so ranks never share noise).
+
+    Only the MoELayer options above are mirrored: ``from_layer`` refuses a layer with any
+    other option value (e.g. ``switch_fraction="all"``, ``balance_groups="sequence"``, a
+    SwiGLU bank) with a ValueError naming it, rather than compute something else.
 
     Attributes:
         params / grads: ``W_gate (d,E)``, ``W_noise (d,E)`` (if noisy), and the local experts'
@@ -210,7 +236,7 @@ class ExpertParallelMoELayer:
 
     def __init__(self, d_model, d_hidden, n_experts, k=2, gate="topk", noisy=True, balance=None,
                  balance_coef=None, z_loss_coef=0.0, capacity_factor=None, activation="relu",
-                 dtype=np.float64, rng=None, comm=None, noise_rng=None):
+                 dtype=np.float64, rng=None, fast=True, comm=None, noise_rng=None):
         # MoELayer validates every option and draws the weights; from the same seed every
         # rank draws the same router and the same bank, and keeps its own slice of the bank.
         # A bad option on one rank only must not leave the others waiting: the error travels
@@ -219,19 +245,24 @@ class ExpertParallelMoELayer:
             layer, error = MoELayer(d_model, d_hidden, n_experts, k=k, gate=gate, noisy=noisy, balance=balance,
                                     balance_coef=balance_coef, z_loss_coef=z_loss_coef,
                                     capacity_factor=capacity_factor, activation=activation, dtype=dtype,
-                                    rng=rng), None
+                                    rng=rng, fast=fast), None
         except (ValueError, TypeError) as err:
             layer, error = None, f"{type(err).__name__}: {err}"
+        if layer is not None:     # an option MoELayer accepts but this layer does not implement (e.g. activation)
+            error = _unsupported(layer)
         self._adopt(layer, comm, noise_rng, error)
 
     @classmethod
     def from_layer(cls, layer, comm=None, noise_rng=None):
         """The expert-parallel twin of a single-process ``MoELayer`` (same options, its router
-        copied, its experts sliced). Every rank must pass an identical layer."""
+        copied, its experts sliced). Every rank must pass an identical layer.
+
+        Raises ValueError (on every rank) if the layer has an option value this layer does
+        not implement (see ``_ONLY_DEFAULT``): it would otherwise compute something else."""
         if not isinstance(layer, MoELayer):
             raise TypeError(f"layer must be a MoELayer, got {type(layer).__name__}")
         self = cls.__new__(cls)
-        self._adopt(layer, comm, noise_rng)
+        self._adopt(layer, comm, noise_rng, _unsupported(layer))
         return self
 
     def _adopt(self, layer, comm, noise_rng, error=None):
@@ -258,6 +289,9 @@ class ExpertParallelMoELayer:
             if name not in ("dtype", "ranks"):
                 setattr(self, name, value)
         self.dtype = layer.dtype
+        # fast.py's bank or the textbook's, as the layer ran (the same numbers; not an option
+        # the ranks must agree on)
+        self.fast = bool(getattr(layer, "fast", True))
         self.params = {n: layer.params[n].copy() for n in _ROUTER if n in layer.params}
         self.params.update({n: layer.params[n][r * per:(r + 1) * per].copy() for n in _EXPERT})
         self.grads = {n: np.zeros_like(p) for n, p in self.params.items()}
@@ -378,7 +412,8 @@ class ExpertParallelMoELayer:
         p = self.params
         xs, dcache = dispatch_forward(x2, plan)                    # rows grouped by owner
         xr = self._exchange(xs, send_rows, recv_rows)              # Alltoallv #1
-        yg, ecache = experts_forward(xr[perm], offsets, p["W1"], p["b1"], p["W2"], p["b2"], self.activation)
+        bank = fast_path.experts_forward if self.fast else experts_forward
+        yg, ecache = bank(xr[perm], offsets, p["W1"], p["b1"], p["W2"], p["b2"], self.activation)
         yr = np.empty_like(yg)
         yr[perm] = yg                                              # back to arrival order
         ys = self._exchange(yr, recv_rows, send_rows)              # Alltoallv #2
@@ -440,8 +475,11 @@ class ExpertParallelMoELayer:
         # dy travels to the experts as x did, dx comes home as y did.
         dys, dgates = _combine_backward(dy2, ccache)
         dyr = self._exchange(dys, send_rows, recv_rows)            # Alltoallv #1
-        out = {n: self.grads[n] for n in _EXPERT}
-        dxg, _ = experts_backward(dyr[perm], ecache, out)
+        if self.fast:     # the expert gradients go straight into self.grads (see fast.py)
+            dxg, _ = fast_path.experts_backward(dyr[perm], ecache, {n: self.grads[n] for n in _EXPERT})
+        else:
+            dxg, egrads = experts_backward(dyr[perm], ecache)
+            self.grads.update(egrads)
         dxr = np.empty_like(dxg)
         dxr[perm] = dxg
         dxs = self._exchange(dxr, recv_rows, send_rows)            # Alltoallv #2

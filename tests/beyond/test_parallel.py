@@ -232,3 +232,64 @@ def test_a_rank_whose_experts_get_no_patients_and_a_rank_with_one_token():
     np.testing.assert_allclose(np.concatenate([r[1] for r in runs]), dx, rtol=0, atol=1e-12)
     assert runs[1][2] == 0 and not runs[1][3].any()     # rank 1's experts saw nobody: zero gradients
     assert ref.stats["dropped"] == 7 - 2               # C = ceil(7/4) = 2 beds at expert 0
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_simulated_ranks_follow_the_layers_fast_or_textbook_path(fast):
+    """from_layer mirrors MoELayer's fast= (fast.py's bank or the textbook's): equal to 1e-12 either way."""
+    from minimoe import MoELayer
+    from minimoe.beyond.parallel import ExpertParallelMoELayer, run_ranks
+    rng = np.random.default_rng(21)
+    ref = MoELayer(5, 7, 4, k=2, balance="importance+load", capacity_factor=0.75, activation="gelu",
+                   rng=rng, fast=fast)
+    ref.params["W_gate"] *= 20                             # skewed, so capacity drops
+    x, noise, dy = (rng.standard_normal((13, 5)), rng.standard_normal((13, 4)), rng.standard_normal((13, 5)))
+    y = ref.forward(x, noise=noise)
+    dx = ref.backward(dy)
+    assert ref.stats["dropped"] > 0
+
+    def rank(comm):
+        s = slice(0, 6) if comm.Get_rank() == 0 else slice(6, 13)
+        par = ExpertParallelMoELayer.from_layer(ref, comm)
+        return par.fast, par.forward(x[s], noise=noise[s]), par.backward(dy[s]), par.grads
+    runs = run_ranks(2, rank)
+    assert [r[0] for r in runs] == [fast, fast]
+    np.testing.assert_allclose(np.concatenate([r[1] for r in runs]), y, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(np.concatenate([r[2] for r in runs]), dx, rtol=0, atol=1e-12)
+    for name in ("W1", "b1", "W2", "b2"):
+        np.testing.assert_allclose(np.concatenate([r[3][name] for r in runs]), ref.grads[name], rtol=0, atol=1e-12)
+    for name in ("W_gate", "W_noise"):
+        np.testing.assert_allclose(runs[1][3][name], ref.grads[name], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("attr,value,needle", [
+    ("switch_fraction", "all", "switch_fraction='all' (only 'first' is supported)"),
+    ("balance_groups", "sequence", "balance_groups='sequence' (only 'batch' is supported)"),
+    ("activation", "swiglu", "activation='swiglu' (only 'relu' or 'gelu')"),
+    ("params", "W3", "parameters W3"),
+])
+def test_from_layer_refuses_a_layer_option_it_does_not_implement_on_every_rank(attr, value, needle):
+    """A MoELayer option this layer does not implement is refused with its name, never computed wrongly;
+    an attribute at its supported value (or absent: an older MoELayer) is accepted."""
+    from minimoe import MoELayer
+    from minimoe.beyond.parallel import ExpertParallelMoELayer, run_ranks
+    ref = MoELayer(4, 6, 4, k=2, rng=np.random.default_rng(3))
+    errors = []
+
+    def rank(comm):
+        try:
+            ExpertParallelMoELayer.from_layer(ref, comm)
+        except ValueError as err:
+            errors.append(str(err))
+    run_ranks(2, rank, timeout=20)
+    assert errors == []
+    if attr == "params":
+        ref.params["W3"] = np.zeros((4, 4))
+    else:
+        supported = {"switch_fraction": "first", "balance_groups": "batch", "activation": "relu"}[attr]
+        setattr(ref, attr, supported)
+        run_ranks(2, rank, timeout=20)
+        assert errors == []
+        setattr(ref, attr, value)
+    run_ranks(2, rank, timeout=20)
+    assert len(errors) == 2 and all(needle in e and "cannot mirror this MoELayer" in e for e in errors), errors

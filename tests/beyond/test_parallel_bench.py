@@ -56,3 +56,43 @@ def test_parallel_result_is_consistent(parallel_run):
         assert 0 < r["sent_bytes"] <= 4 * bench.QUICK["T"] * k * d * itemsize
         assert r["sent_bytes"] % (d * itemsize) == 0
     assert result["targets"] == {}                                 # only the full configuration has targets
+
+
+ATOMIC_SCRIPT = r'''
+import json, os, sys
+from minimoe import bench
+from minimoe.validate import atomic_open
+path = sys.argv[1]
+dumps = json.dumps                               # bench.json is the json module: keep the real one
+bench.run_parallel_bench = lambda *a, **kw: {"rows": [1, 2]}
+bench.format_parallel_report = lambda result: "report"
+bench.main(["--parallel", "--quick", "--no-progress", "--json", path])
+assert json.load(open(path)) == {"rows": [1, 2]}, open(path).read()
+bench.json.dumps = lambda obj: "x" * 10          # the next result, interrupted while written
+
+def interrupted(p, text):
+    with atomic_open(p) as f:
+        f.write(text[:3])
+        raise KeyboardInterrupt
+
+bench.atomic_write_text = interrupted
+try:
+    bench.main(["--parallel", "--quick", "--no-progress", "--json", path])
+except KeyboardInterrupt:
+    pass
+else:
+    raise SystemExit("the interrupted write was not interrupted: --parallel does not write through atomic_write_text")
+print(dumps({"after": open(path).read(), "files": sorted(os.listdir(os.path.dirname(path)))}))
+'''
+
+
+def test_parallel_json_is_written_atomically_over_an_old_one(tmp_path):
+    """--parallel writes its JSON as the single-process mode does: an interrupted write keeps the old file."""
+    path = tmp_path / "pbench.json"
+    path.write_text("old, and longer than the new result will be ....................................")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([find_mpiexec(), "-n", "1", sys.executable, "-c", ATOMIC_SCRIPT, str(path)],
+                          capture_output=True, text=True, timeout=120, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert json.loads(out["after"]) == {"rows": [1, 2]} and out["files"] == ["pbench.json"]

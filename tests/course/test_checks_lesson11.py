@@ -125,36 +125,77 @@ CASES = [
 ]
 
 
-class TestGraders(GraderContract):
-    LESSONS = (lesson11.LESSON,)
-    CASES = CASES
-
-
 def test_the_given_exchange_is_the_intended_answer_and_passes():
     assert_pass(lesson11.exchange_backward(back_with_exchange), "11")
 
 
-def test_near_misses_fail():
-    # send_layout: one wrong displacement, or one row swapped
-    def one_off(idx, kept, E, P):
-        order, counts, displs = layout(idx, kept, E, P)
-        displs = displs.copy()
-        displs[-1] += 1
-        return order, counts, displs
-    assert_fail(lesson11.send_layout(one_off), "displs")
+# ----------------------------------------------------------------------------- integer near misses
+# send_layout and arrival_permutation return integer arrays: no float to nudge, so their near
+# misses are explicit, each one integer off (GraderContract's NO_GENERIC_NEAR_MISS, as lesson 06).
+def displ_off_by_one(idx, kept, E, P):               # the last rank's start one row late
+    order, counts, displs = layout(idx, kept, E, P)
+    displs = displs.copy()
+    displs[-1] += 1
+    return order, counts, displs
 
-    def swapped(idx, kept, E, P):
-        order, counts, displs = layout(idx, kept, E, P)
-        order = order.copy()
-        order[[0, 1]] = order[[1, 0]]
-        return order, counts, displs
-    assert not lesson11.send_layout(swapped).passed
 
-    def home_off(blocks):                               # home off by one place
-        perm, home = arrival(blocks)
-        return perm, np.roll(home, 1)
-    assert_fail(lesson11.arrival_permutation(home_off), "inverse of perm")
+def count_to_wrong_rank(idx, kept, E, P):             # one row counted for the next rank (displs follow)
+    order, counts, _ = layout(idx, kept, E, P)
+    counts = counts.copy()
+    src = int(np.flatnonzero(counts)[0])
+    counts[src] -= 1
+    counts[(src + 1) % P] += 1
+    return order, counts, np.cumsum(counts) - counts
 
+
+def two_rows_swapped(idx, kept, E, P):                # the same rows, two of them in each other's place
+    order, counts, displs = layout(idx, kept, E, P)
+    order = order.copy()
+    order[[0, -1]] = order[[-1, 0]]
+    return order, counts, displs
+
+
+def one_row_off(idx, kept, E, P):                     # one assignment id off by one (the next choice)
+    order, counts, displs = layout(idx, kept, E, P)
+    order = order.copy()
+    order[0] += 1
+    return order, counts, displs
+
+
+def home_rolled(blocks):                              # home off by one place
+    perm, home = arrival(blocks)
+    return perm, np.roll(home, 1)
+
+
+def perm_two_swapped(blocks):                         # two arrivals exchanged (home still its inverse)
+    perm, _ = arrival(blocks)
+    perm = perm.copy()
+    perm[[0, -1]] = perm[[-1, 0]]
+    return perm, np.argsort(perm)
+
+
+def home_one_off(blocks):                             # one entry of home off by one
+    perm, home = arrival(blocks)
+    home = home.copy()
+    home[0] = (home[0] + 1) % home.size
+    return perm, home
+
+
+NEAR_MISSES = {
+    "send_layout": [(displ_off_by_one, "displs"), (count_to_wrong_rank, None), (two_rows_swapped, None),
+                    (one_row_off, None)],
+    "arrival_permutation": [(home_rolled, "inverse of perm"), (perm_two_swapped, None), (home_one_off, None)],
+}
+
+
+class TestGraders(GraderContract):
+    LESSONS = (lesson11.LESSON,)
+    CASES = CASES
+    NO_GENERIC_NEAR_MISS = ("send_layout", "arrival_permutation")   # integer arrays: no float to nudge
+    NEAR_MISSES = NEAR_MISSES
+
+
+def test_a_tiny_error_on_the_way_back_fails():
     def tiny_error(d, c):
         return [x + 1e-9 for x in back(d, c)]
     assert_fail(lesson11.exchange_backward(tiny_error), "wrong rows")
