@@ -22,13 +22,36 @@ referrals even out — the way a receptionist steers patients towards the doctor
 with free slots without changing what any doctor tells them. The bias is not a
 parameter: it has no gradient, the optimizer never sees it, and ``aux_loss`` is 0.
 
-One deliberate difference from the paper: Wang et al. add b to the scores s
-themselves; we add it to the logits L (for softmax scores: to log s, i.e. the
-bias multiplies each probability by e^b). Selection only needs an order, so the
-idea is the same, but on the logit scale a *collapsed* softmax router can still
-be steered: its unchosen experts all have s ≈ 0, and steps of γ on s could not
-tell them apart, while their logits still differ by O(1) (tests/test_lossfree.py
-shows a collapsed router balanced this way).
+Where the bias goes (``bias_on``), and DeepSeek-V3's gate:
+
+* ``score="sigmoid"`` follows **DeepSeek-V3** (DeepSeek-AI 2024, §2.1.2, eq. 12–16) by
+  default: ``s = sigmoid(L)``; the bias is added to the *scores* for selection only,
+  and the gates are the selected **unbiased** scores normalised to sum to 1,
+
+      idx_t = TopK(s_t + b, k),     G_te = s_te / Σ_{j in idx_t} s_tj    (e in idx_t)
+
+  (``bias_on="scores"``, ``normalize=True``). The older logit form (``bias_on="logits"``:
+  choose by ``L + b``, gate by the raw ``s``, no normalisation) stays as an option.
+* ``score="softmax"`` keeps the logit form as its default (``bias_on="logits"``: the
+  bias multiplies each probability by e^b). Measured on a collapsed router (T=256, d=8,
+  E=8, k=2; a constant feature with weight w towards expert 0, the other router weights
+  N(0, 0.3²); fresh tokens every step, router frozen) at the paper's rate u = 1e-3: steps
+  until the load's CV (std/mean of tokens per expert) is below 0.25 (None: not in 8,000)
+
+      rule                                      w = 6     w = 10
+      sigmoid, bias on scores (DeepSeek-V3)      215       215
+      sigmoid, bias on logits                  2,901     4,906
+      softmax, bias on scores (the paper's)      513      never
+      softmax, bias on logits                  2,901     4,906
+
+  The paper's rule on softmax scores cannot steer a strongly collapsed softmax router: its
+  unchosen experts all have s ≈ 0 (e^−10 apart at w = 10), so once the bias has climbed
+  past the collapsed expert, the bias alone decides and every token picks the same
+  experts — the load swings from one expert to the next and never evens out — while the
+  logits still differ by O(1) per token. The logit form balances at any collapse, in
+  steps proportional to w/u. (On sigmoid scores the scores rule wins: s is bounded by 1,
+  so the bias needs at most about 1/u steps whatever the collapse.) Re-measure with
+  tests/beyond/test_lossfree.py's shortened version, or the loop it describes.
 
 Shapes: T tokens, d width, h expert hidden width, E experts, k experts per token.
 """
@@ -44,10 +67,12 @@ from ..core.router import router_logits_backward, router_logits_forward, sigmoid
 from ..core.moe import MoEBase, check_bool
 from ..validate import check_array, check_choice, check_positive_float
 
-__all__ = ["SCORES", "scores_forward", "scores_backward", "biased_topk_forward", "biased_topk_backward",
-           "bias_update", "LossFreeMoELayer"]
+__all__ = ["SCORES", "BIAS_ON", "scores_forward", "scores_backward", "biased_topk_forward",
+           "biased_topk_backward", "normalize_gates_forward", "normalize_gates_backward", "bias_update",
+           "LossFreeMoELayer"]
 
 SCORES = ("softmax", "sigmoid")
+BIAS_ON = ("scores", "logits")
 
 
 class ScoresCache(NamedTuple):
@@ -107,6 +132,35 @@ def biased_topk_backward(dgates, cache):
     return ds, {}
 
 
+class NormalizeCache(NamedTuple):
+    gates: np.ndarray   # (T,k) normalised gates g = s / Σ s
+    total: np.ndarray   # (T,1) Σ_j s_tj over the chosen experts
+
+
+def normalize_gates_forward(s_sel):
+    """DeepSeek-V3's gate normalisation (eq. 13): ``g_tj = s_tj / Σ_i s_ti`` over the k chosen.
+
+    Args:
+        s_sel: (T, k) the chosen experts' unbiased scores, > 0 (sigmoid scores are).
+
+    Returns:
+        g (T, k), each row summing to 1, and the cache.
+    """
+    total = s_sel.sum(axis=1, keepdims=True)
+    g = s_sel / total
+    return g, NormalizeCache(g, total)
+
+
+def normalize_gates_backward(dg, cache):
+    """Quotient rule: ``∂g_j/∂s_i = (δ_ij − g_j) / S`` with ``S = Σ_i s_i``, so
+
+        ds_i = (dg_i − Σ_j dg_j g_j) / S
+
+    Returns (ds_sel (T,k), {})."""
+    g, total = cache
+    return (dg - np.sum(dg * g, axis=1, keepdims=True)) / total, {}
+
+
 def bias_update(bias, load, rate):
     """One loss-free step: ``b ← b + rate · sign(mean(load) − load)`` (Wang et al. 2024, Alg. 1).
 
@@ -132,6 +186,7 @@ class LossFreeCache(NamedTuple):
     logits: tuple         # router_logits_forward's cache
     scores: ScoresCache
     topk: BiasedTopKCache
+    normalize: NormalizeCache | None   # None: the gates are the raw scores
     dispatch: tuple       # dispatch_combine_forward's cache
 
 
@@ -153,7 +208,14 @@ class LossFreeMoELayer(MoEBase):
         bias_update_rate: γ ≥ 0, the size of each nudge (the paper's u = 0.001 suits
             thousands of steps; a short run wants ~0.01).
         score: "softmax" (the gates of one token sum to at most 1) or "sigmoid" (DeepSeek-V3's
-            affinities; V3 also renormalises the chosen gates, which we do not).
+            affinities).
+        bias_on: where the selection bias is added: "scores" (``TopK(s + b)``, Wang et al. and
+            DeepSeek-V3) or "logits" (``TopK(L + b)``). None: "scores" for sigmoid, "logits"
+            for softmax (the measured reason is in the module docstring: the scores rule never
+            balances a collapsed softmax router).
+        normalize: divide the chosen unbiased scores by their sum (DeepSeek-V3 eq. 13). None:
+            True for sigmoid with bias_on="scores" (DeepSeek-V3's gate), False otherwise (the
+            gates are the raw scores, as before).
         capacity_factor: C = ceil(capacity_factor·T·k/E) per expert, None for no dropping.
         auto_update: if True, :meth:`backward` ends by calling :meth:`update_bias` — for
             training loops that know nothing about the bias (e.g. ``minimoe.clinic.train.train`` with a
@@ -171,13 +233,20 @@ class LossFreeMoELayer(MoEBase):
             uses it (None otherwise).
     """
 
-    repr_fields = MoEBase.repr_fields[:4] + ("bias_update_rate", "score", "capacity_factor")
+    repr_fields = MoEBase.repr_fields[:4] + ("bias_update_rate", "score", "bias_on", "capacity_factor")
     router_keys = ("W_gate",)
 
     def __init__(self, d_model, d_hidden, n_experts, k=2, bias_update_rate=1e-3, score="softmax",
-                 capacity_factor=None, auto_update=False, activation="relu", dtype=np.float64, rng=None):
+                 capacity_factor=None, auto_update=False, activation="relu", dtype=np.float64, rng=None,
+                 bias_on=None, normalize=None):
         self.bias_update_rate = check_positive_float("bias_update_rate", bias_update_rate, allow_zero=True)
         self.score = check_choice("score", score, SCORES)
+        if bias_on is None:
+            bias_on = "scores" if score == "sigmoid" else "logits"
+        self.bias_on = check_choice("bias_on", bias_on, BIAS_ON)
+        if normalize is None:
+            normalize = score == "sigmoid" and bias_on == "scores"
+        self.normalize = check_bool("normalize", normalize)
         self.auto_update = check_bool("auto_update", auto_update)
         self._setup(d_model, d_hidden, n_experts, k, capacity_factor, activation, dtype, rng,
                     router=("W_gate",))                           # W_gate as MoELayer's
@@ -201,14 +270,18 @@ class LossFreeMoELayer(MoEBase):
         T, E, k, p = x2.shape[0], self.n_experts, self.k, self.params
         L, lcache = router_logits_forward(x2, p["W_gate"])
         s, scache = scores_forward(L, self.score)
-        idx, gates, tcache = biased_topk_forward(L, s, self.bias, k)
+        # biased_topk_forward chooses by its first argument + bias, and gates by s
+        idx, gates, tcache = biased_topk_forward(s if self.bias_on == "scores" else L, s, self.bias, k)
+        ncache = None
+        if self.normalize:                  # DeepSeek-V3 eq. 13: the chosen scores sum to 1
+            gates, ncache = normalize_gates_forward(gates)
         C = expert_capacity(T, E, k, self.capacity_factor)
         y, dcache = dispatch_combine_forward(x2, idx, gates, p["W1"], p["b1"], p["W2"], p["b2"],
                                              capacity=C, activation=self.activation)
         self.stats = self._routing_stats(idx, gates, dcache.plan, s, bias=self.bias.copy())
         if train:                       # eval forwards leave a pending training load alone
             self.pending_load = self.stats["requested"]
-        self._cache = LossFreeCache(shape, train, lcache, scache, tcache, dcache)
+        self._cache = LossFreeCache(shape, train, lcache, scache, tcache, ncache, dcache)
         return y.reshape(shape)
 
     def backward(self, dy):
@@ -220,6 +293,8 @@ class LossFreeMoELayer(MoEBase):
         """
         c, dy2 = self._start_backward(dy)
         dx, dgates, grads = dispatch_combine_backward(dy2, c.dispatch)
+        if c.normalize is not None:
+            dgates, _ = normalize_gates_backward(dgates, c.normalize)
         ds, _ = biased_topk_backward(dgates, c.topk)
         dL, _ = scores_backward(ds, c.scores)
         dx_router, rgrads = router_logits_backward(dL, c.logits)

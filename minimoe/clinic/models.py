@@ -34,45 +34,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..core.experts import ffn_backward, ffn_forward, init_expert_params
+from ..core.experts import Expert
 from ..core.layers import cross_entropy_backward, cross_entropy_forward, linear_backward, linear_forward, softmax
 from ..validate import check_array, check_int, check_rng
 
-__all__ = ["FFNBlock", "moe_block", "Clinic", "Generalist", "DenseMoE", "SparseMoE", "Ensemble", "CLINICS"]
+__all__ = ["moe_block", "Clinic", "Generalist", "DenseMoE", "SparseMoE", "Ensemble", "CLINICS"]
 
 
 # --------------------------------------------------------------------------- blocks
-class FFNBlock:
-    """The generalist's block: one FFN ``relu(u W1 + b1) W2 + b2``, u (T, d), hidden width h."""
-
-    def __init__(self, d_model, d_hidden, rng, dtype=np.float64, activation="relu"):
-        p = init_expert_params(1, d_model, d_hidden, rng, dtype)
-        self.params = {k: v[0] for k, v in p.items()}
-        self.grads = {k: np.zeros_like(v) for k, v in self.params.items()}
-        self.activation = activation
-        self.d, self.h = d_model, d_hidden
-        self.aux_loss = 0.0
-        self._cache = None
-
-    def forward(self, u, train=True, noise=None):
-        out, self._cache = ffn_forward(u, **self.params, activation=self.activation)
-        return out
-
-    def backward(self, dout):
-        du, g = ffn_backward(dout, self._cache)
-        self.grads.update(g)
-        return du
-
-    @property
-    def n_params(self):
-        return sum(v.size for v in self.params.values())
-
-    n_active_params = n_params
-
-    def flops_per_token(self):
-        return 2 * self.d * self.h * 2         # two matmuls, d×h and h×d
-
-
 def moe_block(d_model, d_hidden, n_experts, rng, dtype=np.float64, **kwargs):
     """An :class:`~minimoe.core.moe.MoELayer` (imported here so the dense clinics work without it)."""
     from ..core.moe import MoELayer
@@ -87,7 +56,7 @@ class Clinic:
         n_symptoms: input width; n_classes: number of diagnoses C; d_model: width d.
         block: an object with ``params``, ``grads``, ``forward(u, train, noise)``,
             ``backward(dv)``, ``aux_loss``, ``n_params``, ``n_active_params`` and
-            ``flops_per_token()`` (an :class:`FFNBlock` or an ``MoELayer``).
+            ``flops_per_token()`` (a :class:`~minimoe.core.experts.Expert` or an ``MoELayer``).
         rng: generator for the embedding and readout weights.
     """
 
@@ -116,7 +85,7 @@ class Clinic:
     @property
     def moe(self):
         """The MoE layer, or ``None`` for a dense clinic."""
-        return None if isinstance(self.block, FFNBlock) else self.block
+        return None if isinstance(self.block, Expert) else self.block
 
     def forward(self, x, train=False, rng=None, noise=None):
         """Logits (T, C) for symptoms x (T, n_symptoms).
@@ -189,7 +158,7 @@ class Generalist(Clinic):
 
     def __init__(self, n_symptoms, n_classes, d_model=16, d_hidden=32, rng=None, dtype=np.float64):
         rng = np.random.default_rng(0) if rng is None else rng
-        block = FFNBlock(d_model, check_int("d_hidden", d_hidden, low=1), rng, dtype)
+        block = Expert(d_model, check_int("d_hidden", d_hidden, low=1), rng=rng, dtype=dtype)   # one FFN
         super().__init__(n_symptoms, n_classes, d_model, block, rng, dtype)
 
 

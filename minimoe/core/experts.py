@@ -26,7 +26,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .layers import activation_backward, activation_forward, linear_backward, linear_forward
+from .layers import ACTIVATIONS, PairLayer, activation_backward, activation_forward, linear_backward, linear_forward
 from ..validate import all_finite, check_array, check_choice, check_dtype, check_int, check_rng, check_shapes
 
 __all__ = [
@@ -198,8 +198,12 @@ def experts_backward(dy, cache):
 
 
 # --------------------------------------------------------------------------- thin classes
-class Expert:
+class Expert(PairLayer):
     """One specialist: an FFN with ``params``/``grads`` dicts of identical keys.
+
+    Also the dense FFN of the clinic's generalist and of a dense transformer block, so it
+    has a layer's surface: ``forward(x, train, noise)`` (a dense FFN has no routing, so
+    both are ignored), ``aux_loss`` (0), ``n_params``, ``n_active_params``, ``flops_per_token()``.
 
     Example:
         >>> ex = Expert(d_model=8, d_hidden=32, rng=np.random.default_rng(0))
@@ -207,54 +211,46 @@ class Expert:
         >>> dx = ex.backward(np.ones_like(y))        # fills ex.grads
     """
 
+    pair_backward = staticmethod(ffn_backward)
+    aux_loss = 0.0
+
     def __init__(self, d_model, d_hidden, activation="relu", rng=None, dtype=np.float64):
         rng = np.random.default_rng(0) if rng is None else rng
-        check_choice("activation", activation, ("relu", "gelu"))
-        p = init_expert_params(1, d_model, d_hidden, rng, dtype)
-        self.params = {k: v[0] for k, v in p.items()}
-        self.grads = {k: np.zeros_like(v) for k, v in self.params.items()}
-        self.activation = activation
-        self._cache = None
+        self.activation = check_choice("activation", activation, tuple(ACTIVATIONS))
+        self.d_model, self.d_hidden = d_model, d_hidden
+        self._keep_params({k: v[0] for k, v in init_expert_params(1, d_model, d_hidden, rng, dtype).items()})
 
-    def forward(self, x):
+    def forward(self, x, train=True, noise=None):
         """x (n, d) -> y (n, d)."""
         y, self._cache = ffn_forward(x, **self.params, activation=self.activation)
         return y
 
-    def backward(self, dy):
-        """dy (n, d) -> dx (n, d); fills ``self.grads``."""
-        if self._cache is None:
-            raise RuntimeError("call forward before backward")
-        dx, grads = ffn_backward(dy, self._cache)
-        self.grads.update(grads)
-        return dx
+    @property
+    def n_params(self):
+        """W1, b1, W2, b2: every one touches every token."""
+        return int(sum(v.size for v in self.params.values()))
+
+    n_active_params = n_params
+
+    def flops_per_token(self):
+        """2 FLOPs per multiply-add of the two matmuls, d×h and h×d (biases not counted)."""
+        return 4 * self.d_model * self.d_hidden
 
 
-class ExpertBank:
+class ExpertBank(PairLayer):
     """E specialists with stacked weights ``W1 (E,d,h)``, ``b1 (E,h)``, ``W2 (E,h,d)``, ``b2 (E,d)``.
 
-    ``forward(x_grouped, offsets)`` runs expert e on rows ``offsets[e]:offsets[e+1]``
-    (see :func:`experts_forward`); ``backward(dy)`` fills ``grads`` with the
-    same keys and shapes as ``params``.
+    ``forward(x, offsets)`` runs each expert on its group of rows (see :func:`experts_forward`).
     """
+
+    pair_backward = staticmethod(experts_backward)
 
     def __init__(self, n_experts, d_model, d_hidden, activation="relu", rng=None, dtype=np.float64):
         rng = np.random.default_rng(0) if rng is None else rng
-        check_choice("activation", activation, ("relu", "gelu"))
-        self.params = init_expert_params(n_experts, d_model, d_hidden, rng, dtype)
-        self.grads = {k: np.zeros_like(v) for k, v in self.params.items()}
-        self.activation = activation
-        self._cache = None
+        self.activation = check_choice("activation", activation, tuple(ACTIVATIONS))
+        self._keep_params(init_expert_params(n_experts, d_model, d_hidden, rng, dtype))
 
     def forward(self, x, offsets):
         """x (N, d) grouped by expert, offsets (E+1,) -> y (N, d)."""
         y, self._cache = experts_forward(x, offsets, **self.params, activation=self.activation)
         return y
-
-    def backward(self, dy):
-        """dy (N, d) -> dx (N, d); fills ``self.grads``."""
-        if self._cache is None:
-            raise RuntimeError("call forward before backward")
-        dx, grads = experts_backward(dy, self._cache)
-        self.grads.update(grads)
-        return dx

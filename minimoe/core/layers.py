@@ -33,7 +33,7 @@ __all__ = [
     "gelu_forward", "gelu_backward",
     "ActivationCache", "activation_forward", "activation_backward", "ACTIVATIONS",
     "softmax", "softmax_forward", "softmax_backward",
-    "log_softmax", "cross_entropy_forward", "cross_entropy_backward",
+    "log_softmax", "cross_entropy_forward", "cross_entropy_backward", "PairLayer",
 ]
 
 
@@ -234,6 +234,14 @@ def log_softmax(z, axis=-1):
 
 
 # --------------------------------------------------------------------------- cross-entropy
+def check_labels(labels, C):
+    """Class labels must exist: at least one class, every label in [0, C)."""
+    if C == 0:
+        raise ValueError("logits must have at least one class (last axis), got 0")
+    if labels.size and (labels.min() < 0 or labels.max() >= C):
+        raise ValueError(f"labels must be in [0, {C}) for {C} classes; got values from {labels.min()} to {labels.max()}")
+
+
 class CrossEntropyCache(NamedTuple):
     p: np.ndarray       # (N, C) softmax of the logits
     labels: np.ndarray  # (N,) int
@@ -253,17 +261,10 @@ def cross_entropy_forward(logits, labels):
         loss (a float) and the cache. An empty batch (N = 0) has loss 0 and a
         zero gradient rather than 0/0.
     """
-    check_array("logits", logits, ndim=range(1, 8))
-    C = logits.shape[-1]
-    if C == 0:
-        raise ValueError(f"logits must have at least one class (last axis), got shape {logits.shape}")
     labels = np.asarray(labels)
-    if not np.issubdtype(labels.dtype, np.integer):
-        raise TypeError(f"labels must be integers, got dtype {labels.dtype}")
-    if labels.shape != logits.shape[:-1]:
-        raise ValueError(f"labels must have shape {logits.shape[:-1]} (one per row of logits), got {labels.shape}")
-    if labels.size and (labels.min() < 0 or labels.max() >= C):
-        raise ValueError(f"labels must be in [0, {C}) for {C} classes; got values from {labels.min()} to {labels.max()}")
+    C = check_shapes(logits=(logits, ("...", "C")), labels=(labels, ("...",), "one per row of logits"),
+                     integer=("labels",))["C"]
+    check_labels(labels, C)
     z = logits.reshape(-1, C)
     y = labels.reshape(-1)
     logp = log_softmax(z)
@@ -285,3 +286,31 @@ def cross_entropy_backward(dloss, cache):
     d = p.copy()
     d[np.arange(p.shape[0]), y] -= 1.0
     return (float(dloss) / N) * d.reshape(shape), {}
+
+
+# --------------------------------------------------------------------------- thin classes
+class PairLayer:
+    """The base of the thin classes (``Expert``, ``ExpertBank``, ``LayerNorm``, ...): one pair, kept.
+
+    A thin class holds ``params`` and ``grads`` (dicts with identical keys, so one optimizer
+    and one gradient checker serve every layer) and the cache of its last forward. A
+    subclass names its pair's backward (``pair_backward = staticmethod(thing_backward)``),
+    makes its weights with :meth:`_keep_params` and writes ``forward``, which stores the
+    pair's cache in ``self._cache``; :meth:`backward` is the same for all of them.
+    """
+
+    pair_backward = None      # the subclass's thing_backward(dout, cache) -> (dx, grads)
+
+    def _keep_params(self, params):
+        """Set ``params``, zero ``grads`` of the same keys and shapes, and no cache yet."""
+        self.params = params
+        self.grads = {name: np.zeros_like(p) for name, p in params.items()}
+        self._cache = None
+
+    def backward(self, dout):
+        """dout (the output's shape) -> the input's gradient; fills ``self.grads``."""
+        if self._cache is None:
+            raise RuntimeError("call forward before backward")
+        dx, grads = self.pair_backward(dout, self._cache)
+        self.grads.update(grads)
+        return dx

@@ -31,7 +31,8 @@ __all__ = [
     "importance_loss_forward", "importance_loss_backward",
     "normal_cdf", "normal_pdf", "load_loss_forward", "load_loss_backward",
     "switch_loss_forward", "switch_loss_backward",
-    "z_loss_forward", "z_loss_backward",
+    "z_loss_forward", "z_loss_backward", "SWITCH_FRACTIONS",
+    "GroupedCache", "grouped_loss_forward", "grouped_loss_backward",
 ]
 
 
@@ -218,29 +219,48 @@ def load_loss_backward(dloss, cache):
 
 
 # --------------------------------------------------------------------------- Switch
+SWITCH_FRACTIONS = ("first", "all")
+
+
 class SwitchCache(NamedTuple):
-    f: np.ndarray      # (E,) fraction of tokens whose first choice is e
+    f: np.ndarray      # (E,) chosen slots per token that went to e (no gradient)
     T: int
     dtype: np.dtype
 
 
-def switch_loss_forward(probs, first_choice):
+def switch_loss_forward(probs, choices=None, *, first_choice=None):
     """Switch Transformer auxiliary loss ``E · Σ_e f_e · P_e`` (Fedus et al. 2021, eq. 4–6).
 
-    ``f_e`` = fraction of tokens whose first choice is expert e (a count: no
-    gradient); ``P_e`` = mean over tokens of the router probability of e. At
-    perfect balance ``f = P = 1/E`` and the loss is exactly 1 (so α · loss = α).
+    ``P_e`` = mean over tokens of the router probability of e; ``f_e`` = (number of
+    entries of ``choices`` equal to e) / T — a count, so it carries no gradient. The
+    two conventions of the field differ only in what ``choices`` holds:
+
+    * **"first"** (GShard, Lepikhin et al. 2020; minimoe's default): ``choices`` is (T,),
+      each token's first choice. f sums to 1, and at perfect balance ``f = P = 1/E``:
+      the loss is exactly **1** (so α · loss = α).
+    * **"all"** (Mixtral as in HF transformers' ``load_balancing_loss_func``, flaxformer,
+      Megatron): ``choices`` is (T, k), every chosen expert. f sums to k — it is the
+      (k, E) mean of the one-hot choices summed over the k slots — and at perfect balance
+      ``f = k/E``, ``P = 1/E``: the loss is exactly **k**.
 
     Args:
         probs: (T, E) full softmax of the router scores.
-        first_choice: (T,) int, each token's top expert.
+        choices: (T,) or (T, k) int experts chosen per token.
+        first_choice: the older name of ``choices`` (a (T,) array), still accepted.
 
     Returns:
         loss (float), cache.
     """
+    if (choices is None) == (first_choice is None):
+        raise TypeError("switch_loss_forward needs exactly one of choices and first_choice (its older name)")
+    choices = first_choice if choices is None else choices
     check_array("probs", probs, ndim=2)
     T, E = probs.shape
-    f = np.bincount(np.asarray(first_choice).reshape(-1), minlength=E) / max(T, 1)
+    choices = np.asarray(choices)
+    if choices.ndim not in (1, 2) or choices.shape[0] != T or not np.issubdtype(choices.dtype, np.integer):
+        raise ValueError(f"choices must be an integer array of shape ({T},) or ({T}, k) (the experts each "
+                         f"token chose), got {choices.dtype} {choices.shape}")
+    f = np.bincount(choices.reshape(-1), minlength=E) / max(T, 1)
     P = probs.mean(axis=0)
     return float(E * np.dot(f, P)), SwitchCache(f, T, probs.dtype)
 
@@ -286,3 +306,48 @@ def z_loss_backward(dloss, cache):
     """``∂/∂L_te = (2/T) · lse_t · softmax(L_t)_e`` (the derivative of logsumexp is softmax)."""
     lse, p = cache
     return (float(dloss) * 2.0 / lse.size) * lse[:, None] * p, {}
+
+
+# --------------------------------------------------------------------------- per-group losses
+class GroupedCache(NamedTuple):
+    caches: tuple    # one cache per group, in order
+    n_groups: int
+
+
+def grouped_loss_forward(forward, n_groups, *arrays, **kwargs):
+    """Any loss above, computed on each of ``n_groups`` equal groups of tokens and averaged.
+
+    ``loss = (1/G) Σ_g forward(arrays restricted to group g)``: the per-group form of HF
+    transformers' Switch Transformers loss (one group per sequence), and the averaging of
+    DeepSeek-V3's complementary sequence-wise balance loss (DeepSeek-AI 2024, §2.1.2,
+    eq. 17–20). Each group must be balanced on its own: a batch whose sequences each
+    collapse onto a different expert looks balanced when pooled, but not per sequence.
+
+    The tokens of a (B, S, ·) batch are B·S consecutive rows, sequence by sequence, so
+    group g is rows ``g·S : (g+1)·S`` of every (T, ·) array (T = B·S; G = B). The loop
+    below runs over the G groups (sequences), never over tokens.
+
+    Args:
+        forward: a loss forward of this module, e.g. :func:`switch_loss_forward`.
+        n_groups: G ≥ 1, dividing T.
+        *arrays: its (T, ...) array arguments (split along axis 0).
+        **kwargs: its other arguments (passed unchanged, e.g. ``k`` or ``n_experts``).
+
+    Returns:
+        loss (float), cache. With G = 1 it is ``forward``'s own value.
+    """
+    G = check_int("n_groups", n_groups, low=1)
+    T = np.shape(arrays[0])[0]
+    if T % G:
+        raise ValueError(f"n_groups={G} must divide the number of tokens T={T} (groups of equal size)")
+    values, caches = zip(*(forward(*parts, **kwargs) for parts in zip(*(np.split(a, G) for a in arrays))))
+    return float(np.mean(values)), GroupedCache(tuple(caches), G)
+
+
+def grouped_loss_backward(backward, dloss, cache):
+    """Backward of :func:`grouped_loss_forward`: each group's gradient with ``dloss / G``,
+    stacked back in token order. Returns what ``backward`` returns (one (T, ...) gradient
+    per input, then ``{}``)."""
+    caches, G = cache
+    outs = [backward(float(dloss) / G, c) for c in caches]
+    return tuple(np.concatenate(parts) for parts in zip(*(o[:-1] for o in outs))) + ({},)

@@ -31,9 +31,10 @@ from .router import (GATES, gate_backward, gate_forward, init_gate_weights, rout
 from ..validate import (check_array, check_choice, check_dtype, check_int, check_positive_float, check_rng,
                         check_tokens)
 
-__all__ = ["MoEBase", "MoELayer", "BALANCES", "USUAL_BALANCE_COEF", "DTYPES"]
+__all__ = ["MoEBase", "MoELayer", "BALANCES", "BALANCE_GROUPS", "USUAL_BALANCE_COEF", "DTYPES"]
 
 BALANCES = (None, "importance", "load", "importance+load", "switch")
+BALANCE_GROUPS = ("batch", "sequence")
 # The coefficients the papers use (see losses.py): Shazeer et al. 2017 and Fedus et al. 2021.
 USUAL_BALANCE_COEF = {"importance": 0.1, "load": 0.1, "importance+load": 0.1, "switch": 0.01}
 DTYPES = (np.float32, np.float64)       # every layer class computes in one of these
@@ -182,12 +183,19 @@ def check_bool(name, value):
     return bool(value)
 
 
+def _loss_backward(backward, dloss, cache):
+    """A loss's backward, through the per-sequence average if the forward was grouped."""
+    if isinstance(cache, losses.GroupedCache):
+        return losses.grouped_loss_backward(backward, dloss, cache)
+    return backward(dloss, cache)
+
+
 class AuxCaches(NamedTuple):
     """The caches of the auxiliary losses of one forward (None: that loss is off)."""
     importance: tuple | None = None
     load: tuple | None = None
     switch: tuple | None = None
-    first_choice: np.ndarray | None = None   # (T,) the Switch loss's f counts these
+    first_choice: np.ndarray | None = None   # (T,) or (T,k): what the Switch loss's f counts
     z: tuple | None = None
 
 
@@ -237,6 +245,20 @@ class MoELayer(MoEBase):
             load-balancing loss(es) added to ``aux_loss`` ("load" needs noisy=True and a sparse gate).
         balance_coef: weight of each balancing loss; None means the papers' usual value
             (0.1 for importance/load, 0.01 for switch).
+        switch_fraction: what the Switch loss's f counts (balance="switch" only).
+            "first" (default; GShard): each token's first choice — f sums to 1 and the loss
+            is exactly 1 at perfect balance. "all" (Mixtral, as HF transformers'
+            ``load_balancing_loss_func`` on this layer's router logits; flaxformer, Megatron):
+            every chosen expert, f = mean over tokens of the (T,k,E) one-hot choices summed
+            over k — f sums to k and the loss is exactly **k** at perfect balance (so the same
+            α weighs it k times more). f is a count in both: no gradient flows through it.
+        balance_groups: "batch" (default) pools all B·S tokens into one balancing loss;
+            "sequence" computes each balancing loss (importance, load, Switch) on each of the
+            B sequences of a (B, S, d) input and averages them — HF Switch Transformers'
+            per-group form, DeepSeek-V3's sequence-wise balance loss (§2.1.2, eq. 17–20) —
+            so every sequence must be balanced, not just the batch. (T, d) input is one group.
+            The z-loss is a mean over tokens, and all sequences have S tokens, so its
+            per-sequence average *is* the pooled mean: it is computed pooled in both modes.
         z_loss_coef: weight of the router z-loss (ST-MoE uses 0.001); 0 turns it off.
         capacity_factor: each expert takes at most ``C = ceil(capacity_factor·T·k/E)``
             assignments; None means no dropping. When an expert is full, first choices are
@@ -263,9 +285,14 @@ class MoELayer(MoEBase):
 
     def __init__(self, d_model, d_hidden, n_experts, k=2, gate="topk", noisy=True, balance=None,
                  balance_coef=None, z_loss_coef=0.0, capacity_factor=None, activation="relu",
-                 dtype=np.float64, rng=None, fast=True):
+                 dtype=np.float64, rng=None, fast=True, switch_fraction="first", balance_groups="batch"):
         check_choice("gate", gate, GATES)
         check_choice("balance", balance, BALANCES)
+        self.switch_fraction = check_choice("switch_fraction", switch_fraction, losses.SWITCH_FRACTIONS)
+        self.balance_groups = check_choice("balance_groups", balance_groups, BALANCE_GROUPS)
+        if switch_fraction == "all" and gate == "dense":
+            raise ValueError("switch_fraction='all' needs a sparse gate ('topk' or 'switch'): with gate='dense' "
+                             "every token chooses every expert, f_e = 1 and the Switch loss is the constant E")
         noisy, self.fast = check_bool("noisy", noisy), check_bool("fast", fast)
         if balance in ("load", "importance+load"):
             if not noisy:
@@ -310,15 +337,25 @@ class MoELayer(MoEBase):
                          capacity=C, activation=self.activation)
 
         # Auxiliary losses: unweighted values in `terms`, caches for backward in `aux`.
+        # balance_groups="sequence": each balancing loss per sequence, averaged (one group per
+        # sequence of a (B, S, d) input); the z-loss is a mean over tokens, the same either way.
+        G = shape[0] if self.balance_groups == "sequence" and len(shape) == 3 else 1
+        balance_loss = (lambda fwd, *a, **kw: fwd(*a, **kw)) if G == 1 else \
+            (lambda fwd, *a, **kw: losses.grouped_loss_forward(fwd, G, *a, **kw))
         terms, aux = {}, {}
         if self.balance in ("importance", "importance+load"):
-            terms["importance"], aux["importance"] = losses.importance_loss_forward(routing.gates, routing.idx, E)
+            terms["importance"], aux["importance"] = balance_loss(losses.importance_loss_forward,
+                                                                  routing.gates, routing.idx, n_experts=E)
         if self.balance in ("load", "importance+load"):
-            terms["load"], aux["load"] = losses.load_loss_forward(lcache.clean, H, lcache.sigma, k)
+            terms["load"], aux["load"] = balance_loss(losses.load_loss_forward, lcache.clean, H,
+                                                      lcache.sigma, k=k)
         if self.balance == "switch":
-            first = routing.probs.argmax(axis=1) if self.gate == "dense" else routing.idx[:, 0]
-            terms["switch"], aux["switch"] = losses.switch_loss_forward(routing.probs, first)
-            aux["first_choice"] = first
+            if self.switch_fraction == "all":      # Mixtral: f counts all k choices (k at balance)
+                choices = routing.idx
+            else:                                  # GShard: f counts first choices (1 at balance)
+                choices = routing.probs.argmax(axis=1) if self.gate == "dense" else routing.idx[:, 0]
+            terms["switch"], aux["switch"] = balance_loss(losses.switch_loss_forward, routing.probs, choices)
+            aux["first_choice"] = choices
         if self.z_loss_coef > 0:
             terms["z"], aux["z"] = losses.z_loss_forward(lcache.clean)
         aux_loss = float(sum(self.z_loss_coef * v if name == "z" else self.balance_coef * v
@@ -356,7 +393,8 @@ class MoELayer(MoEBase):
         if aux.first_choice is not None:
             sig += (aux.first_choice,)
         if aux.load is not None:
-            sig += (aux.load.ranked,)
+            groups = aux.load.caches if isinstance(aux.load, losses.GroupedCache) else (aux.load,)
+            sig += (np.concatenate([c.ranked for c in groups]),)
         return sig
 
     # ------------------------------------------------------------------ backward
@@ -369,12 +407,12 @@ class MoELayer(MoEBase):
         else:
             dx, dgates, grads = dispatch_combine_backward(dy2, c.dispatch)
         if aux.importance is not None:                            # importance acts on the gates
-            dgates = dgates + losses.importance_loss_backward(wb, aux.importance)[0]
-        dprobs = losses.switch_loss_backward(wb, aux.switch)[0] if aux.switch is not None else None
+            dgates = dgates + _loss_backward(losses.importance_loss_backward, wb, aux.importance)[0]
+        dprobs = _loss_backward(losses.switch_loss_backward, wb, aux.switch)[0] if aux.switch is not None else None
         dH, _ = gate_backward(dgates, c.gate, dprobs)
         d_clean = d_sigma = None
         if aux.load is not None:                                  # load acts on L, H and σ
-            d_clean, d_noisy, d_sigma, _ = losses.load_loss_backward(wb, aux.load)
+            d_clean, d_noisy, d_sigma, _ = _loss_backward(losses.load_loss_backward, wb, aux.load)
             dH = dH + d_noisy
         if aux.z is not None:                                     # z-loss acts on the clean logits
             dz = losses.z_loss_backward(wz, aux.z)[0]

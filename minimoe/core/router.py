@@ -36,13 +36,13 @@ from typing import NamedTuple
 import numpy as np
 
 from .layers import SoftmaxCache, softmax, softmax_backward
-from ..validate import check_array, check_int, check_rng
+from ..validate import check_array, check_choice, check_int, check_rng, check_shapes
 
 __all__ = [
     "init_gate_weights", "softplus", "sigmoid", "router_logits_forward", "router_logits_backward",
     "topk_indices", "Routing",
     "dense_gate_forward", "dense_gate_backward", "topk_gate_forward", "topk_gate_backward",
-    "switch_gate_forward", "switch_gate_backward", "gate_forward", "gate_backward", "GATES",
+    "switch_gate_forward", "switch_gate_backward", "gate_forward", "gate_backward", "GATES", "GATE_PAIRS",
     "keep_topk_forward", "keep_topk_backward", "renormalize_forward", "renormalize_backward",
 ]
 
@@ -101,13 +101,11 @@ def router_logits_forward(x, W_gate, W_noise=None, *, noise=None, rng=None, trai
         H (T, E) and a :class:`LogitsCache`; ``cache.clean`` is L and ``cache.sigma``
         is σ (None without ``W_noise``), both needed by the smooth load estimator.
     """
-    check_array("W_gate", W_gate, ndim=2)
-    d, E = W_gate.shape
-    check_array("x", x, shape=(None, d))
+    check_shapes(W_gate=(W_gate, ("d", "E")), x=(x, ("T", "d")))
     L = x @ W_gate
     if W_noise is None:
         return L, LogitsCache(x, W_gate, None, None, None, L, None)
-    check_array("W_noise", W_noise, shape=(d, E))
+    check_shapes(W_noise=(W_noise, W_gate.shape))
     z = x @ W_noise
     sigma = softplus(z)                       # σ > 0: the GP's learned uncertainty
     if not train:
@@ -193,8 +191,9 @@ def _add_probs_grad(dH, probs, dprobs):
     return dH
 
 
-def dense_gate_forward(H):
-    """Dense gate ``G = softmax(H)``: all E experts, in expert order. H (T,E) -> Routing."""
+def dense_gate_forward(H, k=None):
+    """Dense gate ``G = softmax(H)``: all E experts, in expert order (``k`` is ignored: it is E).
+    H (T,E) -> Routing."""
     check_array("H", H, ndim=2)
     p = softmax(H)
     idx = np.broadcast_to(np.arange(H.shape[1]), H.shape)
@@ -251,24 +250,25 @@ def switch_gate_backward(dgates, cache, dprobs=None):
     return softmax_backward(dp, SoftmaxCache(cache.probs, -1))[0], {}
 
 
-GATES = ("topk", "dense", "switch")
+# The gates by name, each a (forward, backward) pair, as layers.ACTIVATIONS.
+GATE_PAIRS = {
+    "topk": (topk_gate_forward, topk_gate_backward),
+    "dense": (dense_gate_forward, dense_gate_backward),
+    "switch": (switch_gate_forward, switch_gate_backward),
+}
+GATES = tuple(GATE_PAIRS)
 
 
 def gate_forward(H, k, kind="topk"):
     """Apply the gate called ``kind`` (one of :data:`GATES`); ``k`` is ignored for "dense"."""
-    if kind == "dense":
-        return dense_gate_forward(H)
-    if kind == "topk":
-        return topk_gate_forward(H, k)
-    if kind == "switch":
-        return switch_gate_forward(H, k)
-    raise ValueError(f"gate must be one of {', '.join(map(repr, GATES))}; got {kind!r}")
+    forward, _ = GATE_PAIRS[check_choice("gate", kind, GATES)]
+    return forward(H, k)
 
 
 def gate_backward(dgates, cache, dprobs=None):
     """Backward of :func:`gate_forward`: ``dgates (T,k)`` and optional ``dprobs (T,E)`` -> dH (T,E)."""
-    back = {"dense": dense_gate_backward, "topk": topk_gate_backward, "switch": switch_gate_backward}
-    return back[cache.kind](dgates, cache, dprobs)
+    _, backward = GATE_PAIRS[cache.kind]
+    return backward(dgates, cache, dprobs)
 
 
 # --------------------------------------------------------------------------- the two textbook forms
@@ -289,6 +289,13 @@ def keep_topk_backward(dmasked, mask):
     return np.where(mask, dmasked, 0), {}
 
 
+class RenormCache(NamedTuple):
+    g: np.ndarray     # (T,k) the renormalized gates
+    s: np.ndarray     # (T,1) the sum they were divided by
+    idx: np.ndarray   # (T,k) the chosen experts
+    shape: tuple      # (T,E) of p
+
+
 def renormalize_forward(p, idx):
     """Keep the probabilities of the chosen experts and rescale them to sum to 1.
 
@@ -297,7 +304,7 @@ def renormalize_forward(p, idx):
     sel = p[_rows(p.shape[0]), idx]
     s = np.sum(sel, axis=1, keepdims=True)
     g = sel / s
-    return g, (g, s, idx, p.shape)
+    return g, RenormCache(g, s, idx, p.shape)
 
 
 def renormalize_backward(dg, cache):

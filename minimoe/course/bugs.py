@@ -129,7 +129,7 @@ def bug1_load_loss_forward(clean, noisy, sigma, k):
 
 def bug1_load_loss_backward(dloss, cache):
     """Exact backward of :func:`bug1_load_loss_forward` (the threshold flows back through
-    the softmax). Returns ``(d_clean, {"noisy": d_noisy, "sigma": d_sigma})``, all (T,E)."""
+    the softmax). Returns ``d_clean, d_noisy, d_sigma`` (all (T,E)) and ``{}``, as minimoe's."""
     ranked, in_topk, p, z, sigma, _, cv, k = cache
     t = np.arange(z.shape[0])
     dload, _ = cv_squared_backward(dloss, cv)
@@ -138,7 +138,7 @@ def bug1_load_loss_backward(dloss, cache):
     dthr[t, ranked[:, k]] -= np.sum(np.where(in_topk, d_clean, 0), axis=1)
     dthr[t, ranked[:, k - 1]] -= np.sum(np.where(in_topk, 0, d_clean), axis=1)
     d_noisy = softmax_backward(dthr, SoftmaxCache(p, -1))[0]
-    return d_clean, {"noisy": d_noisy, "sigma": -d_clean * z}
+    return d_clean, d_noisy, -d_clean * z, {}
 
 
 def load_matches_sampling(load_forward, clean, noisy, sigma, k, rng, n_samples=4000, n_se=5.0):
@@ -194,8 +194,8 @@ def train_router_on_load_loss(load_forward, load_backward, *, k=1, steps=300, lr
     for _ in range(steps):
         H, lc = router_logits_forward(x, W_gate, W_noise, rng=rng, train=True)
         loss, cache = load_forward(lc.clean, H, lc.sigma, k)
-        d_clean, g = load_backward(1.0, cache)
-        _, grads = router_logits_backward(g["noisy"], lc, d_clean=d_clean, d_sigma=g["sigma"])
+        d_clean, d_noisy, d_sigma, _ = load_backward(1.0, cache)
+        _, grads = router_logits_backward(d_noisy, lc, d_clean=d_clean, d_sigma=d_sigma)
         W_gate -= lr * grads["W_gate"]
         W_noise -= lr * grads["W_noise"]
         losses.append(loss)
@@ -337,9 +337,17 @@ def gates_sum_has_zero_gradient(forward, backward, p, idx, atol=1e-10):
 def gradient_matches_finite_differences(forward, backward, x, params=None, **check_kwargs):
     """Check a forward/backward pair with :func:`minimoe.core.gradcheck.check_pair` (same
     arguments); the Finding carries its report. A crossed kink still raises ``KinkError``:
-    that is a problem of the fixture, not a verdict on the code."""
+    that is a problem of the fixture, not a verdict on the code.
+
+    A backward with several inputs returns their gradients positionally (x's first), then
+    the dict of parameter gradients; the extra ones are matched to ``params``' keys in order.
+    """
+    def pair_backward(dout, cache):
+        *d_inputs, grads = backward(dout, cache)
+        return d_inputs[0], {**dict(zip(params or {}, d_inputs[1:])), **grads}
+
     try:
-        reports = check_pair(forward, backward, x, params, **check_kwargs)
+        reports = check_pair(forward, pair_backward, x, params, **check_kwargs)
     except GradCheckError as err:
         return Finding(False, str(err))
     worst = max(r.normwise for r in reports)

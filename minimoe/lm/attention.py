@@ -32,7 +32,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ..core.layers import linear_backward, linear_forward, softmax
+from ..core.layers import PairLayer, linear_backward, linear_forward, softmax
 from ..validate import check_array, check_dtype, check_int, check_rng
 
 __all__ = [
@@ -210,7 +210,7 @@ def init_attention_params(d_model, rng, dtype=np.float64):
     }
 
 
-class CausalSelfAttention:
+class CausalSelfAttention(PairLayer):
     """Causal multi-head self-attention with ``params``/``grads`` dicts of identical keys.
 
     Example:
@@ -221,15 +221,15 @@ class CausalSelfAttention:
         (2, 2, 5, 5)
     """
 
+    pair_backward = staticmethod(attention_backward)
+
     def __init__(self, d_model, n_heads, rng=None, dtype=np.float64):
         d = check_int("d_model", d_model, low=1)
         self.n_heads = check_int("n_heads", n_heads, low=1)
         if d % self.n_heads:
             raise ValueError(f"d_model = {d} must be divisible by n_heads = {self.n_heads}")
         rng = np.random.default_rng(0) if rng is None else rng
-        self.params = init_attention_params(d, rng, dtype)
-        self.grads = {k: np.zeros_like(v) for k, v in self.params.items()}
-        self._cache = None
+        self._keep_params(init_attention_params(d, rng, dtype))
 
     @property
     def attention(self):
@@ -242,11 +242,3 @@ class CausalSelfAttention:
         """x (B, S, d) -> y (B, S, d)."""
         y, self._cache = attention_forward(x, **self.params, n_heads=self.n_heads)
         return y
-
-    def backward(self, dy):
-        """dy (B, S, d) -> dx (B, S, d); fills ``self.grads``."""
-        if self._cache is None:
-            raise RuntimeError("call forward before backward")
-        dx, grads = attention_backward(dy, self._cache)
-        self.grads.update(grads)
-        return dx

@@ -28,6 +28,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from ..core.layers import PairLayer
 from ..validate import check_array, check_dtype, check_int, check_rng
 
 __all__ = [
@@ -130,7 +131,7 @@ def position_embedding_backward(dout, cache):
 
 
 # --------------------------------------------------------------------------- thin classes
-class Embedding:
+class Embedding(PairLayer):
     """Token embedding table, ``params = {"W": (V, d)}``.
 
     ``forward(ids)`` takes integers, so ``backward`` returns ``None`` (nothing to pass
@@ -142,6 +143,8 @@ class Embedding:
         >>> emb.backward(np.ones_like(x))             # grads["W"][1] is 2s: id 1 appeared twice
     """
 
+    pair_backward = staticmethod(embedding_backward)
+
     def __init__(self, vocab_size, d_model, rng=None, dtype=np.float64, scale=1.0):
         V = check_int("vocab_size", vocab_size, low=1)
         d = check_int("d_model", d_model, low=1)
@@ -149,26 +152,18 @@ class Embedding:
         dtype = check_dtype("dtype", dtype)
         # N(0, scale²); scale=1 makes token vectors comparable in size to the
         # layer-normalised residual stream they join.
-        self.params = {"W": (scale * rng.standard_normal((V, d))).astype(dtype)}
-        self.grads = {"W": np.zeros_like(self.params["W"])}
-        self._cache = None
+        self._keep_params({"W": (scale * rng.standard_normal((V, d))).astype(dtype)})
 
     def forward(self, ids):
         """ids (B, S) ints -> x (B, S, d)."""
         x, self._cache = embedding_forward(ids, self.params["W"])
         return x
 
-    def backward(self, dx):
-        """dx (B, S, d) -> None; fills ``self.grads``."""
-        if self._cache is None:
-            raise RuntimeError("call forward before backward")
-        _, grads = embedding_backward(dx, self._cache)
-        self.grads.update(grads)
-        return None
 
-
-class PositionEmbedding:
+class PositionEmbedding(PairLayer):
     """Learned position embedding, ``params = {"W_pos": (max_len, d)}``; adds ``W_pos[:S]``."""
+
+    pair_backward = staticmethod(position_embedding_backward)
 
     def __init__(self, max_len, d_model, rng=None, dtype=np.float64, scale=0.1):
         L = check_int("max_len", max_len, low=1)
@@ -177,19 +172,9 @@ class PositionEmbedding:
         dtype = check_dtype("dtype", dtype)
         # Small at the start: the model first learns from token identity, then
         # grows the position signal as far as it helps.
-        self.params = {"W_pos": (scale * rng.standard_normal((L, d))).astype(dtype)}
-        self.grads = {"W_pos": np.zeros_like(self.params["W_pos"])}
-        self._cache = None
+        self._keep_params({"W_pos": (scale * rng.standard_normal((L, d))).astype(dtype)})
 
     def forward(self, x):
         """x (B, S, d) -> x + W_pos[:S]."""
         y, self._cache = position_embedding_forward(x, self.params["W_pos"])
         return y
-
-    def backward(self, dy):
-        """dy (B, S, d) -> dx (B, S, d); fills ``self.grads``."""
-        if self._cache is None:
-            raise RuntimeError("call forward before backward")
-        dx, grads = position_embedding_backward(dy, self._cache)
-        self.grads.update(grads)
-        return dx

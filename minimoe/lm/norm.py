@@ -23,6 +23,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from ..core.layers import PairLayer
 from ..validate import check_array, check_dtype, check_int, check_positive_float
 
 __all__ = ["layernorm_forward", "layernorm_backward", "LayerNorm"]
@@ -91,7 +92,7 @@ def layernorm_backward(dy, cache):
     return dx, {"gamma": dgamma, "beta": dbeta}
 
 
-class LayerNorm:
+class LayerNorm(PairLayer):
     """Layer norm with ``params = {"gamma": (d,), "beta": (d,)}`` and matching ``grads``.
 
     Example:
@@ -100,23 +101,15 @@ class LayerNorm:
         >>> dx = ln.backward(np.ones_like(y))      # fills ln.grads
     """
 
+    pair_backward = staticmethod(layernorm_backward)
+
     def __init__(self, d_model, eps=1e-5, dtype=np.float64):
         d = check_int("d_model", d_model, low=1)
         self.eps = check_positive_float("eps", eps)
         dtype = check_dtype("dtype", dtype)
-        self.params = {"gamma": np.ones(d, dtype=dtype), "beta": np.zeros(d, dtype=dtype)}
-        self.grads = {k: np.zeros_like(v) for k, v in self.params.items()}
-        self._cache = None
+        self._keep_params({"gamma": np.ones(d, dtype=dtype), "beta": np.zeros(d, dtype=dtype)})
 
     def forward(self, x):
         """x (..., d) -> y (..., d)."""
         y, self._cache = layernorm_forward(x, **self.params, eps=self.eps)
         return y
-
-    def backward(self, dy):
-        """dy (..., d) -> dx (..., d); fills ``self.grads``."""
-        if self._cache is None:
-            raise RuntimeError("call forward before backward")
-        dx, grads = layernorm_backward(dy, self._cache)
-        self.grads.update(grads)
-        return dx

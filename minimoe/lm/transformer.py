@@ -33,6 +33,7 @@ from .attention import CausalSelfAttention
 from ..beyond.expert_choice import ExpertChoiceMoELayer
 from ..beyond.hash_router import HashMoELayer
 from ..beyond.lossfree import LossFreeMoELayer
+from ..core.experts import Expert
 from ..core.moe import MoELayer
 from .norm import LayerNorm
 from ..beyond.shared_experts import SharedExpertMoELayer
@@ -66,10 +67,9 @@ def make_ffn(kind, d_model, d_hidden, n_experts=4, k=2, *, rng=None, dtype=np.fl
     check_choice("ffn", kind, FFN_KINDS)
     rng = np.random.default_rng(0) if rng is None else check_rng("rng", rng)
     if kind == "dense":
-        from ..clinic.models import FFNBlock      # the generalist's FFN, reused
         check_int("d_model", d_model, low=1)
         check_int("d_hidden", d_hidden, low=1)
-        return FFNBlock(d_model, d_hidden, rng, check_dtype("dtype", dtype).type, **kwargs)
+        return Expert(d_model, d_hidden, rng=rng, dtype=check_dtype("dtype", dtype).type, **kwargs)
     if kind == "fine_grained":
         return SharedExpertMoELayer.fine_grained(d_model, d_hidden, n_experts, k, rng=rng, dtype=dtype, **kwargs)
     cls = {"moe": MoELayer, "hash": HashMoELayer, "expert_choice": ExpertChoiceMoELayer,
