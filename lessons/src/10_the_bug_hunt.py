@@ -88,7 +88,10 @@ print("minimoe smooth load", np.round(check.minimoe_smooth_load(L, H, sigma, k),
 # %% [markdown]
 # Different — but which one is right? Both are *estimates*, so neither printout proves
 # anything. And a gradient check cannot tell either: the buggy backward is the exact
-# derivative of the buggy forward.
+# derivative of the buggy forward. (Like minimoe's `losses.load_loss_backward`, it returns the
+# gradients of its three inputs positionally, `d_clean, d_noisy, d_sigma`, then the dict of
+# parameter gradients, here `{}`; `gradcheck.as_pair(backward, "noisy", "sigma")` names the
+# last two so that `check_pair` checks all three.)
 
 # %%
 print(bugs.gradient_matches_finite_differences(

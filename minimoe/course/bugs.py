@@ -30,7 +30,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ..core.gradcheck import GradCheckError, check_pair
+from ..core.gradcheck import GradCheckError, as_pair, check_pair
 from ..core.layers import SoftmaxCache, softmax, softmax_backward
 from ..core.losses import cv_squared_backward, cv_squared_forward, normal_cdf, normal_pdf
 from ..core.moe import MoELayer
@@ -340,12 +340,10 @@ def gradient_matches_finite_differences(forward, backward, x, params=None, **che
     that is a problem of the fixture, not a verdict on the code.
 
     A backward with several inputs returns their gradients positionally (x's first), then
-    the dict of parameter gradients; the extra ones are matched to ``params``' keys in order.
+    the dict of parameter gradients, as minimoe's do: here every key of ``params`` is such an
+    input, in the forward's order, and :func:`minimoe.core.gradcheck.as_pair` names them.
     """
-    def pair_backward(dout, cache):
-        *d_inputs, grads = backward(dout, cache)
-        return d_inputs[0], {**dict(zip(params or {}, d_inputs[1:])), **grads}
-
+    pair_backward = as_pair(backward, *(params or {}))
     try:
         reports = check_pair(forward, pair_backward, x, params, **check_kwargs)
     except GradCheckError as err:
