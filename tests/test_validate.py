@@ -160,3 +160,36 @@ def test_check_array_accepts_huge_finite_values_whose_sum_overflows():
     x = np.full(4, np.finfo(np.float32).max, dtype=np.float32)   # the sum is inf, no entry is
     with np.errstate(over="raise"):
         assert check_array("W", x) is x
+
+
+# --------------------------------------------------------------------------- check_shapes
+from minimoe.validate import check_shapes  # noqa: E402
+
+
+def test_check_shapes_binds_symbols_and_returns_them():
+    sizes = check_shapes(W=(np.ones((3, 5)), ("d", "h")), x=(np.ones((2, 7, 3)), ("...", "d")),
+                         b=(np.ones(5), ("h",)))
+    assert sizes == {"d": 3, "h": 5, "...": (2, 7)}
+
+
+def test_check_shapes_messages():
+    W1 = np.ones((4, 8))
+    with pytest.raises(ValueError, match=r"W1 must have 3 dimensions, got shape \(4, 8\)"):
+        check_shapes(W1=(W1, ("E", "d", "h")))
+    with pytest.raises(ValueError, match=r"x must have shape \(\?, 4\), got \(5, 3\)"):
+        check_shapes(W1=(W1, ("d", "h")), x=(np.ones((5, 3)), ("N", "d")))
+    with pytest.raises(ValueError, match=r"x has width 3 but W1 expects d=4 \(W1 has shape \(4, 8\)\)"):
+        check_shapes(W1=(W1, ("d", "h")), x=(np.ones((2, 2, 3)), ("...", "d")))
+    with pytest.raises(ValueError, match=r"b must have shape \(8,\), got \(4,\)"):
+        check_shapes(W1=(W1, ("d", "h")), b=(np.ones(4), ("h",)))
+    with pytest.raises(ValueError, match=r"labels must have shape \(3,\) \(one per row\), got \(2,\)"):
+        check_shapes(z=(np.ones((3, 4)), ("...", "C")), labels=(np.zeros(2, int), ("...",), "one per row"),
+                     integer=("labels",))
+    with pytest.raises(TypeError, match="labels must be integers, got dtype float64"):
+        check_shapes(labels=(np.zeros(2), ("T",)), integer=("labels",))
+    with pytest.raises(ValueError, match="x contains NaN or inf"):
+        check_shapes(x=(np.array([np.nan]), ("T",)))
+    check_shapes(x=(np.array([np.nan]), ("T",)), finite=False)           # finite=False: allowed
+    check_shapes(x=(np.array([np.nan]), ("T",)), y=(np.ones(1), ("T",)), finite=("y",))
+    with pytest.raises(TypeError, match="x must be a numpy array, got list"):
+        check_shapes(x=([1.0], ("T",)))

@@ -68,7 +68,7 @@ class ExpertChoiceCache(NamedTuple):
     yg: np.ndarray         # (E·C,d) expert outputs, grouped by expert
 
 
-def expert_choice_forward(x, W_gate, W1, b1, W2, b2, *, capacity, activation="relu"):
+def expert_choice_forward(x, W_gate, W1, b1, W2, b2, *, capacity, activation="relu", W3=None, b3=None):
     """Expert-choice MoE: each expert picks its top-C tokens by affinity (Zhou et al. 2022).
 
     Args:
@@ -93,7 +93,7 @@ def expert_choice_forward(x, W_gate, W1, b1, W2, b2, *, capacity, activation="re
     gates = np.take_along_axis(S.T, idx, axis=1)                # (E,C) = S[idx[e,c], e]
     xg = np.take(x, idx.reshape(-1), axis=0)                    # (E·C,d): expert e owns rows e·C:(e+1)·C
     offsets = np.arange(E + 1) * C
-    yg, ecache = experts_forward(xg, offsets, W1, b1, W2, b2, activation)
+    yg, ecache = experts_forward(xg, offsets, W1, b1, W2, b2, activation, W3=W3, b3=b3)
     weighted = yg * gates.reshape(-1, 1)
     y = np.zeros((T, x.shape[1]), dtype=yg.dtype)
     for e in range(E):                      # within one expert the picked tokens are distinct,
@@ -195,7 +195,7 @@ class ExpertChoiceMoELayer(MoEBase):
         C = expert_choice_capacity(T, E, self.k, self.capacity_factor)
         p = self.params
         y, cache = expert_choice_forward(x2, p["W_gate"], p["W1"], p["b1"], p["W2"], p["b2"],
-                                         capacity=C, activation=self.activation)
+                                         capacity=C, activation=self.activation, **self._glu_params())
         kept = np.zeros((T, E), dtype=bool)
         kept[cache.idx, np.arange(E)[:, None]] = True
         per_token = kept.sum(axis=1)

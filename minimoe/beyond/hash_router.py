@@ -175,7 +175,7 @@ class HashMoELayer(MoEBase):
         gates = np.full((T, k), 1.0 / k, dtype=self.dtype)
         C = expert_capacity(T, E, k, self.capacity_factor)
         p = self.params
-        y, dcache = dispatch_combine_forward(x2, idx, gates, p["W1"], p["b1"], p["W2"], p["b2"],
+        y, dcache = dispatch_combine_forward(x2, idx, gates, p["W1"], p["b1"], p["W2"], p["b2"], **self._glu_params(),
                                              capacity=C, activation=self.activation)
         self.stats = self._routing_stats(idx, gates, dcache.plan)
         self._cache = HashCache(shape, dcache)

@@ -276,7 +276,7 @@ class LossFreeMoELayer(MoEBase):
         if self.normalize:                  # DeepSeek-V3 eq. 13: the chosen scores sum to 1
             gates, ncache = normalize_gates_forward(gates)
         C = expert_capacity(T, E, k, self.capacity_factor)
-        y, dcache = dispatch_combine_forward(x2, idx, gates, p["W1"], p["b1"], p["W2"], p["b2"],
+        y, dcache = dispatch_combine_forward(x2, idx, gates, p["W1"], p["b1"], p["W2"], p["b2"], **self._glu_params(),
                                              capacity=C, activation=self.activation)
         self.stats = self._routing_stats(idx, gates, dcache.plan, s, bias=self.bias.copy())
         if train:                       # eval forwards leave a pending training load alone

@@ -16,6 +16,18 @@ DeepSeekMoE changes *which* experts there are, not how they are routed. Two idea
     y_t = Σ_{s=1..K_s} FFN_s(x_t)  +  Σ_{e in TopK(t)} G_te · FFN_e(x_t)
           shared: always on, gate 1    routed: an ordinary MoELayer
 
+The routing is DeepSeekMoE's (Dai et al. 2024, §3.2, eq. 9–11), by default: with u_t the
+token, e_i the router's column of expert i, m·N experts of which K_s are shared and
+m·K − K_s are routed per token,
+
+    h_t  = Σ_{i=1}^{K_s} FFN_i(u_t) + Σ_{i=K_s+1}^{mN} g_{i,t} FFN_i(u_t) + u_t     (9)
+    g_{i,t} = s_{i,t} if s_{i,t} ∈ TopK({s_{j,t} | K_s+1 ≤ j ≤ mN}, mK − K_s), else 0   (10)
+    s_{i,t} = Softmax_i(u_tᵀ e_i)                                                   (11)
+
+— a softmax over the routed experts read at the chosen ones, **not renormalised** (the
+gates of a token sum to less than 1) and with **no noise**: MoELayer's ``gate="switch",
+noisy=False``. (The residual ``+ u_t`` of eq. 9 is the caller's, as for every layer here.)
+
 In the clinic: every patient sees the duty nurse (shared), and the GP refers them
 on to a few of many narrow specialists (routed). A sum of always-on FFNs is just
 one wider FFN (its hidden units concatenated); they are kept as separate experts
@@ -49,7 +61,7 @@ class SharedCache(NamedTuple):
     d: int            # width
 
 
-def shared_experts_forward(x, W1, b1, W2, b2, activation="relu"):
+def shared_experts_forward(x, W1, b1, W2, b2, activation="relu", *, W3=None, b3=None):
     """Every token through every shared expert, summed: ``y = Σ_s FFN_s(x)``.
 
     The bank of experts.py expects tokens grouped by expert; for shared experts
@@ -59,7 +71,7 @@ def shared_experts_forward(x, W1, b1, W2, b2, activation="relu"):
     Args:
         x: (T, d) tokens.
         W1 (K_s,d,h), b1 (K_s,h), W2 (K_s,h,d), b2 (K_s,d): the shared experts.
-        activation: "relu" or "gelu".
+        activation: "relu", "gelu" or "swiglu" (then W3 (K_s,d,h), b3 (K_s,h) too).
 
     Returns:
         y (T, d) and the cache.
@@ -67,7 +79,8 @@ def shared_experts_forward(x, W1, b1, W2, b2, activation="relu"):
     check_array("x", x, ndim=2)
     check_array("W1", W1, ndim=3)
     S, T = W1.shape[0], x.shape[0]
-    yg, ecache = experts_forward(np.tile(x, (S, 1)), np.arange(S + 1) * T, W1, b1, W2, b2, activation)
+    yg, ecache = experts_forward(np.tile(x, (S, 1)), np.arange(S + 1) * T, W1, b1, W2, b2, activation,
+                                 W3=W3, b3=b3)
     return yg.reshape(S, T, -1).sum(axis=0), SharedCache(ecache, T, S, x.shape[1])
 
 
@@ -80,7 +93,8 @@ def shared_experts_backward(dy, cache):
     return dxg.reshape(S, T, -1).sum(axis=0), grads
 
 
-_SHARED_KEYS = {"W1": "W1_shared", "b1": "b1_shared", "W2": "W2_shared", "b2": "b2_shared"}
+_SHARED_KEYS = {"W1": "W1_shared", "b1": "b1_shared", "W2": "W2_shared", "b2": "b2_shared",
+                "W3": "W3_shared", "b3": "b3_shared"}       # W3, b3: SwiGLU experts only
 
 
 class SharedLayerCache(NamedTuple):
@@ -107,8 +121,13 @@ class SharedExpertMoELayer(MoEBase):
         n_shared: K_s ≥ 0 shared experts (0: fine-grained routing only).
         rng: numpy.random.Generator for the weights and the routed layer's noise.
         dtype, activation: as in MoELayer.
-        **routed_kwargs: passed to the routed MoELayer (gate, noisy, balance, balance_coef,
-            z_loss_coef, capacity_factor).
+        gate: the routed layer's gate; default "switch", DeepSeekMoE's eq. 10–11 (softmax
+            affinity over the routed experts, not renormalised). "topk" renormalises.
+        noisy: router noise; default None = no noise (DeepSeekMoE), except when ``balance``
+            is "load" or "importance+load": the smooth load estimator is built from the
+            noise (Shazeer et al. 2017), so asking for it turns the noise on.
+        **routed_kwargs: passed to the routed MoELayer (balance, balance_coef, z_loss_coef,
+            capacity_factor, switch_fraction, balance_groups, fast).
 
     Attributes:
         routed: the MoELayer of routed experts (its arrays are shared with ``params``).
@@ -120,19 +139,21 @@ class SharedExpertMoELayer(MoEBase):
     repr_fields = MoEBase.repr_fields[:4] + ("n_shared", "gate", "noisy", "balance")
 
     def __init__(self, d_model, d_hidden, n_experts, k=2, n_shared=1, activation="relu",
-                 dtype=np.float64, rng=None, **routed_kwargs):
+                 dtype=np.float64, rng=None, gate="switch", noisy=None, **routed_kwargs):
         self.n_shared = check_int("n_shared", n_shared, low=0)
         dtype = layer_dtype(dtype)
         rng = np.random.default_rng(0) if rng is None else check_rng("rng", rng)
-        self.routed = MoELayer(d_model, d_hidden, n_experts, k=k, activation=activation, dtype=dtype,
-                               rng=rng, **routed_kwargs)
+        if noisy is None:                 # DeepSeekMoE has no noise; the smooth load loss needs it
+            noisy = routed_kwargs.get("balance") in ("load", "importance+load")
+        self.routed = MoELayer(d_model, d_hidden, n_experts, k=k, gate=gate, noisy=noisy,
+                               activation=activation, dtype=dtype, rng=rng, **routed_kwargs)
         r = self.routed
         self.d_model, self.d_hidden, self.n_experts, self.k = r.d_model, r.d_hidden, r.n_experts, r.k
         self.capacity_factor, self.activation, self.dtype, self.rng = r.capacity_factor, r.activation, dtype, rng
         self.gate, self.noisy, self.balance = r.gate, r.noisy, r.balance
         self.params = dict(r.params)
         if self.n_shared:
-            shared = init_expert_params(self.n_shared, self.d_model, self.d_hidden, rng, dtype)
+            shared = init_expert_params(self.n_shared, self.d_model, self.d_hidden, rng, dtype, self.activation)
             self.params.update({_SHARED_KEYS[name]: v for name, v in shared.items()})
         self.grads = {name: np.zeros_like(p) for name, p in self.params.items()}
         self._cache = None
@@ -189,11 +210,14 @@ class SharedExpertMoELayer(MoEBase):
     def _shared_forward(self, x2):
         """The shared branch, its weights checked under their own names (W1_shared, ...)."""
         p = self.params
+        glu = {}
+        if "W3_shared" in p:
+            glu = {"W3_shared": (p["W3_shared"], ("S", "d", "h")), "b3_shared": (p["b3_shared"], ("S", "h"))}
         check_shapes(x=(x2, ("T", "d")), W1_shared=(p["W1_shared"], ("S", "d", "h")),
                      b1_shared=(p["b1_shared"], ("S", "h")), W2_shared=(p["W2_shared"], ("S", "h", "d")),
-                     b2_shared=(p["b2_shared"], ("S", "d")))
+                     b2_shared=(p["b2_shared"], ("S", "d")), **glu)
         return shared_experts_forward(x2, p["W1_shared"], p["b1_shared"], p["W2_shared"], p["b2_shared"],
-                                      self.activation)
+                                      self.activation, W3=p.get("W3_shared"), b3=p.get("b3_shared"))
 
     @property
     def aux_loss(self):
@@ -233,5 +257,7 @@ class SharedExpertMoELayer(MoEBase):
 
     def flops_per_token(self):
         """Routed layer's FLOPs (router, k experts, weighted combine) plus 4dh for each of the
-        K_s shared experts (their outputs are summed with gate 1: additions, not counted)."""
-        return int(self.routed.flops_per_token() + self.n_shared * 4 * self.d_model * self.d_hidden)
+        K_s shared experts (6dh for SwiGLU; their outputs are summed with gate 1: additions,
+        not counted)."""
+        return int(self.routed.flops_per_token()
+                   + self.n_shared * self._expert_matmuls() * 2 * self.d_model * self.d_hidden)

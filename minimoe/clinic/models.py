@@ -32,6 +32,8 @@ FLOPs are counted as 2 per multiply–add of the matrix products, at inference
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
 from ..core.experts import Expert
@@ -49,6 +51,12 @@ def moe_block(d_model, d_hidden, n_experts, rng, dtype=np.float64, **kwargs):
 
 
 # --------------------------------------------------------------------------- one network
+class ClinicCache(NamedTuple):
+    embed: tuple            # linear_forward's cache of the embedding
+    readout: tuple          # linear_forward's cache of the readout
+    loss: tuple | None      # cross_entropy_forward's cache (None until forward_loss)
+
+
 class Clinic:
     """Embed → residual block → readout, with a hand-written backward.
 
@@ -101,7 +109,7 @@ class Clinic:
         v = u + self.block.forward(u, train=train, noise=noise)
         self.aux_loss = float(self.block.aux_loss or 0.0)
         logits, c_out = linear_forward(v, p["readout.W"], p["readout.b"])
-        self._caches = (c_emb, c_out, None)
+        self._caches = ClinicCache(c_emb, c_out, None)   # the loss's cache comes with forward_loss
         self.last_logits = logits
         return logits
 
@@ -109,7 +117,7 @@ class Clinic:
         """Mean cross-entropy of diagnoses y (T,) int; ``aux_loss`` is set too."""
         logits = self.forward(x, train=train, rng=rng, noise=noise)
         loss, c_ce = cross_entropy_forward(logits, y)
-        self._caches = self._caches[:2] + (c_ce,)
+        self._caches = self._caches._replace(loss=c_ce)
         return loss
 
     def backward(self):
@@ -119,7 +127,7 @@ class Clinic:
         *and* through the block, and the two are added (``du = dv + block'(dv)``).
         The block's backward also adds its auxiliary loss's gradient.
         """
-        if self._caches is None or self._caches[2] is None:
+        if self._caches is None or self._caches.loss is None:
             raise RuntimeError("call forward_loss before backward")
         c_emb, c_out, c_ce = self._caches
         dlogits, _ = cross_entropy_backward(1.0, c_ce)

@@ -2,8 +2,9 @@
 
 Read the files in this order; each is short enough to finish in one sitting.
 
-    layers.py     the building blocks (affine, ReLU, GELU, softmax, cross-entropy) and the
+    layers.py     the building blocks (affine, ReLU, GELU, softmax, cross-entropy), the
                   ``forward -> (out, cache)`` / ``backward(dout, cache) -> (dx, grads)`` convention
+                  and ``PairLayer``, the base of the thin classes
     gradcheck.py  how every backward is shown right: central differences, the normwise and
                   elementwise rule, and the kink detector for top-k ties
     experts.py    the specialist (an FFN expert) and a bank of E of them, a plain loop over experts
@@ -13,5 +14,9 @@ Read the files in this order; each is short enough to finish in one sitting.
                   estimator with Φ and its gradient, the Switch loss, the router z-loss
     dispatch.py   appointment books: the capacity C, the drop rule (which patients are turned
                   away, in which order), one sort to group tokens by expert, the combine back
-    moe.py        ``MoELayer``: router + dispatch + experts + losses in one layer
+    moe.py        ``MoEBase`` (what every MoE layer class shares: checks, weights, counting, the
+                  cache guard, stats, repr) and ``MoELayer``: router + dispatch + experts + losses
+    fast.py       the same dispatch and expert bank with every speed trick (workspaces, ``out=``,
+                  in-place ReLU, reused gradient buffers); MoELayer's default, ``fast=False`` for the
+                  textbook; tests/core/test_fast.py shows both agree
 """

@@ -185,7 +185,7 @@ class DispatchCache(NamedTuple):
     combine: CombineCache
 
 
-def dispatch_combine_forward(x, idx, gates, W1, b1, W2, b2, *, capacity=None, activation="relu"):
+def dispatch_combine_forward(x, idx, gates, W1, b1, W2, b2, *, capacity=None, activation="relu", W3=None, b3=None):
     """Plan, dispatch, run every expert once on its group, combine.
 
     Args:
@@ -193,7 +193,7 @@ def dispatch_combine_forward(x, idx, gates, W1, b1, W2, b2, *, capacity=None, ac
         idx: (T, k) int chosen experts; gates: (T, k) their weights.
         W1 (E,d,h), b1 (E,h), W2 (E,h,d), b2 (E,d): the expert bank.
         capacity: C per expert (int), or None for no dropping.
-        activation: "relu" or "gelu".
+        activation: "relu", "gelu" or "swiglu" (then W3 (E,d,h) and b3 (E,h) too).
 
     Returns:
         y (T, d) and the cache; ``cache.plan`` holds kept, load and dropped.
@@ -201,7 +201,7 @@ def dispatch_combine_forward(x, idx, gates, W1, b1, W2, b2, *, capacity=None, ac
     check_shapes(x=(x, ("T", "d")), gates=(gates, ("T", np.shape(idx)[-1])))
     plan = make_plan(idx, W1.shape[0], capacity)
     xg, gcache = dispatch_forward(x, plan)
-    yg, ecache = experts_forward(xg, plan.offsets, W1, b1, W2, b2, activation)
+    yg, ecache = experts_forward(xg, plan.offsets, W1, b1, W2, b2, activation, W3=W3, b3=b3)
     y, ccache = combine_forward(yg, gates, plan)
     return y, DispatchCache(plan, gcache, ecache, ccache)
 

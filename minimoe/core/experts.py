@@ -5,6 +5,16 @@ token on its own:
 
     FFN(x) = act(x W1 + b1) W2 + b2          x (n,d), W1 (d,h), W2 (h,d)
 
+or, with ``activation="swiglu"`` (Shazeer 2020; the FFN of Llama, Mixtral, DeepSeek, Qwen),
+
+    FFN(x) = (silu(x W1 + b1) ⊙ (x W3 + b3)) W2 + b2       W1, W3 (d,h): Mixtral's w1, w3
+
+W1 is the silu ("gate") branch, W3 the linear branch, W2 the output, as Mixtral's
+w1/w3/w2. Mixtral has no biases; here b1, b3, b2 are present and start at zero (so a
+freshly made SwiGLU expert computes Mixtral's function, and every key of the ReLU
+expert is still there). SwiGLU costs three d×h matmuls instead of two: at the same h it
+has 1.5× the parameters and FLOPs (Llama shrinks h to 2/3 of 4d to compensate).
+
 In the analogy, each expert is a specialist doctor: same training, same kind of
 examination, but each one ends up with its own expertise because it only sees the
 patients the GP sends to it.
@@ -26,16 +36,19 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .layers import ACTIVATIONS, PairLayer, activation_backward, activation_forward, linear_backward, linear_forward
+from .layers import (ACTIVATIONS, ActivationCache, PairLayer, activation_backward, activation_forward, linear_backward,
+                     linear_forward, swiglu_backward, swiglu_forward)
 from ..validate import all_finite, check_array, check_choice, check_dtype, check_int, check_rng, check_shapes
 
-__all__ = [
+EXPERT_ACTIVATIONS = tuple(ACTIVATIONS) + ("swiglu",)   # swiglu: two input matrices, W1 and W3
+
+__all__ = ["EXPERT_ACTIVATIONS", "GLU_KEYS",
     "init_expert_params", "ffn_forward", "ffn_backward",
     "experts_forward", "experts_backward", "Expert", "ExpertBank",
 ]
 
 
-def init_expert_params(n_experts, d_model, d_hidden, rng, dtype=np.float64):
+def init_expert_params(n_experts, d_model, d_hidden, rng, dtype=np.float64, activation="relu"):
     """Initial weights for a bank of experts, stacked along the first axis.
 
     W1 uses He initialisation, N(0, 2/d) (He et al. 2015): each pre-activation
@@ -51,47 +64,78 @@ def init_expert_params(n_experts, d_model, d_hidden, rng, dtype=np.float64):
         n_experts: E ≥ 1.  d_model: d ≥ 1.  d_hidden: h ≥ 1.
         rng: ``numpy.random.Generator``; the only source of randomness.
         dtype: floating dtype of the returned arrays.
+        activation: "swiglu" adds ``W3 (E,d,h)``, N(0, 1/d), drawn after W2 (so W1 and W2 are
+            the ReLU expert's for the same rng), and ``b3 (E,h)`` = 0.
 
     Returns:
-        dict with ``W1 (E,d,h)``, ``b1 (E,h)``, ``W2 (E,h,d)``, ``b2 (E,d)``.
+        dict with ``W1 (E,d,h)``, ``b1 (E,h)``, ``W2 (E,h,d)``, ``b2 (E,d)`` (and ``W3``, ``b3``).
     """
     E = check_int("n_experts", n_experts, low=1)
     d = check_int("d_model", d_model, low=1)
     h = check_int("d_hidden", d_hidden, low=1)
     rng = check_rng("rng", rng)  # SPEC 7: an int seed becomes a Generator
     dtype = check_dtype("dtype", dtype)
-    return {
+    activation = check_choice("activation", activation, EXPERT_ACTIVATIONS)
+    params = {
         "W1": (rng.standard_normal((E, d, h)) * np.sqrt(2.0 / d)).astype(dtype),
         "b1": np.zeros((E, h), dtype=dtype),
         "W2": (rng.standard_normal((E, h, d)) * np.sqrt(1.0 / h)).astype(dtype),
         "b2": np.zeros((E, d), dtype=dtype),
     }
+    if activation == "swiglu":      # the linear branch: LeCun, mean(z3²) = mean(x²)
+        params["W3"] = (rng.standard_normal((E, d, h)) * np.sqrt(1.0 / d)).astype(dtype)
+        params["b3"] = np.zeros((E, h), dtype=dtype)
+    return params
 
 
 # --------------------------------------------------------------------------- one expert
+GLU_KEYS = ("W3", "b3")     # the extra parameters of a SwiGLU expert
+
+
 class FFNCache(NamedTuple):
     lin1: tuple   # cache of x W1 + b1
     act: tuple    # cache of the activation
     lin2: tuple   # cache of a W2 + b2
+    lin3: tuple | None = None   # cache of x W3 + b3 (SwiGLU only)
 
 
-def ffn_forward(x, W1, b1, W2, b2, activation="relu"):
-    """One expert: ``y = act(x W1 + b1) W2 + b2``.
+def check_glu(activation, W3, b3):
+    """W3 and b3 come with activation="swiglu", and only with it."""
+    activation = check_choice("activation", activation, EXPERT_ACTIVATIONS)
+    if activation == "swiglu" and (W3 is None or b3 is None):
+        raise ValueError("activation='swiglu' needs W3 and b3 (the linear branch x W3 + b3)")
+    if activation != "swiglu" and (W3 is not None or b3 is not None):
+        raise ValueError(f"W3 and b3 belong to activation='swiglu', not activation={activation!r}")
+    return activation
+
+
+def ffn_forward(x, W1, b1, W2, b2, activation="relu", *, W3=None, b3=None):
+    """One expert: ``y = act(x W1 + b1) W2 + b2``, or ``(silu(x W1 + b1) ⊙ (x W3 + b3)) W2 + b2``.
 
     Args:
         x: (n, d) tokens (or any (..., d)).
         W1: (d, h), b1: (h,), W2: (h, d), b2: (d,).
-        activation: ``"relu"`` or ``"gelu"``.
+        activation: ``"relu"``, ``"gelu"`` or ``"swiglu"``.
+        W3: (d, h), b3: (h,): SwiGLU's linear branch (with activation="swiglu" only).
 
     Returns:
         y: (n, d); cache for :func:`ffn_backward`.
     """
+    activation = check_glu(activation, W3, b3)
     # Every shape is checked here, so a mistake names W2 rather than the "W" of an inner linear.
-    check_shapes(W1=(W1, ("d", "h")), x=(x, ("...", "d")), b1=(b1, ("h",)), W2=(W2, ("h", "d")), b2=(b2, ("d",)))
+    glu = {"W3": (W3, ("d", "h")), "b3": (b3, ("h",))} if W3 is not None else {}
+    check_shapes(W1=(W1, ("d", "h")), x=(x, ("...", "d")), b1=(b1, ("h",)), W2=(W2, ("h", "d")), b2=(b2, ("d",)),
+                 **glu)
     z, c1 = linear_forward(x, W1, b1)        # (n, h)  pre-activation
-    a, ca = activation_forward(z, activation)
+    c3 = None
+    if activation == "swiglu":
+        z3, c3 = linear_forward(x, W3, b3)   # (n, h)  the linear branch
+        a, inner = swiglu_forward(z, z3)     # silu(z) ⊙ z3
+        ca = ActivationCache("swiglu", inner)
+    else:
+        a, ca = activation_forward(z, activation)
     y, c2 = linear_forward(a, W2, b2)        # (n, d)
-    return y, FFNCache(c1, ca, c2)
+    return y, FFNCache(c1, ca, c2, c3)
 
 
 def ffn_backward(dy, cache):
@@ -101,9 +145,18 @@ def ffn_backward(dy, cache):
         dz = da ⊙ act'(z)
         dx = dz W1ᵀ,  dW1 = xᵀ dz,  db1 = Σ dz
 
+    SwiGLU (a = silu(z1) ⊙ z3): dz1 = da ⊙ z3 ⊙ silu'(z1), dz3 = da ⊙ silu(z1), and x
+    feeds both branches, so dx = dz1 W1ᵀ + dz3 W3ᵀ; dW3 = xᵀ dz3, db3 = Σ dz3.
+
     Returns:
-        dx (n, d) and ``{"W1", "b1", "W2", "b2"}``.
+        dx (n, d) and ``{"W1", "b1", "W2", "b2"}`` (plus ``"W3", "b3"`` for SwiGLU).
     """
+    if cache.lin3 is not None:
+        da, g2 = linear_backward(dy, cache.lin2)
+        dz1, dz3, _ = swiglu_backward(da, cache.act.inner)
+        dx1, g1 = linear_backward(dz1, cache.lin1)
+        dx3, g3 = linear_backward(dz3, cache.lin3)
+        return dx1 + dx3, {"W1": g1["W"], "b1": g1["b"], "W2": g2["W"], "b2": g2["b"], "W3": g3["W"], "b3": g3["b"]}
     da, g2 = linear_backward(dy, cache.lin2)
     dz, _ = activation_backward(da, cache.act)
     dx, g1 = linear_backward(dz, cache.lin1)
@@ -127,14 +180,15 @@ def check_offsets(offsets, E, N):
     return offsets
 
 
-def check_bank(x, offsets, W1, b1, W2, b2):
+def check_bank(x, offsets, W1, b1, W2, b2, W3=None, b3=None):
     """The bank's shape checks (shared with ``fast.py``): returns (E, d, h) and the offsets."""
+    glu = {"W3": (W3, ("E", "d", "h")), "b3": (b3, ("E", "h"))} if W3 is not None else {}
     check_shapes(W1=(W1, ("E", "d", "h")), x=(x, ("N", "d")), b1=(b1, ("E", "h")),
-                 W2=(W2, ("E", "h", "d")), b2=(b2, ("E", "d")), finite=("x",))
+                 W2=(W2, ("E", "h", "d")), b2=(b2, ("E", "d")), finite=("x",), **glu)
     return W1.shape, check_offsets(offsets, W1.shape[0], x.shape[0])
 
 
-def experts_forward(x, offsets, W1, b1, W2, b2, activation="relu"):
+def experts_forward(x, offsets, W1, b1, W2, b2, activation="relu", *, W3=None, b3=None):
     """Run a bank of E experts on tokens grouped by expert: :func:`ffn_forward` on each group.
 
     Args:
@@ -143,20 +197,23 @@ def experts_forward(x, offsets, W1, b1, W2, b2, activation="relu"):
             appears k times.)
         offsets: (E+1,) int group boundaries, ``offsets[0] = 0``, ``offsets[E] = N``.
         W1: (E, d, h), b1: (E, h), W2: (E, h, d), b2: (E, d).
-        activation: ``"relu"`` or ``"gelu"``.
+        activation: ``"relu"``, ``"gelu"`` or ``"swiglu"``.
+        W3: (E, d, h), b3: (E, h): SwiGLU's linear branch (activation="swiglu" only).
 
     Returns:
         y: (N, d), row i is the output of its expert on row i of x, with dtype
         ``result_type(x, W1)`` (float32 in, float32 out); the cache.
     """
-    (E, d, h), offsets = check_bank(x, offsets, W1, b1, W2, b2)
+    activation = check_glu(activation, W3, b3)
+    (E, d, h), offsets = check_bank(x, offsets, W1, b1, W2, b2, W3, b3)
     y = np.zeros((x.shape[0], d), dtype=np.result_type(x, W1))
     caches = []
     for e in range(E):                      # a loop over experts, not tokens
         s, t = offsets[e], offsets[e + 1]
-        y[s:t], cache = ffn_forward(x[s:t], W1[e], b1[e], W2[e], b2[e], activation)
+        glu = {"W3": W3[e], "b3": b3[e]} if W3 is not None else {}
+        y[s:t], cache = ffn_forward(x[s:t], W1[e], b1[e], W2[e], b2[e], activation, **glu)
         caches.append(cache)
-    check_output_finite(y, W1=W1, b1=b1, W2=W2, b2=b2)
+    check_output_finite(y, W1=W1, b1=b1, W2=W2, b2=b2, **({"W3": W3, "b3": b3} if W3 is not None else {}))
     return y, BankCache(offsets, tuple(caches))
 
 
@@ -181,14 +238,15 @@ def experts_backward(dy, cache):
         cache: from :func:`experts_forward`.
 
     Returns:
-        dx (N, d) and ``{"W1": (E,d,h), "b1": (E,h), "W2": (E,h,d), "b2": (E,d)}``.
+        dx (N, d) and ``{"W1": (E,d,h), "b1": (E,h), "W2": (E,h,d), "b2": (E,d)}`` (plus
+        ``"W3": (E,d,h), "b3": (E,h)`` for SwiGLU).
     """
     offsets, caches = cache
     first = caches[0].lin1                 # LinearCache(x, W1[0]): the shapes of the bank
     N, d = offsets[-1], first.W.shape[0]
     check_array("dy", dy, shape=(N, d), finite=False)
     dx = np.zeros((N, d), dtype=np.result_type(dy, first.W))
-    grads = {name: [] for name in ("W1", "b1", "W2", "b2")}
+    grads = {name: [] for name in ("W1", "b1", "W2", "b2") + (GLU_KEYS if caches[0].lin3 is not None else ())}
     for e, c in enumerate(caches):           # ffn_backward on one group at a time
         s, t = offsets[e], offsets[e + 1]
         dx[s:t], g = ffn_backward(dy[s:t], c)
@@ -216,9 +274,10 @@ class Expert(PairLayer):
 
     def __init__(self, d_model, d_hidden, activation="relu", rng=None, dtype=np.float64):
         rng = np.random.default_rng(0) if rng is None else rng
-        self.activation = check_choice("activation", activation, tuple(ACTIVATIONS))
+        self.activation = check_choice("activation", activation, EXPERT_ACTIVATIONS)
         self.d_model, self.d_hidden = d_model, d_hidden
-        self._keep_params({k: v[0] for k, v in init_expert_params(1, d_model, d_hidden, rng, dtype).items()})
+        self._keep_params({k: v[0] for k, v in init_expert_params(1, d_model, d_hidden, rng, dtype,
+                                                                  self.activation).items()})
 
     def forward(self, x, train=True, noise=None):
         """x (n, d) -> y (n, d)."""
@@ -233,8 +292,9 @@ class Expert(PairLayer):
     n_active_params = n_params
 
     def flops_per_token(self):
-        """2 FLOPs per multiply-add of the two matmuls, d×h and h×d (biases not counted)."""
-        return 4 * self.d_model * self.d_hidden
+        """2 FLOPs per multiply-add of the matmuls, d×h and h×d — and SwiGLU's second d×h
+        (6dh then); biases and the activation are not counted."""
+        return (6 if self.activation == "swiglu" else 4) * self.d_model * self.d_hidden
 
 
 class ExpertBank(PairLayer):
@@ -247,8 +307,8 @@ class ExpertBank(PairLayer):
 
     def __init__(self, n_experts, d_model, d_hidden, activation="relu", rng=None, dtype=np.float64):
         rng = np.random.default_rng(0) if rng is None else rng
-        self.activation = check_choice("activation", activation, tuple(ACTIVATIONS))
-        self._keep_params(init_expert_params(n_experts, d_model, d_hidden, rng, dtype))
+        self.activation = check_choice("activation", activation, EXPERT_ACTIVATIONS)
+        self._keep_params(init_expert_params(n_experts, d_model, d_hidden, rng, dtype, self.activation))
 
     def forward(self, x, offsets):
         """x (N, d) grouped by expert, offsets (E+1,) -> y (N, d)."""

@@ -41,8 +41,9 @@ from typing import NamedTuple
 import numpy as np
 
 from .dispatch import DispatchCache, GatherCache, CombineCache, make_plan
-from .experts import check_bank, check_output_finite
-from .layers import ActivationCache, ReluCache, activation_backward, activation_forward
+from .experts import check_bank, check_glu, check_output_finite
+from .layers import (ActivationCache, ReluCache, SwigluCache, activation_backward, activation_forward, swiglu_backward,
+                     swiglu_forward)
 from ..validate import check_array, check_shapes
 
 __all__ = ["experts_forward", "experts_backward", "dispatch_combine_forward", "dispatch_combine_backward"]
@@ -55,28 +56,40 @@ class FastBankCache(NamedTuple):
     act: ActivationCache  # activation cache, every field (N, h)
     W1: np.ndarray       # (E, d, h)
     W2: np.ndarray       # (E, h, d)
+    W3: np.ndarray | None = None   # (E, d, h) SwiGLU's linear branch
 
 
 # --------------------------------------------------------------------------- the bank
-def experts_forward(x, offsets, W1, b1, W2, b2, activation="relu"):
-    """:func:`minimoe.core.experts.experts_forward`, into preallocated arrays (same arguments and y)."""
-    (E, d, h), offsets = check_bank(x, offsets, W1, b1, W2, b2)
-    dtype = np.result_type(x, W1)
+def _first_layer(x, offsets, W, b, h, dtype):
+    """``x W_e + b_e`` for every group, into one preallocated (N, h) array."""
     z = np.empty((x.shape[0], h), dtype=dtype)
-    for e in range(E):                      # a loop over experts, not tokens
+    for e in range(W.shape[0]):             # a loop over experts, not tokens
         s, t = offsets[e], offsets[e + 1]
         if s < t:
-            np.matmul(x[s:t], W1[e], out=z[s:t])
-            z[s:t] += b1[e]
-    a, act_cache = _activation_forward_inplace(z, activation)   # one vectorized call for all groups
+            np.matmul(x[s:t], W[e], out=z[s:t])
+            z[s:t] += b[e]
+    return z
+
+
+def experts_forward(x, offsets, W1, b1, W2, b2, activation="relu", *, W3=None, b3=None):
+    """:func:`minimoe.core.experts.experts_forward`, into preallocated arrays (same arguments and y)."""
+    activation = check_glu(activation, W3, b3)
+    (E, d, h), offsets = check_bank(x, offsets, W1, b1, W2, b2, W3, b3)
+    dtype = np.result_type(x, W1)
+    z = _first_layer(x, offsets, W1, b1, h, dtype)
+    if activation == "swiglu":              # silu(z1) ⊙ z3, one vectorized call for all groups
+        a, inner = swiglu_forward(z, _first_layer(x, offsets, W3, b3, h, dtype))
+        act_cache = ActivationCache("swiglu", inner)
+    else:
+        a, act_cache = _activation_forward_inplace(z, activation)   # one vectorized call for all groups
     y = np.empty((x.shape[0], d), dtype=dtype)
     for e in range(E):
         s, t = offsets[e], offsets[e + 1]
         if s < t:
             np.matmul(a[s:t], W2[e], out=y[s:t])
             y[s:t] += b2[e]
-    check_output_finite(y, W1=W1, b1=b1, W2=W2, b2=b2)
-    return y, FastBankCache(x, offsets, a, act_cache, W1, W2)
+    check_output_finite(y, W1=W1, b1=b1, W2=W2, b2=b2, **({"W3": W3, "b3": b3} if W3 is not None else {}))
+    return y, FastBankCache(x, offsets, a, act_cache, W1, W2, W3)
 
 
 def experts_backward(dy, cache, out=None):
@@ -85,10 +98,12 @@ def experts_backward(dy, cache, out=None):
     ``out``: optional dict of arrays ``{"W1", "b1", "W2", "b2"}`` of the gradients' shapes
     and dtype to write into (every entry is overwritten); returned when given.
     """
-    x, offsets, a, act_cache, W1, W2 = cache
+    x, offsets, a, act_cache, W1, W2, W3 = cache
     check_array("dy", dy, shape=(x.shape[0], W2.shape[2]), finite=False)
     E, d, h = W1.shape
     shapes = {"W1": W1.shape, "b1": (E, h), "W2": W2.shape, "b2": (E, d)}
+    if W3 is not None:
+        shapes.update(W3=W3.shape, b3=(E, h))
     if out is None:
         out = {name: np.empty(shape, dtype=W1.dtype) for name, shape in shapes.items()}
     else:
@@ -96,6 +111,8 @@ def experts_backward(dy, cache, out=None):
             if name not in out or out[name].shape != shape or out[name].dtype != W1.dtype:
                 raise ValueError(f"out[{name!r}] must be a {W1.dtype} array of shape {shape}")
     dW1, db1, dW2, db2 = out["W1"], out["b1"], out["W2"], out["b2"]
+    if W3 is not None:
+        return _swiglu_backward(dy, cache, out)
     dx = np.empty_like(x)
     work = np.empty((int(np.max(np.diff(offsets), initial=0)), h), dtype=np.result_type(dy, W2))
     for e in range(E):                      # ffn_backward on one group at a time
@@ -111,6 +128,30 @@ def experts_backward(dy, cache, out=None):
         np.matmul(x[s:t].T, dz, out=dW1[e])
         db1[e] = dz.sum(axis=0)
     return dx, {"W1": dW1, "b1": db1, "W2": dW2, "b2": db2}
+
+
+def _swiglu_backward(dy, cache, out):
+    """The bank's backward for SwiGLU experts, one expert at a time (two first-layer matmuls)."""
+    x, offsets, a, (_, inner), W1, W2, W3 = cache
+    dx = np.empty_like(x)
+    work = np.empty((int(np.max(np.diff(offsets), initial=0)), W1.shape[2]), dtype=np.result_type(dy, W2))
+    for e in range(W1.shape[0]):
+        s, t = offsets[e], offsets[e + 1]
+        if s == t:                          # no tokens: an exactly zero gradient
+            for name in out:
+                out[name][e] = 0
+            continue
+        da = np.matmul(dy[s:t], W2[e].T, out=work[:t - s])      # (n_e, h)
+        np.matmul(a[s:t].T, dy[s:t], out=out["W2"][e])
+        out["b2"][e] = dy[s:t].sum(axis=0)
+        dz1, dz3, _ = swiglu_backward(da, SwigluCache(inner.z1[s:t], inner.z3[s:t], inner.s[s:t]))
+        np.matmul(dz1, W1[e].T, out=dx[s:t])
+        dx[s:t] += dz3 @ W3[e].T                                 # x feeds both branches
+        np.matmul(x[s:t].T, dz1, out=out["W1"][e])
+        np.matmul(x[s:t].T, dz3, out=out["W3"][e])
+        out["b1"][e] = dz1.sum(axis=0)
+        out["b3"][e] = dz3.sum(axis=0)
+    return dx, {name: out[name] for name in ("W1", "b1", "W2", "b2", "W3", "b3")}
 
 
 def _activation_forward_inplace(z, activation):
@@ -139,11 +180,12 @@ def _sum_slots(rows, plan, dtype):
     return full.reshape(T, k, -1).sum(axis=1) if k > 1 else full
 
 
-def dispatch_combine_forward(x, idx, gates, W1, b1, W2, b2, *, capacity=None, activation="relu"):
+def dispatch_combine_forward(x, idx, gates, W1, b1, W2, b2, *, capacity=None, activation="relu", W3=None, b3=None):
     """:func:`minimoe.core.dispatch.dispatch_combine_forward` on the fast bank (same y and cache fields)."""
     check_shapes(x=(x, ("T", "d")), gates=(gates, ("T", np.shape(idx)[-1])))
     plan = make_plan(idx, W1.shape[0], capacity)
-    yg, ecache = experts_forward(np.take(x, plan.token, axis=0), plan.offsets, W1, b1, W2, b2, activation)
+    yg, ecache = experts_forward(np.take(x, plan.token, axis=0), plan.offsets, W1, b1, W2, b2, activation,
+                                 W3=W3, b3=b3)
     g = gates.reshape(-1)[plan.order]
     y = _sum_slots(yg * g[:, None], plan, yg.dtype)
     return y, DispatchCache(plan, GatherCache(plan, x.shape, x.dtype), ecache,

@@ -1,4 +1,4 @@
-"""The building blocks: affine, ReLU, GELU, softmax, and cross-entropy.
+"""The building blocks: affine, ReLU, GELU, SiLU and SwiGLU, softmax, and cross-entropy.
 
 Each block is a pair of functions in the style of the CS231n assignments:
 
@@ -8,7 +8,10 @@ Each block is a pair of functions in the style of the CS231n assignments:
 ``dout`` is ∂L/∂out for some scalar loss L; backward returns ∂L/∂x and a dict
 ``grads`` with ∂L/∂(each parameter) under the parameter's own name (empty for
 blocks without parameters). A cache is a small NamedTuple holding exactly what
-backward needs.
+backward needs. A forward with several differentiable inputs (``combine_forward(yg,
+gates, plan)``, ``load_loss_forward(clean, noisy, sigma, k)``) gets one gradient per
+input back, positionally in the forward's order, then the ``grads`` dict, which holds
+gradients of parameters only: ``dyg, dgates, grads = combine_backward(dy, cache)``.
 
 Shapes: ``x`` may have any leading dimensions ``(..., d)`` — a batch of tokens
 ``(T, d)`` or of sequences ``(B, S, d)``; the last axis is the feature axis.
@@ -30,7 +33,8 @@ from ..validate import check_array, check_choice, check_shapes
 __all__ = [
     "linear_forward", "linear_backward",
     "relu_forward", "relu_backward",
-    "gelu_forward", "gelu_backward",
+    "gelu_forward", "gelu_backward", "softplus", "sigmoid", "silu_forward", "silu_backward",
+    "swiglu_forward", "swiglu_backward",
     "ActivationCache", "activation_forward", "activation_backward", "ACTIVATIONS",
     "softmax", "softmax_forward", "softmax_backward",
     "log_softmax", "cross_entropy_forward", "cross_entropy_backward", "PairLayer",
@@ -136,6 +140,72 @@ def gelu_backward(dout, cache):
     check_array("dout", dout, shape=x.shape, finite=False)
     du_dx = _GELU_C * (1.0 + 3 * 0.044715 * x**2)
     return dout * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t**2) * du_dx), {}
+
+
+# The smooth ones below are shared: the router's noise scale is softplus, DeepSeek-V3's
+# gate and SwiGLU's silu are sigmoids. One definition of each, here.
+def softplus(z):
+    """``log(1 + e^z)`` = ``np.logaddexp(0, z)``, so it neither overflows nor loses digits.
+
+    Written out as ``max(z, 0) + log1p(e^−|z|)``, the very formula ``logaddexp``
+    evaluates (the exponent is never positive, and log1p keeps the tiny tail
+    e^z exact). Speed: NumPy's logaddexp is not vectorised; exp and log1p are,
+    which makes this about 10× faster on a (T, E) array.
+    """
+    return np.maximum(z, 0) + np.log1p(np.exp(-np.abs(z)))
+
+
+def sigmoid(z):
+    """The logistic sigmoid ``1 / (1 + e^−z)`` = ``exp(−softplus(−z))``, the derivative of softplus.
+
+    Through softplus, so e^−z never overflows (z = −1e4 gives exactly 0, not a warning).
+    """
+    return np.exp(-softplus(-z))
+
+
+class SiluCache(NamedTuple):
+    x: np.ndarray
+    s: np.ndarray   # sigmoid(x)
+
+
+def silu_forward(x):
+    """SiLU (swish, Elfwing et al. 2018; Ramachandran et al. 2017): ``silu(x) = x σ(x)``.
+    Returns out (same shape as x) and the cache."""
+    check_array("x", x)
+    s = sigmoid(x)
+    return x * s, SiluCache(x, s)
+
+
+def silu_backward(dout, cache):
+    """Product rule with ``σ' = σ(1 − σ)``: ``d silu/dx = σ(x) (1 + x (1 − σ(x)))``."""
+    x, s = cache
+    check_array("dout", dout, shape=x.shape, finite=False)
+    return dout * s * (1.0 + x * (1.0 - s)), {}
+
+
+class SwigluCache(NamedTuple):
+    z1: np.ndarray   # (..., h) the gate branch x W1 + b1
+    z3: np.ndarray   # (..., h) the linear branch x W3 + b3
+    s: np.ndarray    # (..., h) sigmoid(z1)
+
+
+def swiglu_forward(z1, z3):
+    """SwiGLU's hidden layer (Shazeer 2020, "GLU Variants Improve Transformer", eq. 6):
+    ``a = silu(z1) ⊙ z3`` — the silu branch gates the linear one. Two inputs of one shape;
+    returns a and the cache."""
+    check_array("z1", z1)
+    check_array("z3", z3, shape=z1.shape)
+    a1, c = silu_forward(z1)
+    return a1 * z3, SwigluCache(z1, z3, c.s)
+
+
+def swiglu_backward(da, cache):
+    """Product rule: ``dz1 = da ⊙ z3 ⊙ silu'(z1)``, ``dz3 = da ⊙ silu(z1)``.
+    Returns dz1, dz3 (one gradient per input, in the forward's order) and ``{}``."""
+    z1, z3, s = cache
+    check_array("da", da, shape=z1.shape, finite=False)
+    dz1, _ = silu_backward(da * z3, SiluCache(z1, s))
+    return dz1, da * (z1 * s), {}
 
 
 ACTIVATIONS = {

@@ -13,6 +13,9 @@
 four of ``minimoe.beyond``): the constructor checks, the parameters' initialisation,
 counting, the cache guard, the ``stats`` dict and ``__repr__``. Each class adds its routing.
 
+The dispatch and the expert bank run from ``fast.py`` by default (the same numbers, with
+reused buffers); ``MoELayer(..., fast=False)`` runs the textbook ``dispatch.py``/``experts.py``.
+
 Shapes: T tokens (B·S for (B,S,d) input), d = d_model, h = d_hidden, E experts, k per token.
 """
 from __future__ import annotations
@@ -24,8 +27,7 @@ import numpy as np
 from . import fast as fast_path
 from . import losses
 from .dispatch import dispatch_combine_backward, dispatch_combine_forward, expert_capacity
-from .experts import init_expert_params
-from .layers import ACTIVATIONS
+from .experts import EXPERT_ACTIVATIONS, GLU_KEYS, init_expert_params
 from .router import (GATES, gate_backward, gate_forward, init_gate_weights, router_logits_backward,
                      router_logits_forward)
 from ..validate import (check_array, check_choice, check_dtype, check_int, check_positive_float, check_rng,
@@ -72,7 +74,7 @@ class MoEBase:
             if capacity_factor > MAX_CAPACITY_FACTOR:
                 raise ValueError(f"capacity_factor must be at most {MAX_CAPACITY_FACTOR:g} (C = ceil(capacity_factor·T·k/E) "
                                  f"must stay a finite integer; use None for no dropping), got {capacity_factor!r}")
-        self.activation = check_choice("activation", activation, tuple(ACTIVATIONS))
+        self.activation = check_choice("activation", activation, EXPERT_ACTIVATIONS)
         self.dtype = layer_dtype(dtype)
         self.rng = np.random.default_rng(0) if rng is None else check_rng("rng", rng)
         self.d_model, self.d_hidden, self.n_experts, self.capacity_factor = d, h, E, capacity_factor
@@ -83,7 +85,7 @@ class MoEBase:
             self.params["W_gate"] = init_gate_weights(d, E, self.rng, self.dtype)
         if "W_noise" in router:
             self.params["W_noise"] = np.zeros((d, E), dtype=self.dtype)
-        self.params.update(init_expert_params(E, d, h, self.rng, self.dtype))
+        self.params.update(init_expert_params(E, d, h, self.rng, self.dtype, self.activation))
         self.grads = {name: np.zeros_like(p) for name, p in self.params.items()}
         self.aux_loss, self.stats, self._cache = 0.0, {}, None
 
@@ -150,18 +152,26 @@ class MoEBase:
     def n_active_params(self):
         """Parameters one token touches: the router (incl. W_noise if noisy) plus its experts."""
         router = sum(self.params[n].size for n in self.router_keys if n in self.params)
-        per_expert = sum(self.params[n][0].size for n in ("W1", "b1", "W2", "b2"))
+        per_expert = sum(self.params[n][0].size for n in ("W1", "b1", "W2", "b2") + GLU_KEYS if n in self.params)
         return int(round(router + self.experts_per_token * per_expert))
 
     def flops_per_token(self):
         """Forward FLOPs per token in eval mode, counting 2 FLOPs per multiply-add and only
         the products: router scores x W_gate (2dE, if there is a router), two matmuls in each
-        of the token's experts (4dh each) and the weighted combine (2d each). Biases,
+        of the token's experts (4dh each; SwiGLU's three: 6dh) and the weighted combine (2d each). Biases,
         activations, softmax, sorting and the training-only noise matmul are not counted; no
         token is assumed dropped."""
         d, h, E = self.d_model, self.d_hidden, self.n_experts
         router = 2 * d * E if "W_gate" in self.params else 0
-        return int(round(router + self.experts_per_token * (4 * d * h + 2 * d)))
+        return int(round(router + self.experts_per_token * (self._expert_matmuls() * 2 * d * h + 2 * d)))
+
+    def _expert_matmuls(self):
+        """d×h-sized matmuls per expert: 2 (W1, W2), or 3 for SwiGLU (W1, W3, W2)."""
+        return 3 if self.activation == "swiglu" else 2
+
+    def _glu_params(self):
+        """SwiGLU's extra expert arrays as keyword arguments (``{}`` for ReLU/GELU)."""
+        return {n: self.params[n] for n in GLU_KEYS if n in self.params}
 
     def __repr__(self):
         fields = ", ".join(f"{f}={getattr(self, f)!r}" for f in self.repr_fields)
@@ -264,7 +274,8 @@ class MoELayer(MoEBase):
             assignments; None means no dropping. When an expert is full, first choices are
             served before second choices, then earlier tokens before later ones; a dropped
             assignment contributes 0 to y (the residual connection carries the token on).
-        activation: "relu" or "gelu".
+        activation: "relu", "gelu" or "swiglu" (``(silu(x W1 + b1) ⊙ (x W3 + b3)) W2 + b2``, as
+            Mixtral's w1/w3/w2; adds W3 (E,d,h) and b3 (E,h) = 0, see experts.py).
         dtype: np.float64 (gradient checks) or np.float32 (speed); every array stays in it.
         rng: numpy.random.Generator for the initial weights and for the training noise
             (default ``np.random.default_rng(0)``).
@@ -273,7 +284,8 @@ class MoELayer(MoEBase):
 
     Attributes:
         params / grads: dicts with identical keys ``W_gate (d,E)``, ``W_noise (d,E)`` (if
-            noisy), ``W1 (E,d,h)``, ``b1 (E,h)``, ``W2 (E,h,d)``, ``b2 (E,d)``.
+            noisy), ``W1 (E,d,h)``, ``b1 (E,h)``, ``W2 (E,h,d)``, ``b2 (E,d)`` (and, for SwiGLU,
+            ``W3 (E,d,h)``, ``b3 (E,h)``).
         aux_loss: float, weighted sum of the balancing and z losses of the last forward.
         stats: dict from the last forward — "load" (E,) int assignments each expert processed,
             "requested" (E,) int the same before capacity, "importance" (E,) gate mass per expert (before capacity), "dropped" int,
@@ -334,7 +346,7 @@ class MoELayer(MoEBase):
         C = expert_capacity(T, E, k, self.capacity_factor)
         trip = fast_path.dispatch_combine_forward if self.fast else dispatch_combine_forward
         y, dcache = trip(x2, routing.idx, routing.gates, p["W1"], p["b1"], p["W2"], p["b2"],
-                         capacity=C, activation=self.activation)
+                         capacity=C, activation=self.activation, **self._glu_params())
 
         # Auxiliary losses: unweighted values in `terms`, caches for backward in `aux`.
         # balance_groups="sequence": each balancing loss per sequence, averaged (one group per

@@ -35,7 +35,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .layers import SoftmaxCache, softmax, softmax_backward
+from .layers import SoftmaxCache, softmax, softmax_backward, sigmoid, softplus
 from ..validate import check_array, check_choice, check_int, check_rng, check_shapes
 
 __all__ = [
@@ -54,25 +54,6 @@ def init_gate_weights(d_model, n_experts, rng, dtype=np.float64):
     while the GP is still learning."""
     rng = check_rng("rng", rng)               # SPEC 7: an int seed becomes a Generator
     return (rng.standard_normal((d_model, n_experts)) * np.sqrt(0.1 / d_model)).astype(dtype)
-
-
-def softplus(z):
-    """``log(1 + e^z)`` = ``np.logaddexp(0, z)``, so it neither overflows nor loses digits.
-
-    Written out as ``max(z, 0) + log1p(e^−|z|)``, the very formula ``logaddexp``
-    evaluates (the exponent is never positive, and log1p keeps the tiny tail
-    e^z exact). Speed: NumPy's logaddexp is not vectorised; exp and log1p are,
-    which makes this about 10× faster on a (T, E) array.
-    """
-    return np.maximum(z, 0) + np.log1p(np.exp(-np.abs(z)))
-
-
-def sigmoid(z):
-    """The logistic sigmoid ``1 / (1 + e^−z)`` = ``exp(−softplus(−z))``, the derivative of softplus.
-
-    Through softplus, so e^−z never overflows (z = −1e4 gives exactly 0, not a warning).
-    """
-    return np.exp(-softplus(-z))
 
 
 # --------------------------------------------------------------------------- logits

@@ -131,6 +131,14 @@ def position_embedding_backward(dout, cache):
 
 
 # --------------------------------------------------------------------------- thin classes
+def random_table(rows_name, rows, d_model, rng=None, dtype=np.float64, scale=1.0):
+    """A (rows, d) table of N(0, scale²) entries; ``rows_name`` names the row count in errors."""
+    n = check_int(rows_name, rows, low=1)
+    d = check_int("d_model", d_model, low=1)
+    rng = check_rng("rng", np.random.default_rng(0) if rng is None else rng)
+    return (scale * rng.standard_normal((n, d))).astype(check_dtype("dtype", dtype))
+
+
 class Embedding(PairLayer):
     """Token embedding table, ``params = {"W": (V, d)}``.
 
@@ -146,13 +154,9 @@ class Embedding(PairLayer):
     pair_backward = staticmethod(embedding_backward)
 
     def __init__(self, vocab_size, d_model, rng=None, dtype=np.float64, scale=1.0):
-        V = check_int("vocab_size", vocab_size, low=1)
-        d = check_int("d_model", d_model, low=1)
-        rng = check_rng("rng", np.random.default_rng(0) if rng is None else rng)
-        dtype = check_dtype("dtype", dtype)
         # N(0, scale²); scale=1 makes token vectors comparable in size to the
         # layer-normalised residual stream they join.
-        self._keep_params({"W": (scale * rng.standard_normal((V, d))).astype(dtype)})
+        self._keep_params({"W": random_table("vocab_size", vocab_size, d_model, rng, dtype, scale)})
 
     def forward(self, ids):
         """ids (B, S) ints -> x (B, S, d)."""
@@ -166,13 +170,9 @@ class PositionEmbedding(PairLayer):
     pair_backward = staticmethod(position_embedding_backward)
 
     def __init__(self, max_len, d_model, rng=None, dtype=np.float64, scale=0.1):
-        L = check_int("max_len", max_len, low=1)
-        d = check_int("d_model", d_model, low=1)
-        rng = check_rng("rng", np.random.default_rng(0) if rng is None else rng)
-        dtype = check_dtype("dtype", dtype)
         # Small at the start: the model first learns from token identity, then
         # grows the position signal as far as it helps.
-        self._keep_params({"W_pos": (scale * rng.standard_normal((L, d))).astype(dtype)})
+        self._keep_params({"W_pos": random_table("max_len", max_len, d_model, rng, dtype, scale)})
 
     def forward(self, x):
         """x (B, S, d) -> x + W_pos[:S]."""

@@ -16,6 +16,8 @@ Shapes: B sequences, S tokens each (S ≤ max_len), d width, V vocabulary, E exp
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
 from . import corpus
@@ -28,6 +30,11 @@ from ..validate import check_dtype, check_int, check_rng
 
 __all__ = ["MoELM", "check_lm_gradients"]
 
+
+
+class LMCache(NamedTuple):
+    readout: tuple          # linear_forward's cache of the readout
+    loss: tuple | None      # cross_entropy_forward's cache (None until forward_loss)
 
 class MoELM:
     """A decoder-only transformer language model whose feed-forward layers are MoE layers.
@@ -52,7 +59,14 @@ class MoELM:
     Attributes:
         embed, pos, blocks, ln_f: the parts.  params / grads: flat dicts with keys "embed.W",
         "pos.W_pos", "block0.attn.W_qkv", ..., "ln_f.gamma", "readout.W", "readout.b".
-        aux_loss: sum of the blocks' auxiliary losses at the last forward.
+        aux_loss: sum of the blocks' auxiliary losses at the last forward. Each MoE layer's
+            loss is computed on its own tokens and router scores, and the layers' losses are
+            **summed** — never one loss over the layers' router logits concatenated. A
+            concatenated loss measures the balance of all layers together, so one layer's
+            imbalance can cancel another's: two layers collapsed onto different experts look
+            perfectly balanced (HF transformers issues #28255 and #28093, where Mixtral's
+            ``load_balancing_loss_func`` on concatenated logits came out constant;
+            tests/lm/test_lm.py builds that case).
     """
 
     def __init__(self, vocab_size=len(corpus.VOCAB), d_model=32, n_heads=2, n_layers=2, max_len=32, ffn="moe",
@@ -109,8 +123,9 @@ class MoELM:
             x = block.forward(x, train=train, noise=eps, ids=ids)
         z = self.ln_f.forward(x)
         logits, c_out = linear_forward(z, self._own["readout.W"], self._own["readout.b"])
+        # One loss per layer, on that layer's tokens, summed (see aux_loss in the docstring)
         self.aux_loss = float(sum(b.aux_loss for b in self.blocks))
-        self._cache = [c_out, None]
+        self._cache = LMCache(c_out, None)          # the loss's cache comes with forward_loss
         return logits
 
     def forward_loss(self, ids, targets, train=True, noise=None):
@@ -118,12 +133,12 @@ class MoELM:
         logits = self.forward(ids, train=train, noise=noise)
         check_ids("targets", targets, self.vocab_size)
         loss, c_ce = cross_entropy_forward(logits, targets)
-        self._cache[1] = c_ce
+        self._cache = self._cache._replace(loss=c_ce)
         return loss
 
     def backward(self):
         """Fill ``grads`` with ∂(loss + aux_loss)/∂params, the forward read in reverse."""
-        if self._cache is None or self._cache[1] is None:
+        if self._cache is None or self._cache.loss is None:
             raise RuntimeError("call forward_loss before backward")
         c_out, c_ce = self._cache
         dlogits, _ = cross_entropy_backward(1.0, c_ce)

@@ -99,7 +99,9 @@ class MoETransformerBlock:
         ln1, attn, ln2, ffn: the four sublayers.
         params / grads: one flat dict each, keys prefixed "ln1.", "attn.", "ln2.", "ffn."; the
             arrays are the sublayers' own (an optimizer updates them in place).
-        aux_loss: the FFN's auxiliary loss of the last forward (0 for dense/hash/expert choice).
+        aux_loss: the FFN's auxiliary loss of the last forward (0 for dense/hash/expert choice),
+            computed on this block's tokens only; the model sums the blocks' losses (never
+            concatenates their router logits: see ``MoELM``).
     """
 
     def __init__(self, d_model, n_heads, ffn="moe", *, rng=None, dtype=np.float64, eps=1e-5, **ffn_kwargs):

@@ -58,7 +58,7 @@ def test_shared_experts_serve_every_token(rng):
 
 def test_with_no_shared_experts_it_is_the_routed_layer(rng):
     layer = SharedExpertMoELayer(4, 6, 5, k=2, n_shared=0, noisy=False, rng=np.random.default_rng(3))
-    plain = MoELayer(4, 6, 5, k=2, noisy=False, rng=np.random.default_rng(3))
+    plain = MoELayer(4, 6, 5, k=2, gate="switch", noisy=False, rng=np.random.default_rng(3))
     x = rng.standard_normal((8, 4))
     np.testing.assert_array_equal(layer.forward(x), plain.forward(x))
     assert layer.n_params == plain.n_params and layer.flops_per_token() == plain.flops_per_token()
@@ -85,7 +85,7 @@ def test_params_are_the_routed_layers_arrays(rng):
     layer = SharedExpertMoELayer(4, 6, 5, k=2, rng=rng)
     assert layer.params["W1"] is layer.routed.params["W1"]
     assert set(layer.params) == set(layer.grads)
-    y = layer.forward(rng.standard_normal((3, 4)), noise=rng.standard_normal((3, 5)))
+    y = layer.forward(rng.standard_normal((3, 4)))
     layer.backward(np.ones_like(y))
     assert layer.grads["W1"] is layer.routed.grads["W1"]
     assert set(layer.stats) >= {"load", "importance", "dropped", "topk_idx", "kept"}
@@ -114,3 +114,38 @@ def test_bad_layer_configurations_and_input_are_rejected(rng):
     layer = SharedExpertMoELayer(4, 5, 4, noisy=False, rng=rng)
     with pytest.raises(ValueError, match="d_model=4"):
         layer.forward(rng.standard_normal((3, 5)))
+
+
+# --------------------------------------------------------------------------- DeepSeekMoE's routing, by hand
+def test_defaults_are_deepseekmoe_eq_9_to_11(rng):
+    """eq. 9–11, one token at a time: s = softmax over the routed experts, g = s at the top
+    mK − K_s (not renormalised), plus every shared expert with gate 1. No noise: a training
+    forward equals the eval forward."""
+    layer = SharedExpertMoELayer(4, 5, 6, k=2, n_shared=2, rng=rng)
+    assert (layer.gate, layer.noisy) == ("switch", False) and "W_noise" not in layer.params
+    _randomize_biases(layer, rng)
+    p = layer.params
+    p["W_gate"][:] = rng.standard_normal(p["W_gate"].shape)
+    x = rng.standard_normal((9, 4))
+    y = layer.forward(x)
+    np.testing.assert_array_equal(y, layer.forward(x, train=False))
+
+    def ffn(v, W1, b1, W2, b2):
+        return np.maximum(v @ W1 + b1, 0) @ W2 + b2
+
+    for t in range(9):
+        logits = [float(x[t] @ p["W_gate"][:, e]) for e in range(6)]
+        z = sum(np.exp(l) for l in logits)
+        s = [np.exp(l) / z for l in logits]                               # eq. 11
+        top = sorted(range(6), key=lambda e: -s[e])[:2]                   # eq. 10
+        want = sum(ffn(x[t], p["W1_shared"][i], p["b1_shared"][i], p["W2_shared"][i], p["b2_shared"][i])
+                   for i in range(2))                                     # eq. 9, shared
+        want = want + sum(s[e] * ffn(x[t], p["W1"][e], p["b1"][e], p["W2"][e], p["b2"][e]) for e in top)
+        np.testing.assert_allclose(y[t], want, rtol=1e-11, atol=1e-13)
+    assert np.all(layer.stats["topk_gates"].sum(axis=1) < 1)             # not renormalised
+
+
+def test_load_balancing_turns_the_noise_on_and_old_defaults_stay_reachable(rng):
+    assert SharedExpertMoELayer(4, 5, 4, balance="importance+load", rng=rng).noisy
+    old = SharedExpertMoELayer(4, 5, 4, gate="topk", noisy=True, rng=rng)
+    assert (old.gate, old.noisy) == ("topk", True)

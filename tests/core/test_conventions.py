@@ -229,3 +229,123 @@ def test_balance_groups_errors():
         MoELayer(4, 5, 4, balance="switch", balance_groups="token")
     with pytest.raises(ValueError, match="n_groups=4 must divide"):
         losses.grouped_loss_forward(losses.switch_loss_forward, 4, np.full((6, 2), 0.5), np.zeros(6, dtype=int))
+
+
+# --------------------------------------------------------------------------- 5. SwiGLU experts
+import math                                                        # noqa: E402
+
+from minimoe.core.experts import Expert, ffn_backward, ffn_forward, init_expert_params   # noqa: E402
+from minimoe.core.gradcheck import check_pair                      # noqa: E402
+from minimoe.core.layers import silu_backward, silu_forward, swiglu_backward, swiglu_forward   # noqa: E402
+from minimoe.beyond.expert_choice import ExpertChoiceMoELayer       # noqa: E402
+from minimoe.beyond.hash_router import HashMoELayer                 # noqa: E402
+from minimoe.beyond.lossfree import LossFreeMoELayer                # noqa: E402
+from minimoe.beyond.shared_experts import SharedExpertMoELayer      # noqa: E402
+from moe_helpers import as_pair                                     # noqa: E402
+
+
+def test_silu_values_by_hand():
+    x = np.array([0.0, 1.0, -1.0, 3.0, -800.0, 800.0])
+    want = [0.0, 1 / (1 + math.exp(-1)), -1 / (1 + math.exp(1)), 3 / (1 + math.exp(-3)), -0.0, 800.0]
+    np.testing.assert_allclose(silu_forward(x)[0], want, rtol=1e-15, atol=0)
+    # silu'(0) = ½; silu'(x) = σ(x)(1 + x(1 − σ(x)))
+    _, c = silu_forward(np.array([0.0, 2.0]))
+    s2 = 1 / (1 + math.exp(-2))
+    np.testing.assert_allclose(silu_backward(np.ones(2), c)[0], [0.5, s2 * (1 + 2 * (1 - s2))], rtol=1e-15)
+
+
+def test_silu_and_swiglu_gradcheck(rng):
+    check_pair(silu_forward, silu_backward, rng.standard_normal((5, 4)) * 3)
+    z1, z3 = rng.standard_normal((2, 5, 4)) * 2
+    check_pair(swiglu_forward, as_pair(swiglu_backward, "z3"), z1, {"z3": z3})
+
+
+def ref_swiglu_ffn(x, W1, b1, W3, b3, W2, b2):
+    """(silu(x W1 + b1) ⊙ (x W3 + b3)) W2 + b2, one token and one hidden unit at a time."""
+    n, d = x.shape
+    h = W1.shape[1]
+    y = np.zeros((n, W2.shape[1]))
+    for t in range(n):
+        for j in range(h):
+            z1 = sum(x[t, i] * W1[i, j] for i in range(d)) + b1[j]
+            z3 = sum(x[t, i] * W3[i, j] for i in range(d)) + b3[j]
+            y[t] += (z1 / (1 + math.exp(-z1))) * z3 * W2[j]
+        y[t] += b2
+    return y
+
+
+def _random_expert_params(rng, E, d, h):
+    p = init_expert_params(E, d, h, rng, activation="swiglu")
+    return {k: rng.standard_normal(v.shape) for k, v in p.items()}
+
+
+def test_swiglu_ffn_against_a_per_token_loop(rng):
+    p = {k: v[0] for k, v in _random_expert_params(rng, 1, 3, 4).items()}
+    x = rng.standard_normal((6, 3))
+    y, _ = ffn_forward(x, p["W1"], p["b1"], p["W2"], p["b2"], "swiglu", W3=p["W3"], b3=p["b3"])
+    np.testing.assert_allclose(y, ref_swiglu_ffn(x, p["W1"], p["b1"], p["W3"], p["b3"], p["W2"], p["b2"]),
+                               rtol=1e-12, atol=1e-12)
+
+
+def test_swiglu_expert_full_gradcheck(rng):
+    ex = Expert(3, 4, activation="swiglu", rng=rng)
+    assert set(ex.params) == {"W1", "b1", "W2", "b2", "W3", "b3"}
+    assert all(not ex.params[b].any() for b in ("b1", "b2", "b3"))     # zero-initialised biases
+    for v in ex.params.values():
+        v[...] = rng.standard_normal(v.shape)
+    reports = check_layer(ex, rng.standard_normal((7, 3)), rng=rng)
+    assert {r.name for r in reports} == {"x", "W1", "b1", "W2", "b2", "W3", "b3"}
+    assert ex.flops_per_token() == 6 * 3 * 4
+
+
+def _randomize(layer, rng):
+    for name, v in layer.params.items():
+        v[...] = rng.standard_normal(v.shape) * (0.5 if name == "W_noise" else 1.0)
+    return layer
+
+
+@pytest.mark.parametrize("make", [
+    lambda rng: MoELayer(3, 4, 4, k=2, gate="topk", balance="importance+load", rng=rng, activation="swiglu"),
+    lambda rng: MoELayer(3, 4, 4, k=1, gate="switch", noisy=False, balance="switch", capacity_factor=0.7,
+                         rng=rng, activation="swiglu", fast=False),
+    lambda rng: MoELayer(3, 4, 4, gate="dense", noisy=False, rng=rng, activation="swiglu"),
+    lambda rng: HashMoELayer(3, 4, 4, k=2, rng=rng, activation="swiglu"),
+    lambda rng: ExpertChoiceMoELayer(3, 4, 4, k=2, rng=rng, activation="swiglu"),
+    lambda rng: LossFreeMoELayer(3, 4, 4, k=2, score="sigmoid", rng=rng, activation="swiglu"),
+    lambda rng: SharedExpertMoELayer(3, 4, 4, k=2, n_shared=1, rng=rng, activation="swiglu"),
+], ids=["moe-topk-load", "moe-switch-textbook", "moe-dense", "hash", "expert_choice", "lossfree", "shared"])
+def test_every_moe_layer_with_swiglu_gradcheck(make):
+    rng = np.random.default_rng(11)
+    layer = _randomize(make(rng), rng)
+    x = rng.standard_normal((2, 4, 3))
+    kw = {"noise": rng.standard_normal((2, 4, 4))} if getattr(layer, "noisy", False) else {}
+    if isinstance(layer, HashMoELayer):              # route by token ids: no kink in x
+        kw = {"ids": rng.integers(0, 6, size=(2, 4))}
+    reports = check_layer(layer, x, forward_kwargs=kw, rng=rng)
+    names = {r.name for r in reports}
+    assert {"x", "W1", "W3", "b3", "W2"} <= names
+    if isinstance(layer, SharedExpertMoELayer):
+        assert {"W3_shared", "b3_shared"} <= names
+
+
+def test_swiglu_counts_by_hand():
+    d, h, E, k = 6, 10, 8, 2
+    layer = MoELayer(d, h, E, k=k, noisy=False, activation="swiglu")
+    per_expert = 3 * d * h + 2 * h + d                 # W1, W3, W2; b1, b3, b2
+    assert layer.n_params == d * E + E * per_expert
+    assert layer.n_active_params == d * E + k * per_expert
+    assert layer.flops_per_token() == 2 * d * E + k * (6 * d * h + 2 * d)
+    shared = SharedExpertMoELayer(d, h, E, k=k, n_shared=2, activation="swiglu")
+    assert shared.flops_per_token() == 2 * d * E + k * (6 * d * h + 2 * d) + 2 * 6 * d * h
+    assert shared.n_active_params == d * E + (k + 2) * per_expert
+
+
+def test_swiglu_argument_errors(rng):
+    p = {k: v[0] for k, v in _random_expert_params(rng, 1, 3, 4).items()}
+    x = rng.standard_normal((2, 3))
+    with pytest.raises(ValueError, match="activation='swiglu' needs W3 and b3"):
+        ffn_forward(x, p["W1"], p["b1"], p["W2"], p["b2"], "swiglu")
+    with pytest.raises(ValueError, match="W3 and b3 belong to activation='swiglu'"):
+        ffn_forward(x, p["W1"], p["b1"], p["W2"], p["b2"], "relu", W3=p["W3"], b3=p["b3"])
+    with pytest.raises(ValueError, match="W3"):
+        ffn_forward(x, p["W1"], p["b1"], p["W2"], p["b2"], "swiglu", W3=p["W3"][:2], b3=p["b3"])

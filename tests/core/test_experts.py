@@ -252,7 +252,7 @@ def test_init_bad_arguments():
         experts.init_expert_params(2, 3, 4, "0")   # an int seed is fine (SPEC 7)
     with pytest.raises(TypeError, match="dtype must be a floating dtype .* got int32"):
         experts.init_expert_params(2, 3, 4, rng, dtype=np.int32)
-    with pytest.raises(ValueError, match="activation must be one of 'relu', 'gelu'; got 'tanh'"):
+    with pytest.raises(ValueError, match="activation must be one of 'relu', 'gelu', 'swiglu'; got 'tanh'"):
         Expert(3, 4, activation="tanh")
     with pytest.raises(ValueError, match="activation must be one of"):
         ExpertBank(2, 3, 4, activation="swish")

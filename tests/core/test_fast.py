@@ -1,7 +1,7 @@
 """The fast path (minimoe/core/fast.py) against the textbook (experts.py, dispatch.py).
 
 Every MoE configuration — each gate, k=1 and k=E, noisy or not, every balance loss, the
-z-loss, dropping, both activations, float64 and float32 — runs through ``MoELayer(fast=True)``
+z-loss, dropping, the three activations (SwiGLU included), float64 and float32 — runs through ``MoELayer(fast=True)``
 and ``MoELayer(fast=False)`` with the same weights, input, noise and dy: the outputs, aux
 losses, stats and every gradient must agree to 1e-12 (float64).
 """
@@ -19,7 +19,7 @@ E, d, h, T = 4, 3, 5, 12
 
 def _configs():
     for gate, k, noisy, balance, cf, act in itertools.product(
-            ("topk", "dense", "switch"), (1, E), (True, False), BALANCES, (None, 0.6), ("relu", "gelu")):
+            ("topk", "dense", "switch"), (1, E), (True, False), BALANCES, (None, 0.6), ("relu", "gelu", "swiglu")):
         if balance in ("load", "importance+load") and (not noisy or gate == "dense"):
             continue                      # the constructor rejects these (tested in test_moe.py)
         if gate == "dense" and k == 1:
@@ -28,7 +28,10 @@ def _configs():
                    z_loss_coef=0.01 if cf else 0.0)
 
 
-CONFIGS = list(_configs())
+CONFIGS = list(_configs()) + [   # the Switch-loss conventions, per-sequence groups (2-D: one group)
+    dict(gate="topk", k=2, noisy=True, balance="switch", switch_fraction="all", activation="swiglu"),
+    dict(gate="switch", k=2, noisy=True, balance="importance+load", balance_groups="sequence", activation="swiglu"),
+]
 
 
 def _pair(seed, **kw):
@@ -45,7 +48,7 @@ def _pair(seed, **kw):
 @pytest.mark.parametrize("kw", CONFIGS, ids=lambda kw: "-".join(f"{v}" for v in kw.values()))
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 def test_fast_and_textbook_paths_agree(kw, train):
-    (quick, plain), rng = _pair(len(kw["gate"]) + kw["k"], **kw)
+    (quick, plain), rng = _pair(len(kw["gate"]) + kw["k"] + len(kw["activation"]), **kw)
     x = rng.standard_normal((T, d))
     noise = rng.standard_normal((T, E)) if kw["noisy"] and train else None
     dy = rng.standard_normal((T, d))
@@ -102,15 +105,18 @@ def test_the_default_is_the_fast_path_and_fast_must_be_a_bool():
 
 def test_dispatch_functions_agree_with_the_textbook(rng):
     """The functional pair as well: fast.dispatch_combine_* and dispatch.dispatch_combine_*."""
-    p = experts.init_expert_params(E, d, h, rng)
-    p["b1"] += rng.standard_normal(p["b1"].shape)
     x = rng.standard_normal((T, d))
     idx = np.argsort(rng.standard_normal((T, E)), axis=1)[:, :2]
     gates = rng.uniform(size=(T, 2))
     dy = rng.standard_normal((T, d))
-    for cap in (None, 4):
-        y0, c0 = fast.dispatch_combine_forward(x, idx, gates, **p, capacity=cap)
-        y1, c1 = dispatch.dispatch_combine_forward(x, idx, gates, **p, capacity=cap)
+    for cap, act in itertools.product((None, 4), ("relu", "swiglu")):
+        p = experts.init_expert_params(E, d, h, rng, activation=act)
+        p["b1"] += rng.standard_normal(p["b1"].shape)
+        if act == "swiglu":
+            p["b3"] += rng.standard_normal(p["b3"].shape)
+        y0, c0 = fast.dispatch_combine_forward(x, idx, gates, **p, capacity=cap, activation=act)
+        y1, c1 = dispatch.dispatch_combine_forward(x, idx, gates, **p, capacity=cap, activation=act)
+        assert set(c1.experts.ffn[0].act.inner._fields) >= ({"z1", "z3"} if act == "swiglu" else set())
         np.testing.assert_allclose(y0, y1, rtol=1e-12, atol=1e-14)
         g0, g1 = fast.dispatch_combine_backward(dy, c0), dispatch.dispatch_combine_backward(dy, c1)
         for a, b in zip(g0[:2], g1[:2]):

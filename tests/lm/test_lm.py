@@ -99,3 +99,47 @@ def test_bad_configurations_and_input_are_rejected(rng):
         model.forward(np.zeros((1, 3), dtype=np.int64), noise=[None])
     with pytest.raises(RuntimeError, match="forward_loss before backward"):
         _tiny(rng).backward()
+
+
+# --------------------------------------------------------------------------- aux losses: per layer, summed
+def _switch_loss_ref(logits):
+    """The Switch loss of HF's load_balancing_loss_func at k = 1, from logits (N, E), a loop."""
+    N, E = logits.shape
+    p = np.exp(logits - logits.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    f = np.zeros(E)
+    for t in range(N):
+        f[np.argmax(p[t])] += 1.0 / N
+    return float(E * np.sum(f * p.mean(axis=0)))
+
+
+def test_aux_losses_are_per_layer_and_summed_not_concatenated():
+    """Two layers, each collapsed onto a different one of E = 2 experts: each layer's Switch loss
+    is near its maximum 2, so the sum is near 4; one loss over the concatenated logits (HF
+    transformers issues #28255, #28093) would be near 1 — perfect balance — and miss both."""
+    d, E = 8, 2
+    model = MoELM(len(corpus.VOCAB), d_model=d, n_heads=2, n_layers=2, max_len=8, ffn="moe", d_hidden=8,
+                  n_experts=E, k=1, noisy=False, balance="switch", balance_coef=1.0,
+                  rng=np.random.default_rng(0))
+    v = np.ones(d) / np.sqrt(d)
+    seen = []
+    for layer, block in enumerate(model.blocks):
+        block.ln2.params["gamma"][:] = 0.01          # every token's router input is ≈ beta = v
+        block.ln2.params["beta"][:] = v
+        W = block.ffn.params["W_gate"]
+        W[:] = 0.0
+        W[:, layer] = 8 * v                           # layer 0 -> expert 0, layer 1 -> expert 1
+        forward = block.ffn.forward
+
+        def recording(x, _forward=forward, _W=W, **kw):
+            seen.append(x.reshape(-1, d) @ _W)        # this layer's router logits
+            return _forward(x, **kw)
+        block.ffn.forward = recording
+    ids = np.random.default_rng(1).integers(0, len(corpus.VOCAB), size=(3, 8))
+    model.forward(ids)
+    per_layer = [_switch_loss_ref(L) for L in seen]
+    concatenated = _switch_loss_ref(np.concatenate(seen))
+    assert model.aux_loss == pytest.approx(sum(per_layer), rel=1e-10)
+    assert all(v > 1.99 for v in per_layer)           # each layer: collapsed
+    assert concatenated == pytest.approx(1.0, abs=0.01)   # together: looks balanced
+    assert model.aux_loss > 3.9
