@@ -143,3 +143,18 @@ def test_switch_conventions_draws_both_curves_and_their_balance_values():
     assert curves == {(1.0, 1.5, 3.0), (2.0, 2.6, 4.0)}
     levels = sorted(l.get_ydata()[0] for l in ax.lines if len(l.get_xdata()) == 2)
     assert levels == [1, 2]
+
+
+def test_balance_race_marks_each_first_step_below_the_threshold():
+    runs = {"fast": [1.7, 0.3, 0.2, 0.1], "slow": [1.7, 1.0, 0.5, 0.4, 0.3, 0.24], "never": [1.7, 1.6]}
+    fig = viz.plot_balance_race(runs, threshold=0.25)
+    ax = fig.axes[0]
+    curves = {l.get_label(): (list(l.get_xdata()), list(l.get_ydata())) for l in ax.lines if l.get_label() in runs}
+    assert curves == {name: (list(range(1, len(cv) + 1)), cv) for name, cv in runs.items()}
+    vertical = sorted(l.get_xdata()[0] for l in ax.lines if l.get_label() not in runs
+                      and l.get_xdata()[0] == l.get_xdata()[-1])
+    assert vertical == [3, 6]                            # "never" has no marker
+    level = [l.get_ydata()[0] for l in ax.lines if tuple(l.get_ydata()) == (0.25, 0.25)]
+    assert level == [0.25]
+    assert ax.get_xscale() == "log"
+    assert {t.get_text() for t in ax.texts} == {"step 3", "step 6"}
