@@ -2,6 +2,7 @@
 import numpy as np
 
 from minimoe import MoELayer
+from minimoe.core.gradcheck import as_pair  # noqa: F401  (re-exported: the tests import it from here)
 
 
 def make_layer(seed, d=3, h=4, E=4, **kw):
@@ -27,16 +28,3 @@ def min_score_gap(layer, x, noise=None, train=True):
 def assert_margins(layer, x, noise, train=True, margin=1e-3):
     """Fixture guard: no near-ties, so finite differences never cross a kink."""
     assert min_score_gap(layer, x, noise, train) >= margin, "near-tie in fixture; change the seed"
-
-
-def as_pair(backward, *input_names):
-    """Adapt a backward with several inputs to ``gradcheck.check_pair``'s ``(dx, grads)``.
-
-    minimoe's convention: ``backward(dout, cache)`` returns one gradient per differentiable
-    input, in the forward's order, then the dict of parameter gradients. check_pair checks
-    the first input as x and the others as keyword arrays: this names them.
-    """
-    def pair_backward(dout, cache):
-        *d_inputs, grads = backward(dout, cache)
-        return d_inputs[0], {**dict(zip(input_names, d_inputs[1:])), **grads}
-    return pair_backward

@@ -329,6 +329,108 @@ def switch_loss(probs, first_choice):
 check.switch_loss(switch_loss)
 
 # %% [markdown]
+# ### Two conventions for $k > 1$: which choices does $f$ count?
+#
+# With top-2 routing each token makes two choices, and the field counts them in two ways:
+#
+# * **First choices only** (GShard, Lepikhin et al. 2020; minimoe's default,
+#   `MoELayer(balance="switch", switch_fraction="first")`): what you just wrote. $f$ sums to 1,
+#   and at perfect balance the loss is exactly **1**.
+# * **Every choice** (Mixtral, as Hugging Face transformers' `load_balancing_loss_func`
+#   computes it on one layer's router logits; flaxformer and Megatron too;
+#   `switch_fraction="all"`): $f_e$ is the number of tokens that put $e$ among their $k$
+#   choices, divided by $T$. Each token adds $k$ choices, so $f$ **sums to $k$**; at perfect
+#   balance $f_e = k/E$ and $P_e = 1/E$, so $E\sum_e f_e P_e = E\cdot E\cdot\frac{k}{E}\cdot\frac1E = k$.
+#   Mixtral's loss is **k** at balance.
+#
+# Neither is wrong, but the same coefficient $\alpha$ weighs the second $k$ times more, and a
+# number copied from a Mixtral log is not comparable with one from a GShard-style log.
+#
+# In code the two differ by one index: with `idx` $(T, k)$ the chosen experts,
+# `np.bincount(idx[:, 0], minlength=E) / T` is GShard's $f$ and
+# `np.bincount(idx.ravel(), minlength=E) / T` is Mixtral's.
+#
+# Both conventions on the same router, from a balanced batch to one where every token's
+# favourite is expert 0 ($E = 8$, $k = 2$, $T = 64$; minimoe's `losses.switch_loss_forward` takes
+# the first choices $(T,)$ or all choices $(T, k)$):
+
+# %%
+from minimoe import MoELayer, layers
+
+
+def logits_with_favourite_share(share, T=64, E=8, seed=0):
+    """Router logits where a `share` of the tokens favour expert 0, the rest spread over 1..E-1."""
+    rng = np.random.default_rng(seed)
+    L = 0.5 * rng.standard_normal((T, E))
+    n0 = int(round(share * T))
+    favourite = np.concatenate([np.zeros(n0, int), np.arange(T - n0) % (E - 1) + 1])
+    L[np.arange(T), favourite] += 3.0
+    return L
+
+
+E8, k2 = 8, 2
+shares = np.linspace(1 / E8, 1.0, 15)
+conv = {"first": [], "all": []}
+for share in shares:
+    L = logits_with_favourite_share(share)
+    probs, idx = layers.softmax(L), router.topk_indices(L, k2)
+    conv["first"].append(losses.switch_loss_forward(probs, idx[:, 0])[0])
+    conv["all"].append(losses.switch_loss_forward(probs, idx)[0])
+uniform = np.full((E8, E8), 1 / E8)                       # perfect balance: P = 1/E, every expert chosen k times
+perfect = (np.arange(E8)[:, None] + np.arange(k2)) % E8
+at_balance = {"first": losses.switch_loss_forward(uniform, perfect[:, 0])[0],
+              "all": losses.switch_loss_forward(uniform, perfect)[0]}
+print(f"at perfect balance: first choices {at_balance['first']:.3f}, all choices {at_balance['all']:.3f} (k = {k2})")
+print(f"every token's favourite is expert 0: first choices {conv['first'][-1]:.3f}, all choices {conv['all'][-1]:.3f}")
+fig = viz.plot_switch_conventions(shares, conv["first"], conv["all"], k2)
+plt.show()
+
+# %% [markdown]
+# ### Balanced per batch, or per sequence?
+#
+# A batch of $B$ sequences of $S$ tokens is $B\cdot S$ tokens. Pool them into one loss and you
+# ask the *batch* to be balanced. Hugging Face's Switch Transformers averages the loss of
+# each group (sequence), and DeepSeek-V3 adds a sequence-wise balance loss: each *sequence*
+# must be balanced. They differ exactly when sequences specialise: below, sequence $b$ sends
+# all its tokens to expert $b$. Pooled, every expert gets a quarter of the batch — perfect
+# balance — while every single sequence is collapsed.
+# `MoELayer(..., balance_groups="sequence")` takes a $(B, S, d)$ input and averages the
+# per-sequence losses; `"batch"` (the default) pools.
+
+# %%
+B, S, E4 = 4, 16, 4
+xs = 3 * np.repeat(np.eye(E4)[:B, None, :], S, axis=1) + 0.3 * np.random.default_rng(0).standard_normal((B, S, E4))
+group_loss = {}
+for groups in ("batch", "sequence"):
+    layer = MoELayer(E4, 8, E4, k=2, noisy=False, balance="switch", balance_coef=1.0,
+                     balance_groups=groups, rng=np.random.default_rng(1))
+    layer.params["W_gate"][...] = 2 * np.eye(E4)            # sequence b's tokens favour expert b
+    layer.forward(xs, train=True)
+    group_loss[groups] = layer.aux_loss                     # α = 1: the unweighted Switch loss
+first_of = router.topk_indices(xs.reshape(-1, E4) @ (2 * np.eye(E4)), 1)[:, 0].reshape(B, S)
+seq_shares = np.array([np.bincount(first_of[b], minlength=E4) / S for b in range(B)])
+pooled_share = np.bincount(first_of.ravel(), minlength=E4) / (B * S)
+print(f"Switch loss pooled over the batch: {group_loss['batch']:.3f};  "
+      f"averaged per sequence: {group_loss['sequence']:.3f}  (1 at perfect balance)")
+fig = viz.plot_pooled_balance(np.vstack([seq_shares, pooled_share]),
+                              [f"sequence {b + 1}" for b in range(B)] + ["pooled batch"],
+                              title="Each sequence collapsed, the batch balanced")
+plt.show()
+
+# %% [markdown]
+# Which to want depends on the model: per-sequence balance is stricter (it also stops a
+# sequence from overloading one expert's device at inference time), per-batch balance lets
+# experts specialise by topic. Lesson 10 meets the same trap one level up: pooling several
+# *layers* into one loss.
+
+# %%
+# The sentences above, checked on this run's numbers.
+assert at_balance["first"] == 1.0 and at_balance["all"] == k2
+assert conv["first"][0] < 1.05 and abs(conv["all"][0] - k2) < 0.05 and conv["all"][-1] > conv["first"][-1] > 3
+assert np.allclose(pooled_share, 1 / E4) and np.all(seq_shares.max(axis=1) == 1.0)
+assert group_loss["batch"] < 1.01 and group_loss["sequence"] > 3
+
+# %% [markdown]
 # ## 6. The router z-loss
 #
 # Balancing losses push *where* the referrals go; the **router z-loss** of ST-MoE (Zoph et al.

@@ -288,9 +288,9 @@ check.bias_update(bias_update)
 # idle (load CV $= \sqrt 3 \approx 1.73$). Its weights are frozen; only the bias moves, by
 # $\gamma = 0.02$ per step — **20 times the paper's** $u = 0.001$, so that 300 steps show the
 # whole story (at the paper's rate each bias moves at most 0.3 in 300 steps; the last cell of
-# this section runs it for longer). Wang et al. add the bias to the *scores* $s$; minimoe adds
-# it to the *logits* $L$ (for softmax scores: it multiplies each probability by $e^{b}$). We
-# try both.
+# this section runs it for longer). Wang et al. add the bias to the *scores* $s$; for softmax
+# scores minimoe adds it to the *logits* $L$ (it multiplies each probability by $e^{b}$). We
+# try both (and DeepSeek-V3's sigmoid scores at the end of the section).
 
 # %%
 d, E, k = 8, 8, 2
@@ -302,13 +302,14 @@ W_collapsed[:, 0] += 3 * tired                           # everyone's scores fav
 W_collapsed[:, 1] += 2 * tired
 
 
-def steer(where, rate, steps=300, T=256, seed=1):
-    """Route fresh batches through the frozen GP, nudging the bias (on "logits" or "scores")."""
+def steer(where, rate, steps=300, T=256, seed=1, score="softmax"):
+    """Route fresh batches through the frozen GP, nudging the bias (on "logits" or "scores";
+    the scores are softmax(L), or sigmoid(L) with score="sigmoid")."""
     rng = np.random.default_rng(seed)
     bias, cvs, history = np.zeros(E), [], []
     for _ in range(steps):                               # a loop over training steps
         L = (rng.standard_normal((T, d)) + 2 * tired) @ W_collapsed
-        chooser = L if where == "logits" else softmax(L)
+        chooser = L if where == "logits" else softmax(L) if score == "softmax" else router.sigmoid(L)
         load = np.bincount(router.topk_indices(chooser + bias, k).ravel(), minlength=E)
         cvs.append(load.std() / load.mean())
         bias = check.bias_update_ref(bias, load, rate)
@@ -333,7 +334,8 @@ plt.show()
 # steps give each bias the same distance to travel:
 
 # %%
-slow = {where: steer(where, 0.001, steps=6000)["cv"] for where in ("logits", "scores")}
+slow_runs = {where: steer(where, 0.001, steps=6000) for where in ("logits", "scores")}
+slow = {where: run["cv"] for where, run in slow_runs.items()}
 for where, cv in slow.items():
     print(f"γ = 0.001, bias on the {where:<7} load CV: mean of the last 1,000 of 6,000 steps "
           f"{cv[-1000:].mean():.2f}")
@@ -358,9 +360,81 @@ print("mean score:                          ", np.round(softmax(L).mean(axis=0),
 # differing between patients by a few hundredths, while the busy two sit near 0.8 and 0.1. A
 # bias large enough to bring an idle specialist into anyone's top two is far larger than the
 # differences between patients, so it brings it into *everyone's* top two at once — a
-# receptionist who can only redirect the whole waiting room. (DeepSeek-V3 uses sigmoid
-# scores, which saturate less than a collapsed softmax; the logit scale keeps the patients'
-# differences visible for either.)
+# receptionist who can only redirect the whole waiting room. That is why minimoe keeps the
+# bias on the logits for softmax scores (`minimoe/beyond/lossfree.py` gives the measurements).
+#
+# ### DeepSeek-V3's rule: sigmoid scores
+#
+# DeepSeek-V3 (DeepSeek-AI 2024, §2.1.2, eq. 12–16) scores each specialist *on its own* with
+# a sigmoid, adds the bias to those scores for the choice only, and divides the chosen
+# **unbiased** scores by their sum, so that a patient's gates add up to 1:
+#
+# $$s_t = \sigma(L_t), \qquad \text{idx}_t = \mathrm{TopK}(s_t + b,\ k), \qquad
+#   G_{te} = \frac{s_{te}}{\sum_{j \in \text{idx}_t} s_{tj}} \quad (e \in \text{idx}_t).$$
+#
+# That is `LossFreeMoELayer(score="sigmoid")` by default; `bias_on="logits"` keeps the older
+# form (choose by $\mathrm{TopK}(L_t + b)$, gate by the raw $s$, no division). Choosing by
+# $L + b$ never looks at the scores, so the logit run at the paper's rate above *is* that
+# older rule for sigmoid scores too. The same collapsed GP, the same patients, the paper's
+# rate $u = 0.001$, now with DeepSeek-V3's rule (2,000 steps: it needs far fewer):
+
+# %%
+def steps_to_balance(cv, below=0.25):
+    """The first step (1, 2, ...) whose load CV is below `below`, or None if there is none."""
+    hit = np.flatnonzero(np.asarray(cv) < below)
+    return int(hit[0]) + 1 if hit.size else None
+
+
+deepseek = steer("scores", 0.001, steps=2000, score="sigmoid")
+race = {"sigmoid, bias on the scores (DeepSeek-V3)": deepseek["cv"],
+        "sigmoid, bias on the logits": slow["logits"]}
+for name, cv in race.items():
+    n = steps_to_balance(cv)
+    print(f"{name:<42} load CV below 0.25 after {'never' if n is None else f'{n:,}'} steps (of {len(cv):,})")
+fig = viz.plot_balance_race(race, threshold=0.25)
+plt.show()
+
+# %% [markdown]
+# Is the loop above really the library's layer? Give `LossFreeMoELayer` the collapsed GP's
+# weights and each rule's final bias, and compare its choices and gates on new patients:
+
+# %%
+x_new = np.random.default_rng(3).standard_normal((256, d)) + 2 * tired
+L_new = x_new @ W_collapsed
+for bias_on, bias in (("scores", deepseek["bias"][-1]), ("logits", slow_runs["logits"]["bias"][-1])):
+    layer = LossFreeMoELayer(d, 4, E, k=k, score="sigmoid", bias_on=bias_on, rng=np.random.default_rng(0))
+    layer.params["W_gate"][...] = W_collapsed
+    layer.bias = bias.copy()
+    layer.forward(x_new, train=False)
+    chooser = router.sigmoid(L_new) if bias_on == "scores" else L_new
+    same = np.array_equal(np.sort(layer.stats["topk_idx"], axis=1),
+                          np.sort(router.topk_indices(chooser + bias, k), axis=1))
+    total = layer.stats["topk_gates"].sum(axis=1)
+    print(f"bias_on={bias_on!r:<9} chooses as the loop does: {same}; a patient's gates sum to "
+          f"{total.min():.3f} … {total.max():.3f}")
+
+# %% [markdown]
+# Why is DeepSeek-V3's rule so much faster here? Every step the receptionist lowers a busy
+# specialist's bias by $u$ and raises an idle one's by $u$: the gap between them closes by
+# $2u$ per step. How wide is the gap to close, on each scale?
+
+# %%
+gap_logits = (L[:, 0] - L[:, 2:].mean(axis=1)).mean()
+gap_sigmoid = (router.sigmoid(L)[:, 0] - router.sigmoid(L)[:, 2:].mean(axis=1)).mean()
+for name, gap in (("logits L", gap_logits), ("sigmoid scores s", gap_sigmoid)):
+    print(f"mean gap between specialist 0 and an idle one, {name:<16} {gap:.2f}: "
+          f"gap / 2u = {gap / 0.002:,.0f} steps")
+
+# %% [markdown]
+# On the sigmoid scale the gap is about 0.5 — an idle specialist's score sits near
+# $\sigma(0) = 0.5$ and a busy one's can never pass 1, however collapsed the GP — so about 240
+# steps; on the logit scale it is about 6, which takes about 3,200 steps: close to the
+# measured 257 and 3,313. DeepSeek-V3's rule balances about 13× sooner, and the more the GP
+# collapses the larger the logit gap grows while the sigmoid gap stays below 1. (Softmax scores
+# are the opposite case, as above: a collapsed softmax squeezes every idle specialist's score
+# towards 0 together, and the bias on those scores could only move the whole waiting room.)
+# The bias on the scores changes who is chosen, never the gates: DeepSeek-V3's gates of each
+# patient sum to 1, the older form's are the raw sigmoid scores.
 #
 # ## 4. The family doctor and the narrow specialists
 #
@@ -536,7 +610,9 @@ plt.show()
 #   specialists' books overflow, and a third of the patients are turned away everywhere. It
 #   cannot learn better clusters either: it diagnoses about as badly as the collapsed GP
 #   (within 0.02 of it), far below every balanced clinic.
-# * **Shared + fine-grained** diagnoses about as well as the balanced GP. Its promise — finer
+# * **Shared + fine-grained** (with DeepSeekMoE's routing: softmax affinities, not
+#   renormalised, no noise) diagnoses about as well as the balanced GP, a little better with
+#   the first seed (by 0.02, the size of one seed's noise). Its promise — finer
 #   specialisation at equal compute — needs more data and experts than this toy clinic.
 #
 # One more caveat for expert choice: at test time its picks depend on *which* patients share

@@ -11,7 +11,7 @@
 # Public MoE code that many people learn from carries subtle bugs that no test caught. They
 # share one cause: with automatic differentiation nobody writes the backward pass, so nobody
 # checks it, and a layer whose router never learns still trains, still prints a falling loss,
-# still ships. Below are five such bugs — patterns seen in widely used implementations,
+# still ships. Below are seven such bugs — patterns seen in widely used implementations,
 # reproduced in a few lines of NumPy in `minimoe/course/bugs.py` (written for this course, not
 # copied, and clearly labelled as deliberately wrong). For each one you will
 #
@@ -24,7 +24,7 @@
 # must pass), then grades your fix. The point is the checks: each is a few lines, and each
 # would have saved weeks.
 #
-# **Code to read alongside:** `minimoe/course/bugs.py` (the five bugs and reference checks), and the
+# **Code to read alongside:** `minimoe/course/bugs.py` (the seven bugs and reference checks), and the
 # correct versions in `minimoe/core/losses.py` and `minimoe/core/router.py`.
 
 # %%
@@ -88,7 +88,10 @@ print("minimoe smooth load", np.round(check.minimoe_smooth_load(L, H, sigma, k),
 # %% [markdown]
 # Different — but which one is right? Both are *estimates*, so neither printout proves
 # anything. And a gradient check cannot tell either: the buggy backward is the exact
-# derivative of the buggy forward.
+# derivative of the buggy forward. (Like minimoe's `losses.load_loss_backward`, it returns the
+# gradients of its three inputs positionally, `d_clean, d_noisy, d_sigma`, then the dict of
+# parameter gradients, here `{}`; `gradcheck.as_pair(backward, "noisy", "sigma")` names the
+# last two so that `check_pair` checks all three.)
 
 # %%
 print(bugs.gradient_matches_finite_differences(
@@ -428,7 +431,142 @@ for k in (1, 2, 3):
         print(f"k = {k}, {name:>12}: gradient check {'passes' if found else 'FAILS'}")
 
 # %% [markdown]
-# ## What the five cases have in common
+# ## Case 6 — The weekly report that always says "balanced"
+#
+# *Every week the clinic's report says the specialists were exactly as busy as each other —
+# including the week every patient went to the same one.*
+#
+# Mixtral's balancing loss is the Switch loss of lesson 05 in its "all choices" form: with
+# $f_e$ the number of tokens that put $e$ among their top $k$, divided by $T$ (so $f$ sums to
+# $k$), and $P_e$ the mean router probability, $\text{loss} = E\sum_e f_e P_e$, which is $k$ at
+# perfect balance. In December 2023 users of Hugging Face transformers reported that its
+# Mixtral version "always return[s] a constant" (issue #28093). Here is the pattern, in NumPy:
+
+# %%
+show(bugs.bug6_mixtral_loss)
+
+# %%
+balanced, collapsed = bugs.routing_fixture(16, 4, None), bugs.routing_fixture(16, 4, 0)
+for name, fn in [("buggy", bugs.bug6_mixtral_loss), ("right", bugs.mixtral_layer_loss)]:
+    print(f"{name:>6}: balanced batch {fn(balanced, 2):.3f}   collapsed batch {fn(collapsed, 2):.3f}")
+
+# %% [markdown]
+# A constant has a zero gradient, and a gradient check compares zero with zero: it passes. A
+# flat loss curve looks like a converged one. What exposes it is the question a balancing
+# loss exists to answer: *is it larger when the routing is worse — and does it push back?*
+#
+# ### Exercise 6 — a liveness check, then the fix
+#
+# **`loss_is_alive`**: `layer_loss(logits, k)` returns a float. Return `True` when (a) it is
+# larger on a batch collapsed onto one expert than on a balanced batch (`bugs.routing_fixture(T,
+# E)` gives a balanced batch, `bugs.routing_fixture(T, E, 0)` one collapsed onto expert 0; take
+# T = 16, E = 4), **and** (b) its finite-difference gradient with respect to the collapsed
+# batch's logits is not zero (`gradcheck.numerical_gradient`; no backward is given). Why both?
+# A loss of the counts $f$ alone reacts to a collapse, yet gives the router nothing to learn.
+#
+# **`fixed_mixtral_loss`**: Mixtral's loss on one layer's logits $(T, E)$, as described above
+# (use `router.topk_indices` and `layers.softmax`).
+
+# %%
+def loss_is_alive(layer_loss, k):
+    """True if layer_loss(logits, k) is larger on a collapsed batch and has a non-zero gradient."""
+    ### BEGIN SOLUTION
+    balanced, collapsed = bugs.routing_fixture(16, 4), bugs.routing_fixture(16, 4, 0)
+    if not layer_loss(collapsed, k) > layer_loss(balanced, k) + 1e-9:
+        return False
+    x = collapsed.copy()
+    g = gradcheck.numerical_gradient(lambda: layer_loss(x, k), x)
+    return bool(np.max(np.abs(g)) > 1e-9)
+    ### END SOLUTION
+
+
+def fixed_mixtral_loss(logits, k):
+    """E * sum_e f_e P_e for one layer's router logits (T, E); f counts all k choices."""
+    ### BEGIN SOLUTION
+    T, E = logits.shape
+    f = np.bincount(router.topk_indices(logits, k).ravel(), minlength=E) / T
+    P = layers.softmax(logits).mean(axis=0)
+    return float(E * np.dot(f, P))
+    ### END SOLUTION
+
+
+# %%
+check.constant_loss(loss_is_alive, fixed_mixtral_loss)
+
+# %% [markdown]
+# ## Case 7 — One audit for the whole group of clinics
+#
+# *A group runs two clinics. In one, every patient goes to the cardiologist; in the other,
+# every patient goes to the dermatologist. The group audits all its books at once — and finds
+# the two specialists perfectly balanced.*
+#
+# A model has a router in every MoE layer, and each layer's experts are its own. The same
+# transformers code concatenated all layers' router logits into one $(L\cdot T, E)$ array
+# and computed one loss on it; in issue #28255 users pointed out that the loss should be per
+# layer — the Switch Transformer adds "for each Switch layer" its auxiliary loss — because
+# pooled, one layer's imbalance can cancel another's:
+
+# %%
+show(bugs.bug7_model_balance_loss)
+
+# %%
+layer_a, layer_b = bugs.routing_fixture(16, 4, 0, seed=1), bugs.routing_fixture(16, 4, 1, seed=2)
+pooled = bugs.bug7_model_balance_loss([layer_a, layer_b], 2)
+per_layer = [bugs.mixtral_layer_loss(v, 2) for v in (layer_a, layer_b)]
+print(f"each layer on its own: {per_layer[0]:.3f} and {per_layer[1]:.3f} (2 at perfect balance)")
+print(f"the two layers pooled: {pooled:.3f} (for two layers, 4 at perfect balance)")
+shares = np.array([np.bincount(router.topk_indices(v, 2).ravel(), minlength=4) / 32
+                   for v in (layer_a, layer_b, np.concatenate([layer_a, layer_b]))])
+shares[2] /= 2
+fig = viz.plot_pooled_balance(shares, ["layer 1", "layer 2", "pooled"],
+                              title="Two collapsed layers look balanced when pooled")
+plt.show()
+
+# %% [markdown]
+# Pooled, both collapsed layers together cost about as much as *one balanced* layer: the
+# loss tells the optimizer that all is well. The check asks for the property the model loss
+# must have: each layer's balance counts on its own, so the model's loss of two layers is the
+# sum of what each costs alone.
+#
+# ### Exercise 7 — an additivity check, then the fix
+#
+# **`layers_seen_apart`**: `model_loss(layer_logits, k)` takes a list of $(T, E)$ arrays.
+# Return `True` when, for two layers collapsed onto *different* experts (use
+# `bugs.routing_fixture(16, 4, 0, seed=1)` and `bugs.routing_fixture(16, 4, 1, seed=2)`),
+# `model_loss([A, B], k)` equals `model_loss([A], k) + model_loss([B], k)` (relative
+# tolerance 1e-9). Why different experts? On two copies of one layer, a pooled loss times the
+# number of layers looks right.
+#
+# **`fixed_model_loss`**: the model loss the buggy code should have computed. You may use
+# `bugs.mixtral_layer_loss(logits, k)`, one layer's loss.
+
+# %%
+def layers_seen_apart(model_loss, k):
+    """True if model_loss([A, B], k) == model_loss([A], k) + model_loss([B], k) for two layers
+    collapsed onto different experts."""
+    ### BEGIN SOLUTION
+    A, B = bugs.routing_fixture(16, 4, 0, seed=1), bugs.routing_fixture(16, 4, 1, seed=2)
+    both, alone = model_loss([A, B], k), model_loss([A], k) + model_loss([B], k)
+    return bool(np.isclose(both, alone, rtol=1e-9, atol=0))
+    ### END SOLUTION
+
+
+def fixed_model_loss(layer_logits, k):
+    """The model's balance loss for a list of layers' router logits, each (T_l, E)."""
+    ### BEGIN SOLUTION
+    return float(sum(bugs.mixtral_layer_loss(logits, k) for logits in layer_logits))
+    ### END SOLUTION
+
+
+# %%
+check.pooled_layers(layers_seen_apart, fixed_model_loss)
+
+# %% [markdown]
+# In minimoe's language model (`minimoe.lm`) every MoE layer computes its balancing loss on its
+# own tokens, in `MoELayer.forward`, and the model adds the layers' `aux_loss`: nothing is ever
+# pooled across layers.
+#
+# ## What the seven cases have in common
 #
 # | case | what the logs showed | what was wrong | the check |
 # |---|---|---|---|
@@ -437,6 +575,8 @@ for k in (1, 2, 3):
 # | 3. dead router | a falling task loss | the router gradient is exactly 0 | is the router gradient non-zero? |
 # | 4. noisy eval | good training curves | eval changes from run to run | call eval twice, compare exactly |
 # | 5. detached sum | the right gates | the gradient is wrong for every k | a constant has zero gradient |
+# | 6. constant loss | a flat balance loss | it is the same number for any routing | larger when collapsed, with a gradient |
+# | 7. pooled layers | a low balance loss | layers cancel each other's imbalance | the layers' losses add up |
 #
 # In every case the forward looked right and training "worked". Only a check of the
 # *meaning* — of a gradient, a probability, a property — found the bug. That is why every

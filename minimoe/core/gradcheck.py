@@ -499,3 +499,51 @@ def check_layer(layer, x, dout=None, *, forward_kwargs=None, selection=None, rng
         return (value, selection(layer)) if selection is not None else value
 
     return check_gradients(loss_fn, arrays, analytic, steps, scale=scale)
+
+
+def as_pair(backward, *input_names):
+    """Adapt a backward with several differentiable inputs to :func:`check_pair`'s ``(dx, grads)``.
+
+    minimoe's convention for such a function: ``backward(dout, cache)`` returns one gradient
+    per differentiable input, positionally and in the forward's order, then the dict of
+    parameter gradients (``{}`` if none) — e.g. ``losses.load_loss_backward`` returns
+    ``(d_clean, d_noisy, d_sigma, {})``. :func:`check_pair` checks the first input as ``x``
+    and every other one as a keyword array of ``params``; this names them::
+
+        check_pair(losses.load_loss_forward, as_pair(losses.load_loss_backward, "noisy", "sigma"),
+                   L, {"noisy": H, "sigma": sigma}, kwargs={"k": k})
+
+    Args:
+        backward: ``backward(dout, cache) -> (dx, d_in_1, ..., d_in_m, grads)``.
+        input_names: the names of inputs 1..m, as keys of check_pair's ``params``.
+
+    Returns:
+        ``pair_backward(dout, cache) -> (dx, {**{name_i: d_in_i}, **grads})``. It raises
+        ``TypeError`` if ``backward`` does not end with a dict, or returns a different number
+        of input gradients than ``1 + len(input_names)``.
+    """
+    names = tuple(input_names)
+    if len(set(names)) != len(names) or not all(isinstance(n, str) for n in names):
+        raise TypeError(f"as_pair: input_names must be distinct strings, got {names!r}")
+
+    def pair_backward(dout, cache):
+        result = backward(dout, cache)
+        if not isinstance(result, tuple) or len(result) < 2 or not isinstance(result[-1], dict):
+            shown = ", ".join(["dx", *(f"d_{n}" for n in names), "grads"])
+            raise TypeError(f"as_pair: backward must return the input gradients then a dict of parameter "
+                            f"gradients, ({shown}), got a {type(result).__name__}"
+                            + (f" of length {len(result)}" if isinstance(result, tuple) else ""))
+        *d_inputs, grads = result
+        if len(d_inputs) != 1 + len(names):
+            raise TypeError(f"as_pair: backward returned {len(d_inputs)} input gradient(s) but as_pair was "
+                            f"given names for {1 + len(names)} (x and {list(names)})")
+        clash = set(names) & set(grads)
+        if clash:
+            raise TypeError(f"as_pair: input name(s) {sorted(clash)} are also parameter-gradient keys")
+        return d_inputs[0], {**dict(zip(names, d_inputs[1:])), **grads}
+
+    pair_backward.__name__ = f"as_pair({getattr(backward, '__name__', 'backward')})"
+    return pair_backward
+
+
+__all__.append("as_pair")

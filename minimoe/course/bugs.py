@@ -1,4 +1,4 @@
-"""The bug hunt: five MoE bugs that autograd hid, and the check that catches each one.
+"""The bug hunt: seven MoE bugs that autograd hid, and the check that catches each one.
 
 **Everything named ``bugN_...`` or ``NoisyEvalMoE`` below is deliberately buggy teaching code.**
 Do not use it. Each function reproduces, in a few lines of NumPy written for this
@@ -18,6 +18,14 @@ the fixes are the table's middle column, and :data:`FIXES` says each in a senten
 | 3 | top-1 gate renormalized to 1, no aux loss | ``MoELayer(gate="switch")`` | :func:`router_gradient_is_nonzero` |
 | 4 | router noise left on in eval | ``router.router_logits_forward`` | :func:`eval_is_deterministic` |
 | 5 | top-k renormalized by a detached sum | ``router.renormalize_*`` | :func:`gates_sum_has_zero_gradient`, gradient check |
+| 6 | a Mixtral balance loss that is the same number for any routing | :func:`mixtral_layer_loss` (``MoELayer(balance="switch", switch_fraction="all")``) | :func:`balance_loss_reacts` |
+| 7 | all layers' router logits pooled into one balance loss | :func:`model_balance_loss` (each layer's own loss, summed) | :func:`layers_are_balanced_apart` |
+
+Bugs 6 and 7 are the two of Hugging Face transformers' Mixtral ``load_balancing_loss_func``
+that users reported in December 2023: issue #28093 ("the balancing loss function always
+return[s] a constant"), and issue #28255 with its pull request #28256, where the loss was also
+noted to pool every layer's logits into one loss, so that one layer's imbalance can cancel
+another's (Switch Transformer: "for each Switch layer, this auxiliary loss is added").
 
 Every check returns a :class:`Finding`, which is truthy exactly when the check passes,
 so ``assert check(...)`` works and ``print(check(...))`` explains the verdict.
@@ -30,9 +38,9 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ..core.gradcheck import GradCheckError, check_pair
+from ..core.gradcheck import GradCheckError, as_pair, check_pair
 from ..core.layers import SoftmaxCache, softmax, softmax_backward
-from ..core.losses import cv_squared_backward, cv_squared_forward, normal_cdf, normal_pdf
+from ..core.losses import cv_squared_backward, cv_squared_forward, normal_cdf, normal_pdf, switch_loss_forward
 from ..core.moe import MoELayer
 from ..core.router import router_logits_backward, router_logits_forward, topk_indices
 from ..validate import check_array, check_int, check_rng
@@ -46,6 +54,8 @@ __all__ = [
     "load_matches_sampling", "BalanceRun", "train_router_on_load_loss", "balances_real_load",
     "gradient_matches_finite_differences", "router_gradient_is_nonzero", "eval_is_deterministic",
     "gates_sum_has_zero_gradient",
+    "mixtral_layer_loss", "bug6_mixtral_loss", "balance_loss_reacts", "routing_fixture",
+    "model_balance_loss", "bug7_model_balance_loss", "layers_are_balanced_apart",
 ]
 
 BUGS = {
@@ -54,6 +64,8 @@ BUGS = {
     3: "the dead router at k=1",
     4: "noise left on at evaluation",
     5: "renormalizing with a constant",
+    6: "a balancing loss that is constant",
+    7: "all layers pooled into one balancing loss",
 }
 
 # The fixes, kept out of the buggy functions' docstrings (which lesson 10 shows before its exercises).
@@ -64,6 +76,8 @@ FIXES = {
        "balance='switch' or 'load' ('importance' stops at the gate too)",
     4: "add the noise only when train is True (router.router_logits_forward)",
     5: "the whole quotient rule: dp_j = (dg_j − ⟨dg, g⟩) / s at the chosen experts (router.renormalize_backward)",
+    6: "P_e = mean over tokens of the full softmax over all E experts (mixtral_layer_loss)",
+    7: "compute each layer's loss on its own tokens and add the layers' losses (model_balance_loss)",
 }
 
 
@@ -340,12 +354,10 @@ def gradient_matches_finite_differences(forward, backward, x, params=None, **che
     that is a problem of the fixture, not a verdict on the code.
 
     A backward with several inputs returns their gradients positionally (x's first), then
-    the dict of parameter gradients; the extra ones are matched to ``params``' keys in order.
+    the dict of parameter gradients, as minimoe's do: here every key of ``params`` is such an
+    input, in the forward's order, and :func:`minimoe.core.gradcheck.as_pair` names them.
     """
-    def pair_backward(dout, cache):
-        *d_inputs, grads = backward(dout, cache)
-        return d_inputs[0], {**dict(zip(params or {}, d_inputs[1:])), **grads}
-
+    pair_backward = as_pair(backward, *(params or {}))
     try:
         reports = check_pair(forward, pair_backward, x, params, **check_kwargs)
     except GradCheckError as err:
@@ -353,3 +365,120 @@ def gradient_matches_finite_differences(forward, backward, x, params=None, **che
     worst = max(r.normwise for r in reports)
     return Finding(True, f"analytic and numerical gradients agree (worst normwise error {worst:.2e})")
 
+
+
+# =========================================================================== bugs 6 and 7
+def mixtral_layer_loss(logits, k):
+    """Mixtral's Switch loss on one layer's router logits, as HF transformers'
+    ``load_balancing_loss_func`` computes it for one layer since its fix: a value.
+
+    ``E · Σ_e f_e P_e`` with ``f_e`` = (number of tokens that chose e among their top k) / T —
+    f sums to k, so the loss is exactly **k** at perfect balance — and ``P_e`` = mean over
+    tokens of ``softmax(logits_t)_e``. The same number as
+    ``MoELayer(balance="switch", switch_fraction="all")``'s unweighted term (which has the
+    hand-written backward); HF differentiates it with autograd.
+
+    Args:
+        logits: (T, E) router logits. k: experts per token, 1 ≤ k ≤ E.
+    """
+    check_array("logits", logits, ndim=2)
+    k = check_int("k", k, low=1, high=np.shape(logits)[1])
+    return switch_loss_forward(softmax(logits), topk_indices(logits, k))[0]
+
+
+def bug6_mixtral_loss(logits, k):
+    """BUGGY Mixtral balance loss (one layer): the report says the same thing every week.
+
+    *Every week the clinic's report says the specialists are exactly as busy as each other —
+    even the week all the patients went to one of them.* As in HF transformers' Mixtral code
+    of issue #28093, the router weight of each token is read from the weights the top-k gate
+    hands its k chosen experts, averaged per token::
+
+        w = softmax(logits[t, idx_t])     (T, k)    the gate's shares among the chosen
+        P = mean over tokens of mean_j w   ← the bug
+        loss = E · Σ_e f_e · P
+
+    Same arguments and return (a float) as :func:`mixtral_layer_loss`. Its value never
+    changes, and neither a gradient check (zero matches zero) nor the training curve (a flat
+    line looks like a converged loss) says anything is wrong.
+    """
+    check_array("logits", logits, ndim=2)
+    T, E = logits.shape
+    k = check_int("k", k, low=1, high=E)
+    idx = topk_indices(logits, k)
+    w = softmax(logits[_rows(T), idx])                    # (T, k): each row sums to 1
+    f = np.bincount(idx.reshape(-1), minlength=E) / T     # (E,), sums to k
+    P = w.mean(axis=-1).mean()                            # the bug: 1/k, whatever the logits
+    return float(E * np.sum(f * P))
+
+
+def routing_fixture(T, E, favourite=None, seed=0, margin=2.0):
+    """Router logits (T, E) without near-ties: every token's favourite expert is ``favourite``
+    (an int: a batch collapsed onto it) or, if None, token t's favourite is t mod E (a
+    balanced batch); the other scores are distinct and ``margin`` below the favourite."""
+    T, E = check_int("T", T, low=1), check_int("E", E, low=2)
+    rng = np.random.default_rng(seed)
+    ranks = np.argsort(rng.random((T, E)), axis=1).astype(float)      # distinct per row
+    logits = 0.5 * ranks
+    fav = np.arange(T) % E if favourite is None else np.full(T, check_int("favourite", favourite, low=0,
+                                                                              high=E - 1))
+    logits[np.arange(T), fav] = logits.max(axis=1) + margin
+    return logits
+
+
+def balance_loss_reacts(layer_loss, k, *, E=4, T=16, h=1e-5, tol=1e-9):
+    """Check: is ``layer_loss(logits, k) -> float`` alive? (a) it is larger on a batch collapsed
+    onto one expert than on a balanced one, and (b) its finite-difference gradient with
+    respect to the collapsed batch's logits is not zero (a loss that only counts choices
+    reacts, but gives the router nothing to learn from)."""
+    balanced, collapsed = routing_fixture(T, E, None), routing_fixture(T, E, 0)
+    lb, lc = float(layer_loss(balanced, k)), float(layer_loss(collapsed, k))
+    x = collapsed.copy()
+    g = np.zeros_like(x)
+    for i in np.ndindex(x.shape):                     # finite differences: the loss has no backward here
+        old = x[i]
+        x[i] = old + h
+        up = float(layer_loss(x, k))
+        x[i] = old - h
+        g[i] = (up - float(layer_loss(x, k))) / (2 * h)
+        x[i] = old
+    reacts, alive = lc > lb + tol, float(np.max(np.abs(g))) > tol
+    text = (f"loss {lb:.4g} on a balanced batch, {lc:.4g} on a collapsed one; largest |d loss / d logit| "
+            f"{float(np.max(np.abs(g))):.3g}")
+    return Finding(reacts and alive, text + ("" if reacts else ": it does not see the collapse")
+                   + ("" if alive else "; no gradient reaches the router"))
+
+
+def model_balance_loss(layer_logits, k):
+    """The model's balance loss: each layer's :func:`mixtral_layer_loss` on its own tokens,
+    summed over the layers (``layer_logits``: a sequence of (T_l, E) arrays), as the Switch
+    Transformer adds each layer's auxiliary loss and minimoe's LM adds each MoE layer's
+    ``aux_loss``."""
+    return float(sum(mixtral_layer_loss(logits, k) for logits in layer_logits))
+
+
+def bug7_model_balance_loss(layer_logits, k):
+    """BUGGY model balance loss: one audit for the whole group of clinics.
+
+    *The group audits all its clinics' books at once. One clinic sends everyone to its
+    cardiologist, the other everyone to its dermatologist: the group's books look
+    perfectly balanced.* As HF transformers' Mixtral (issue #28255), the router logits of
+    all L layers are concatenated along the token axis, (L·T, E), and fed to one loss::
+
+        loss = mixtral_layer_loss(concatenate(layer_logits), k)   ← the bug
+
+    Same arguments and return as :func:`model_balance_loss`. With one layer it is right.
+    """
+    return mixtral_layer_loss(np.concatenate([np.asarray(v) for v in layer_logits]), k)
+
+
+def layers_are_balanced_apart(model_loss, k, *, E=4, T=16, rtol=1e-9):
+    """Check: does ``model_loss(layer_logits, k)`` see each layer's balance? Two layers, each
+    collapsed onto a *different* expert, must cost what the two layers cost one at a time:
+    ``model_loss([A, B]) = model_loss([A]) + model_loss([B])``."""
+    A, B = routing_fixture(T, E, 0, seed=1), routing_fixture(T, E, 1, seed=2)
+    both, a, b = (float(model_loss(v, k)) for v in ([A, B], [A], [B]))
+    ok = abs(both - (a + b)) <= rtol * abs(a + b)
+    return Finding(ok, f"two layers collapsed onto different experts: {both:.4g} together, "
+                       f"{a:.4g} + {b:.4g} = {a + b:.4g} one at a time"
+                       + ("" if ok else ": one layer's imbalance cancels the other's"))

@@ -452,3 +452,50 @@ def test_a_loss_that_is_zero_by_design_passes_and_a_tiny_one_is_refused(rng):
     with pytest.raises(gc.GradientsTooSmallError, match="gradients too small to check: scale dout"):
         gc.check_pair(layers.linear_forward, _doubled_linear_backward, x, params,
                       1e-300 * rng.standard_normal((4, 2)))
+
+
+# --------------------------------------------------------------------------- as_pair: several inputs
+def _mul_forward(a, b, c):
+    """out = a ⊙ b + W·c with a parameter-free second and third input, c's weight fixed."""
+    return a * b + 3.0 * c, (a, b)
+
+
+def _mul_backward(dout, cache):
+    a, b = cache
+    return dout * b, dout * a, 3.0 * dout, {}
+
+
+def test_as_pair_names_the_extra_inputs_and_check_pair_checks_them(rng):
+    a, b, c = (rng.standard_normal((3, 2)) for _ in range(3))
+    pair = gc.as_pair(_mul_backward, "b", "c")
+    dx, grads = pair(np.ones((3, 2)), (a, b))
+    np.testing.assert_array_equal(dx, b)          # d(a⊙b)/da = b, by hand
+    assert set(grads) == {"b", "c"}
+    np.testing.assert_array_equal(grads["b"], a)
+    np.testing.assert_array_equal(grads["c"], np.full((3, 2), 3.0))
+    reports = gc.check_pair(_mul_forward, pair, a, {"b": b, "c": c}, rng=rng)
+    assert {r.name for r in reports} == {"x", "b", "c"}
+
+
+def test_as_pair_lets_check_pair_catch_a_wrong_second_input_gradient(rng):
+    a, b, c = (rng.standard_normal((3, 2)) for _ in range(3))
+
+    def wrong(dout, cache):
+        da, db, dc, g = _mul_backward(dout, cache)
+        return da, db * 1.001, dc, g
+    with pytest.raises(gc.GradCheckError, match="b"):
+        gc.check_pair(_mul_forward, gc.as_pair(wrong, "b", "c"), a, {"b": b, "c": c}, rng=rng)
+
+
+def test_as_pair_keeps_parameter_gradients_and_refuses_a_miscount():
+    pair = gc.as_pair(lambda d, c: (d, 2 * d, {"W": 5 * d}), "noisy")
+    dx, grads = pair(np.ones(2), None)
+    assert set(grads) == {"noisy", "W"} and np.all(grads["W"] == 5)
+    with pytest.raises(TypeError, match=r"returned 3 input gradient\(s\) but as_pair was given names for 2"):
+        gc.as_pair(_mul_backward, "b")(np.ones(2), (np.ones(2), np.ones(2)))
+    with pytest.raises(TypeError, match=r"must return the input gradients then a dict.*\(dx, d_b, grads\)"):
+        gc.as_pair(lambda d, c: (d, d), "b")(np.ones(2), None)
+    with pytest.raises(TypeError, match="distinct strings"):
+        gc.as_pair(_mul_backward, "b", "b")
+    with pytest.raises(TypeError, match=r"\['W'\] are also parameter-gradient keys"):
+        gc.as_pair(lambda d, c: (d, d, {"W": d}), "W")(np.ones(2), None)

@@ -31,7 +31,7 @@ def load_fixture(seed, T=12, E=4, k=2):
 def test_finding_is_truthy_exactly_when_passed():
     assert bugs.Finding(True, "ok") and not bugs.Finding(False, "bad")
     assert str(bugs.Finding(False, "bad")) == "FAIL: bad"
-    assert set(bugs.BUGS) == {1, 2, 3, 4, 5}
+    assert set(bugs.BUGS) == {1, 2, 3, 4, 5, 6, 7}
 
 
 # --------------------------------------------------------------------------- bug 1
@@ -262,9 +262,10 @@ def test_the_buggy_code_lesson_10_shows_does_not_state_its_fix():
     from pathlib import Path
     src = (Path(__file__).resolve().parents[2] / "lessons" / "src" / "10_the_bug_hunt.py").read_text("utf-8")
     shown = re.findall(r"show\(bugs\.(\w+)\)", src)
-    assert len(shown) >= 5
+    assert len(shown) >= 7
     giveaways = ["load_loss_forward) reads", "reads the bar off H", 'gate="switch"', "gate='switch'",
-                 'balance="switch"', "⟨dg, g⟩", "E · f_e / T", "E*f/T", "Fixes:", "only when train"]
+                 'balance="switch"', "⟨dg, g⟩", "E · f_e / T", "E*f/T", "Fixes:", "only when train",
+                 "full softmax", "softmax(logits).mean", "on its own tokens", "summed over the layers"]
     for name in shown:
         text = inspect.getsource(getattr(bugs, name))
         assert not [g for g in giveaways if g in text], (name, [g for g in giveaways if g in text])
@@ -278,3 +279,57 @@ def test_lesson_10_exercise_text_does_not_spell_out_the_backward_formulas():
     assert "= E f_e / T" not in src and "(dg_j - \\langle dg, g\\rangle)/s" not in src
     assert "forward` takes no `rng`" in src                # router_learns: rng is only for dy
     assert student
+
+
+# ----------------------------------------------------------------------------- bugs 6 and 7
+def _mixtral_by_hand(logits, k):
+    """One token at a time: f_e = #(tokens with e in their top k)/T, P_e = mean softmax."""
+    T, E = logits.shape
+    f, P = np.zeros(E), np.zeros(E)
+    for t in range(T):
+        z = np.exp(logits[t] - logits[t].max())
+        P += z / z.sum() / T
+        f[np.argsort(-logits[t])[:k]] += 1 / T
+    return E * f @ P
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_mixtral_layer_loss_matches_a_per_token_loop_and_is_k_at_balance(k):
+    logits = np.random.default_rng(k).standard_normal((9, 5))
+    assert bugs.mixtral_layer_loss(logits, k) == pytest.approx(_mixtral_by_hand(logits, k), rel=1e-12)
+    # perfect balance: uniform probabilities (P = 1/E) and every expert chosen equally often
+    E, T = 4, 8
+    flat = np.zeros((T, E))
+    flat[np.arange(T)[:, None], (np.arange(T)[:, None] + np.arange(k)) % E] = 1e-12 * (k - np.arange(k))
+    assert bugs.mixtral_layer_loss(flat, k) == pytest.approx(k, rel=1e-9)
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_bug6_is_the_constant_E_for_any_routing_and_its_check_catches_it(k):
+    for seed in range(3):
+        assert bugs.bug6_mixtral_loss(np.random.default_rng(seed).standard_normal((7, 4)) * 3, k) == pytest.approx(4.0)
+    assert bugs.balance_loss_reacts(bugs.mixtral_layer_loss, k)
+    bad = bugs.balance_loss_reacts(bugs.bug6_mixtral_loss, k)
+    assert not bad and "does not see the collapse" in bad.message and "no gradient" in bad.message
+
+
+def test_routing_fixture_is_balanced_or_collapsed_without_ties():
+    bal, col = bugs.routing_fixture(16, 4), bugs.routing_fixture(16, 4, 2)
+    assert np.array_equal(np.bincount(bal.argmax(1), minlength=4), [4, 4, 4, 4])
+    assert np.all(col.argmax(1) == 2)
+    s = -np.sort(-col, axis=1)
+    assert np.min(s[:, :-1] - s[:, 1:]) >= 0.5
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_bug7_pooling_cancels_two_opposite_layers_and_its_check_catches_it(k):
+    A, B = bugs.routing_fixture(16, 4, 0, seed=1), bugs.routing_fixture(16, 4, 1, seed=2)
+    alone = _mixtral_by_hand(A, k) + _mixtral_by_hand(B, k)
+    assert bugs.model_balance_loss([A, B], k) == pytest.approx(alone, rel=1e-12)
+    pooled = bugs.bug7_model_balance_loss([A, B], k)
+    assert pooled == pytest.approx(_mixtral_by_hand(np.concatenate([A, B]), k), rel=1e-12)
+    assert pooled < alone / 2                           # the two collapses cancel out
+    assert bugs.bug7_model_balance_loss([A], k) == pytest.approx(bugs.model_balance_loss([A], k))
+    assert bugs.layers_are_balanced_apart(bugs.model_balance_loss, k)
+    bad = bugs.layers_are_balanced_apart(bugs.bug7_model_balance_loss, k)
+    assert not bad and "cancels" in bad.message

@@ -179,9 +179,9 @@ def test_crash_or_garbage_is_a_verdict_not_an_exception(grader):
     assert_crash_or_garbage_is_a_verdict(lambda answer: grader(answer, answer))   # both the check and the fix
 
 
-def test_lesson_has_five_exercises_in_order():
+def test_lesson_has_seven_exercises_in_order():
     assert list(lesson10.LESSON.exercises) == ["mixed_units", "no_gradient", "dead_router", "noisy_eval",
-                                               "detached_sum"]
+                                               "detached_sum", "constant_loss", "pooled_layers"]
 
 
 # ----------------------------------------------------------------------------- the lesson's own solutions
@@ -224,6 +224,15 @@ def test_solution_checks_catch_each_bug_and_pass_minimoe(solution):
     check5 = solution["gates_sum_is_constant"]
     assert not check5(bugs.bug5_renormalize_forward, bugs.bug5_renormalize_backward, p5, idx)
     assert check5(router.renormalize_forward, router.renormalize_backward, p5, idx)
+    for k in (1, 2):
+        assert not solution["loss_is_alive"](bugs.bug6_mixtral_loss, k)
+        assert solution["loss_is_alive"](bugs.mixtral_layer_loss, k)
+        assert not solution["layers_seen_apart"](bugs.bug7_model_balance_loss, k)
+        assert solution["layers_seen_apart"](bugs.model_balance_loss, k)
+        logits = np.random.default_rng(k).standard_normal((10, 5))
+        assert solution["fixed_mixtral_loss"](logits, k) == pytest.approx(mixtral(logits, k), rel=1e-12)
+        assert solution["fixed_model_loss"]([logits, -logits], k) == pytest.approx(
+            mixtral(logits, k) + mixtral(-logits, k), rel=1e-12)
 
 
 def test_solution_fixes_pass_the_reference_checks_of_minimoe_bugs(solution):
@@ -322,3 +331,86 @@ def test_the_checks_may_still_run_minimoe_code_they_are_handed():
     functions (and the buggy ones) to judge, and calling them is its job."""
     assert_pass(lesson10.detached_sum(sum_is_constant, renorm_backward), lesson="10")
     assert_pass(lesson10.no_gradient(gradcheck, switch_backward), lesson="10")
+
+
+# ----------------------------------------------------------------------------- bugs 6 and 7
+def mixtral(logits, k, first_only=False, per_slot=False):
+    """Mixtral's loss one token at a time (independent of minimoe): E Σ f P, f over all k choices."""
+    T, E = logits.shape
+    f, P = np.zeros(E), np.zeros(E)
+    for t in range(T):                                   # test code: a loop over tokens is fine
+        z = np.exp(logits[t] - logits[t].max())
+        P += z / z.sum() / T
+        chosen = np.argsort(-logits[t])[:1 if first_only else k]
+        f[chosen] += 1.0 / T / (k if per_slot else 1)
+    return float(E * f @ P)
+
+
+def alive(layer_loss, k):
+    bal, col = bugs.routing_fixture(16, 4), bugs.routing_fixture(16, 4, 0)
+    if not layer_loss(col, k) > layer_loss(bal, k):
+        return False
+    h, x = 1e-5, col.copy()
+    for i in np.ndindex(x.shape):
+        up, down = x.copy(), x.copy()
+        up[i] += h
+        down[i] -= h
+        if abs(layer_loss(up, k) - layer_loss(down, k)) > 1e-12:
+            return True
+    return False
+
+
+def apart(model_loss, k):
+    A, B = bugs.routing_fixture(16, 4, 0, seed=1), bugs.routing_fixture(16, 4, 1, seed=2)
+    return abs(model_loss([A, B], k) - model_loss([A], k) - model_loss([B], k)) < 1e-9
+
+
+def model(layer_logits, k, mean=False):
+    per = [mixtral(v, k) for v in layer_logits]
+    return float(np.mean(per) if mean else np.sum(per))
+
+
+def test_constant_loss():
+    g = lesson10.constant_loss
+    assert_pass(g(alive, mixtral), lesson="10")
+    assert_fail(g(blank, mixtral), "loss_is_alive is not written yet")
+    assert_fail(g(alive, blank), "fixed_mixtral_loss is not written yet")
+    assert_fail(g(alive, bugs.bug6_mixtral_loss), "still the constant")
+    assert_fail(g(lambda *a: True, mixtral), "lets the constant loss through")
+    assert_fail(g(lambda *a: False, mixtral), "rejects Mixtral's loss")
+    reacts_only = lambda fn, k: fn(bugs.routing_fixture(16, 4, 0), k) > fn(bugs.routing_fixture(16, 4), k)  # noqa: E731
+    assert_fail(g(reacts_only, mixtral), "counts f alone", "finite-difference gradient")
+    assert_fail(g(alive, lambda L, k: mixtral(L, k, first_only=True)), "first choice (GShard")
+    assert_fail(g(alive, lambda L, k: mixtral(L, k, per_slot=True)), "divided f by k")
+
+
+def test_pooled_layers():
+    g = lesson10.pooled_layers
+    assert_pass(g(apart, model), lesson="10")
+    assert_fail(g(blank, model), "layers_seen_apart is not written yet")
+    assert_fail(g(apart, blank), "fixed_model_loss is not written yet")
+    assert_fail(g(apart, bugs.bug7_model_balance_loss), "still pools")
+    assert_fail(g(apart, lambda v, k: model(v, k, mean=True)), "averaged the layers")
+    assert_fail(g(lambda *a: True, model), "lets the pooled loss through")
+    same_layer_twice = lambda fn, k: abs(fn([bugs.routing_fixture(16, 4, 0)] * 2, k)  # noqa: E731
+                                         - 2 * fn([bugs.routing_fixture(16, 4, 0)], k)) < 1e-9
+    assert_fail(g(same_layer_twice, model), "multiplied by the number of layers", "*different*")
+
+
+@pytest.mark.parametrize("rel", [1e-3, 1e-6])
+def test_near_misses_of_the_mixtral_fixes_fail(rel):
+    assert_fail(lesson10.constant_loss(alive, lambda L, k: mixtral(L, k) * (1 + rel)))
+    assert_fail(lesson10.pooled_layers(apart, lambda v, k: model(v, k) * (1 + rel)))
+
+
+def test_the_mixtral_fixes_may_not_call_minimoes_answers():
+    from minimoe import losses, router
+    from minimoe.core.layers import softmax
+    assert_fail(lesson10.constant_loss(alive, bugs.mixtral_layer_loss),
+                "you called `minimoe.course.bugs.mixtral_layer_loss`")
+    assert_fail(lesson10.constant_loss(alive, lambda L, k: losses.switch_loss_forward(
+        softmax(L), router.topk_indices(L, k))[0]), "you called `minimoe.core.losses.switch_loss_forward`")
+    assert_fail(lesson10.pooled_layers(apart, bugs.model_balance_loss),
+                "you called `minimoe.course.bugs.model_balance_loss`")
+    # the building block the exercise offers is allowed
+    assert_pass(lesson10.pooled_layers(apart, lambda v, k: sum(bugs.mixtral_layer_loss(x, k) for x in v)))

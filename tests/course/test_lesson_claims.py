@@ -97,8 +97,9 @@ def test_09_the_comparison_table_is_read_as_the_prose_says(out09):
     assert 0.28 <= hash_[2] <= 0.38
     assert abs(hash_[0] - none[0]) <= 0.02
     assert all(hash_[0] < b[0] - 0.1 for b in balanced)
-    # "Shared + fine-grained diagnoses about as well as the balanced GP."
-    assert abs(shared[0] - loss[0]) <= 0.02
+    # "Shared + fine-grained ... diagnoses about as well as the balanced GP, a little better with
+    # the first seed (by 0.02, the size of one seed's noise)."
+    assert round(shared[0] - loss[0], 2) == 0.02
     src = _source("09_beyond_the_gp")
     assert "the worst clinic here" not in src
 
@@ -113,6 +114,47 @@ def test_09_the_paper_rate_is_shown_and_the_score_scale_stays_unbalanced(out09):
     assert float(fast["bias on the logits"]) < 0.25 < 1.0 < float(fast["bias on the scores"])
     assert float(slow["logits"]) < 0.25 and float(slow["scores"]) > 0.5
     assert "20 times the paper's" in _source("09_beyond_the_gp")
+
+
+def _prose(src):
+    """The markdown of a lesson source as one line: "# " prefixes dropped, whitespace collapsed."""
+    lines = [line[2:] if line.startswith("# ") else line.lstrip("#") for line in src.splitlines()]
+    return re.sub(r"\s+", " ", " ".join(lines))
+
+
+def test_09_deepseek_v3_rule_balances_sooner_than_the_logit_bias(out09):
+    """ "close to the measured 257 and 3,313. DeepSeek-V3's rule balances about 13× sooner";
+    "On the sigmoid scale the gap is about 0.5 ... so about 240 steps; on the logit scale it is
+    about 6, which takes about 3,200 steps"; the layer chooses as the loop and DeepSeek-V3's
+    gates sum to 1, the older form's (raw sigmoid scores) do not. """
+    found = re.findall(r"^sigmoid, bias on the (\w+).*?load CV below 0\.25 after ([\d,]+) steps \(of ([\d,]+)\)$",
+                       out09, flags=re.M)
+    steps = {where: (int(n.replace(",", "")), int(of.replace(",", ""))) for where, n, of in found}
+    assert set(steps) == {"scores", "logits"}, steps
+    (fast, fast_run), (slow, slow_run) = steps["scores"], steps["logits"]
+    assert fast_run == 2000 and fast < fast_run / 4      # "(2,000 steps: it needs far fewer)"
+    prose = _prose(_source("09_beyond_the_gp"))
+    assert f"close to the measured {fast:,} and {slow:,}." in prose
+    assert f"DeepSeek-V3's rule balances about {round(slow / fast)}× sooner" in prose
+    gaps = {name: (float(g), int(n.replace(",", ""))) for name, g, n in re.findall(
+        r"^mean gap between specialist 0 and an idle one, (logits|sigmoid scores) \w\s+([\d.]+): "
+        r"gap / 2u = ([\d,]+) steps$", out09, flags=re.M)}
+    assert set(gaps) == {"logits", "sigmoid scores"}, gaps
+    (g_s, est_s), (g_l, est_l) = gaps["sigmoid scores"], gaps["logits"]
+    assert abs(est_s - g_s / 0.002) <= 0.01 / 0.002 and abs(est_l - g_l / 0.002) <= 0.01 / 0.002
+    assert f"On the sigmoid scale the gap is about {g_s:.1f}" in prose and g_s < 1
+    assert f"so about {round(est_s, -1):,.0f} steps; on the logit scale it is about {round(g_l)}," in prose
+    assert f"which takes about {round(est_l, -2):,.0f} steps" in prose
+    # "close to": the estimates gap / 2u are within 10% of the measured steps
+    assert abs(est_s - fast) <= 0.1 * fast and abs(est_l - slow) <= 0.1 * slow
+    found = re.findall(r"^bias_on='(\w+)'\s+chooses as the loop does: (True|False); a patient's gates "
+                       r"sum to ([\d.]+ … [\d.]+)$", out09, flags=re.M)
+    layer = {where: (same, lo_hi) for where, same, lo_hi in found}
+    assert set(layer) == {"scores", "logits"} and all(same == "True" for same, _ in layer.values()), layer
+    assert layer["scores"][1] == "1.000 … 1.000"
+    lo, hi = map(float, layer["logits"][1].split(" … "))
+    assert hi > 1.0 + 1e-3 or lo < 1.0 - 1e-3            # the raw scores are not normalised
+    assert 'steer("scores", 0.001, steps=2000, score="sigmoid")' in _source("09_beyond_the_gp")
 
 
 def _mi_rows(text):

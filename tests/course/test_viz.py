@@ -120,3 +120,41 @@ def test_balance_options_accuracy_axis_starts_at_zero():
     res = {"a": {"cv": 0.5, "acc": 0.51, "z": 3.0}, "b": {"cv": 0.1, "acc": 0.55, "z": 1.0}}
     fig = viz.plot_balance_options(res)
     assert fig.axes[1].get_xlim()[0] == 0
+
+
+# ----------------------------------------------------------------------------- lessons 05 and 10: balance conventions
+def test_pooled_balance_draws_one_panel_per_group_with_its_shares_and_the_balance_line():
+    shares = np.array([[1.0, 0, 0, 0], [0, 1.0, 0, 0], [0.5, 0.5, 0, 0]])
+    fig = viz.plot_pooled_balance(shares, ["layer 1", "layer 2", "pooled"], values=[3.0, 3.0, 1.5])
+    assert len(fig.axes) == 3
+    for ax, row in zip(fig.axes, shares):
+        np.testing.assert_array_equal([p.get_height() for p in ax.patches], row)
+        assert ax.lines[0].get_ydata()[0] == pytest.approx(0.25)        # 1/E
+    assert "loss 1.5" in fig.axes[2].get_title()
+    with pytest.raises(ValueError, match="one label per row"):
+        viz.plot_pooled_balance(shares, ["a", "b"])
+
+
+def test_switch_conventions_draws_both_curves_and_their_balance_values():
+    c = np.array([0.25, 0.5, 1.0])
+    fig = viz.plot_switch_conventions(c, [1.0, 1.5, 3.0], [2.0, 2.6, 4.0], k=2)
+    ax = fig.axes[0]
+    curves = {tuple(l.get_ydata()) for l in ax.lines if len(l.get_xdata()) == 3}
+    assert curves == {(1.0, 1.5, 3.0), (2.0, 2.6, 4.0)}
+    levels = sorted(l.get_ydata()[0] for l in ax.lines if len(l.get_xdata()) == 2)
+    assert levels == [1, 2]
+
+
+def test_balance_race_marks_each_first_step_below_the_threshold():
+    runs = {"fast": [1.7, 0.3, 0.2, 0.1], "slow": [1.7, 1.0, 0.5, 0.4, 0.3, 0.24], "never": [1.7, 1.6]}
+    fig = viz.plot_balance_race(runs, threshold=0.25)
+    ax = fig.axes[0]
+    curves = {l.get_label(): (list(l.get_xdata()), list(l.get_ydata())) for l in ax.lines if l.get_label() in runs}
+    assert curves == {name: (list(range(1, len(cv) + 1)), cv) for name, cv in runs.items()}
+    vertical = sorted(l.get_xdata()[0] for l in ax.lines if l.get_label() not in runs
+                      and l.get_xdata()[0] == l.get_xdata()[-1])
+    assert vertical == [3, 6]                            # "never" has no marker
+    level = [l.get_ydata()[0] for l in ax.lines if tuple(l.get_ydata()) == (0.25, 0.25)]
+    assert level == [0.25]
+    assert ax.get_xscale() == "log"
+    assert {t.get_text() for t in ax.texts} == {"step 3", "step 6"}

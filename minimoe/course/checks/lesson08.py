@@ -124,7 +124,15 @@ def _as_split(item, i):
 def split_by_specialty(fn):
     for split, S in _splits():
         given = Split(split.x.copy(), split.y.copy(), split.specialty.copy())
-        got = call(fn, given, S, name="split_by_specialty")
+        try:
+            got = call(fn, given, S, name="split_by_specialty")
+        except Fail as err:
+            # Split refuses arrays of different lengths (minimoe.clinic.data.Split): that is the
+            # typical mistake of filtering x and specialty but not y (or the other way round).
+            if "raised ValueError: Split: x has" in str(err):
+                raise Fail(f"{err}. Filter x, y and specialty with the same mask, split.specialty == s, "
+                           f"so each Split holds one entry per patient in all three.") from None
+            raise
         if any(not np.array_equal(a, b) for a, b in zip(given, split)):
             raise Fail("split_by_specialty changed the split it was given; select with a mask "
                        "(split.x[mask]) instead of modifying arrays in place.")

@@ -1,4 +1,4 @@
-"""Graders for lesson 10, *The bug hunt*: for each of five MoE bugs, the learner writes the
+"""Graders for lesson 10, *The bug hunt*: for each of seven MoE bugs, the learner writes the
 check that exposes it and then the fix.
 
 Every grader takes two of the learner's functions, ``check.<bug>(their_check, their_fix)``:
@@ -16,7 +16,7 @@ import numpy as np
 from .. import bugs
 from ...core import layers, losses, router
 from ...core.moe import MoELayer
-from .compare import expect_array, expect_grads, numeric_grads
+from .compare import expect_array, expect_grads, expect_number, numeric_grads
 from .grading import Fail, Lesson, call
 
 LESSON = Lesson("10", "The bug hunt")
@@ -310,3 +310,110 @@ def detached_sum(gates_sum_is_constant, fixed_renormalize_backward):
     return (f"your property test (Σ_j g_j is constant, so its gradient is 0) catches the detached sum "
             f"without a single finite difference, and your quotient rule passes the gradient check "
             f"(worst relative error {worst:.1e}).")
+
+
+# =========================================================================== bug 6
+def _f_only_loss(logits, k):
+    """A loss of the counts alone (E·Σ f_e²/k): it sees the collapse, but its gradient is zero."""
+    E = logits.shape[1]
+    f = np.bincount(router.topk_indices(logits, k).reshape(-1), minlength=E) / logits.shape[0]
+    return float(E * np.dot(f, f) / k)
+
+
+def _mixtral_variant(logits, k, first_only=False, per_slot=False, topk_probs=False):
+    """Mixtral's loss with one typical slip, for the hints."""
+    T, E = logits.shape
+    idx = router.topk_indices(logits, k)
+    f = np.bincount((idx[:, :1] if first_only else idx).reshape(-1), minlength=E) / T
+    if per_slot:
+        f = f / k
+    if topk_probs:                       # P from the softmax over the k chosen scores, scattered to (T, E)
+        w = np.zeros((T, E))
+        w[np.arange(T)[:, None], idx] = layers.softmax(logits[np.arange(T)[:, None], idx])
+        P = w.mean(axis=0)
+    else:
+        P = layers.softmax(logits).mean(axis=0)
+    return float(E * np.dot(f, P))
+
+
+_MIXTRAL_CASES = [(16, 4, 2, None), (12, 6, 2, 3), (10, 5, 1, None), (9, 8, 3, 0)]   # (T, E, k, favourite)
+
+
+@LESSON.exercise("constant_loss")
+def constant_loss(loss_is_alive, fixed_mixtral_loss):
+    name = "loss_is_alive"
+    for k in (1, 2):
+        if not _verdict(call(loss_is_alive, bugs.mixtral_layer_loss, k, name=name), name):
+            raise Fail(f"{name} rejects Mixtral's loss as it should be (k={k}), which is larger on a "
+                       "collapsed batch and has a non-zero gradient.")
+        if _verdict(call(loss_is_alive, bugs.bug6_mixtral_loss, k, name=name), name):
+            raise Fail(f"{name} lets the constant loss through (k={k}): it is the same number on a "
+                       "balanced batch and on a batch collapsed onto one expert. Compare the two.")
+        if _verdict(call(loss_is_alive, _f_only_loss, k, name=name), name):
+            raise Fail(f"{name} passes a loss built from the counts f alone (k={k}): it is larger on the "
+                       "collapsed batch, but f is a count, a step function of the logits, so its gradient "
+                       "is zero and the router learns nothing. Also check that the finite-difference "
+                       "gradient with respect to the logits is not zero.")
+    for i, (T, E, k, fav) in enumerate(_MIXTRAL_CASES):
+        logits = bugs.routing_fixture(T, E, fav, seed=600 + i, margin=0.7)
+        got = call(fixed_mixtral_loss, logits, k, name="fixed_mixtral_loss",
+                   forbid=[bugs.mixtral_layer_loss, losses.switch_loss_forward, bugs.model_balance_loss])
+        expect_number(f"the loss (T={T}, E={E}, k={k})", _first(got), bugs.mixtral_layer_loss(logits, k),
+                      rtol=1e-9, mistakes=[
+            (bugs.bug6_mixtral_loss(logits, k), "That is still the constant: a softmax over each token's k "
+                                                "chosen scores, averaged, is 1/k for every token."),
+            (_mixtral_variant(logits, k, first_only=True),
+             "You counted only each token's first choice (GShard's f): Mixtral's f counts every chosen "
+             "expert, so f sums to k and the loss is k at perfect balance."),
+            (_mixtral_variant(logits, k, per_slot=True),
+             "You divided f by k as well: Mixtral's f_e is the number of tokens that chose e among their "
+             "top k, divided by T only (f sums to k)."),
+            (_mixtral_variant(logits, k, topk_probs=True),
+             "P_e is the mean of the *full* softmax of the logits over all E experts, not of the top-k "
+             "gate's shares."),
+        ])
+    return ("your check sees that a balancing loss must react to a collapse and carry a gradient; your "
+            "Mixtral loss is E·Σ f_e P_e with f over all k choices and P from the full softmax.")
+
+
+# =========================================================================== bug 7
+def _scaled_pool(layer_logits, k):
+    """The pooled loss times the number of layers: right on identical layers, still pooled."""
+    return len(layer_logits) * bugs.bug7_model_balance_loss(layer_logits, k)
+
+
+@LESSON.exercise("pooled_layers")
+def pooled_layers(layers_seen_apart, fixed_model_loss):
+    name = "layers_seen_apart"
+    for k in (1, 2):
+        if not _verdict(call(layers_seen_apart, bugs.model_balance_loss, k, name=name), name):
+            raise Fail(f"{name} rejects the sum of the layers' own losses (k={k}), which is right.")
+        if _verdict(call(layers_seen_apart, bugs.bug7_model_balance_loss, k, name=name), name):
+            raise Fail(f"{name} lets the pooled loss through (k={k}). Feed it two layers collapsed onto "
+                       "*different* experts and compare with the layers' losses one at a time.")
+        if _verdict(call(layers_seen_apart, _scaled_pool, k, name=name), name):
+            raise Fail(f"{name} passes the pooled loss multiplied by the number of layers (k={k}). On two "
+                       "copies of the same layer that looks right; two layers collapsed onto *different* "
+                       "experts cancel out when pooled.")
+    rng = np.random.default_rng(700)
+    cases = [[bugs.routing_fixture(12, 4, 0, seed=1), bugs.routing_fixture(12, 4, 2, seed=2)],
+             [bugs.routing_fixture(8, 5, None, seed=3)],
+             [bugs.routing_fixture(T, 6, fav, seed=4 + T) for T, fav in ((10, 1), (7, None), (9, 5))]]
+    for i, layer_logits in enumerate(cases):
+        layer_logits = [v + 0.01 * rng.standard_normal(v.shape) for v in layer_logits]
+        for k in (1, 2):
+            got = call(fixed_model_loss, layer_logits, k, name="fixed_model_loss",
+                       forbid=[bugs.model_balance_loss])
+            L = len(layer_logits)
+            per = [bugs.mixtral_layer_loss(v, k) for v in layer_logits]
+            mistakes = [(bugs.bug7_model_balance_loss(layer_logits, k),
+                         "That still pools the layers: compute each layer's loss on its own tokens.")]
+            if L > 1:
+                mistakes += [(float(np.mean(per)), "You averaged the layers' losses: add them, as each "
+                                                   "layer's auxiliary loss is added to the model's loss."),
+                             (_scaled_pool(layer_logits, k), "The pooled loss times the number of layers is "
+                                                             "still pooled: one loss per layer, then add.")]
+            expect_number(f"the loss of {L} layer(s), k={k}", _first(got), float(sum(per)), rtol=1e-9,
+                          mistakes=mistakes)
+    return ("your check catches layers that cancel each other out when pooled; your model loss adds "
+            "each layer's own balance loss.")

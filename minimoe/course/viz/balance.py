@@ -11,7 +11,8 @@ import numpy as np
 from ._style import _bar_panel, _finish, _plt, _stack_load_shares
 
 __all__ = ["plot_expert_load", "plot_load_shares", "plot_balance_options", "plot_load_estimate",
-           "plot_balance_runs", "plot_appointment_book", "plot_drop_rates"]
+           "plot_balance_runs", "plot_appointment_book", "plot_drop_rates", "plot_pooled_balance",
+           "plot_switch_conventions"]
 
 
 def _balance_lines(ax, E):
@@ -198,5 +199,59 @@ def plot_drop_rates(capacity_factors, rates, path=None,
         ax.legend(fontsize=8)
     axes[0][0].set_ylabel("fraction of referrals turned away")
     fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    return _finish(fig, path)
+
+
+def plot_pooled_balance(shares, labels, path=None, title="Balanced when pooled, collapsed in every part",
+                        values=None):
+    """Lessons 05 and 10: each group's share of the referrals per expert, one panel per group.
+
+    ``shares`` (R, E): row r is group r's share of the choices per expert (each row sums to
+    1); ``labels``: R names (e.g. "sequence 1", ..., "pooled"). A dashed line marks perfect
+    balance, 1/E. ``values`` (optional, R numbers, e.g. each group's balancing loss) are
+    written in the panels' titles.
+    """
+    plt = _plt()
+    shares = np.asarray(shares, dtype=float)
+    if shares.ndim != 2 or len(labels) != shares.shape[0]:
+        raise ValueError(f"shares must be (R, E) with one label per row; got shape {shares.shape} "
+                         f"and {len(labels)} labels")
+    R, E = shares.shape
+    fig, axes = plt.subplots(1, R, figsize=(2.3 * R + 0.8, 3.0), sharey=True, squeeze=False)
+    for r, ax in enumerate(axes[0]):
+        pooled = "pool" in str(labels[r]).lower()
+        ax.bar(np.arange(E), shares[r], color="0.35" if pooled else [f"C{e % 10}" for e in range(E)])
+        ax.axhline(1 / E, color="black", ls="--", lw=1)
+        name = str(labels[r]) + ("" if values is None else f"\nloss {float(values[r]):.3g}")
+        ax.set(xticks=np.arange(E), xlabel="expert", title=name, ylim=(0, 1.05))
+        ax.title.set_fontsize(9)
+    axes[0][0].set_ylabel("share of the choices")
+    fig.suptitle(title + " (dashed: perfect balance)", fontsize=11)
+    fig.tight_layout()
+    return _finish(fig, path)
+
+
+def plot_switch_conventions(collapse, first, every, k, path=None,
+                            title="The two Switch-loss conventions, from balance to collapse"):
+    """Lesson 05: the Switch loss with f counting first choices (GShard) and all k choices
+    (Mixtral) against how collapsed the batch is.
+
+    ``collapse`` (n,): the share of the tokens sent to one expert (1/E is balance, 1 total
+    collapse); ``first``, ``every`` (n,): the two losses there. Dotted lines mark their values
+    at perfect balance, 1 and k.
+    """
+    plt = _plt()
+    collapse, first, every = (np.asarray(v, dtype=float) for v in (collapse, first, every))
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    ax.plot(collapse, every, "-", color="tab:red", lw=2, label="f counts all k choices (Mixtral, HF)")
+    ax.plot(collapse, first, "-", color="tab:blue", lw=2, label="f counts first choices (GShard, minimoe's default)")
+    ax.axhline(k, color="tab:red", ls=":", lw=1)
+    ax.axhline(1, color="tab:blue", ls=":", lw=1)
+    ax.text(collapse[0], k, f" k = {k} at balance", va="bottom", fontsize=8, color="tab:red")
+    ax.text(collapse[0], 1, " 1 at balance", va="bottom", fontsize=8, color="tab:blue")
+    ax.set(xlabel="share of the tokens whose favourite is expert 0", ylabel="Switch loss E·Σ f·P", title=title)
+    ax.title.set_fontsize(10)
+    ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
     return _finish(fig, path)

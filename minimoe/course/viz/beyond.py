@@ -1,9 +1,10 @@
 """Beyond the GP: other routers, loss-free balancing, and a tiny MoE language model.
 
 Figures of lesson 09, *Beyond the GP*: expert-choice and hash routing against the
-GP, the bias that steers a collapsed router back to balance, and what the experts
-of a small MoE transformer learn about words. Every function takes plain data,
-draws one figure, saves it if given a ``path`` and returns the ``Figure``.
+GP, the bias that steers a collapsed router back to balance (and how fast each loss-free
+rule gets there), and what the experts of a small MoE transformer learn about words.
+Every function takes plain data, draws one figure, saves it if given a ``path`` and
+returns the ``Figure``.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import numpy as np
 
 from ._style import _bar_panel, _finish, _plt
 
-__all__ = ["plot_experts_per_token", "plot_bias_steering", "plot_router_comparison", "plot_lm_curves",
+__all__ = ["plot_experts_per_token", "plot_bias_steering", "plot_balance_race", "plot_router_comparison", "plot_lm_curves",
            "plot_expert_classes", "plot_class_vs_topic"]
 
 
@@ -60,6 +61,33 @@ def plot_bias_steering(runs, path=None, title="A receptionist nudging the referr
     if biased:
         axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    return _finish(fig, path)
+
+
+def plot_balance_race(runs, threshold=0.25, path=None, title="Two loss-free rules on the same collapsed GP"):
+    """Lesson 09: load CV against step for each rule, on a log step axis, with the threshold.
+
+    ``runs``: ``{label: (steps,) load CV per step}`` (the runs may differ in length).
+    ``threshold``: the CV that counts as balanced, drawn as a dashed line; each run's first
+    step below it is marked with a dotted vertical line of the run's colour (none if never).
+    """
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7.5, 3.6))
+    for name, cv in runs.items():
+        cv = np.asarray(cv, dtype=np.float64)
+        steps = np.arange(1, len(cv) + 1)
+        (line,) = ax.plot(steps, cv, lw=1.2, label=name)
+        below = np.flatnonzero(cv < threshold)
+        if below.size:
+            ax.axvline(below[0] + 1, color=line.get_color(), ls=":", lw=1.2)
+            ax.annotate(f"step {below[0] + 1:,}", (below[0] + 1, threshold), xytext=(4, 8),
+                        textcoords="offset points", fontsize=8, color=line.get_color())
+    ax.axhline(threshold, color="gray", ls="--", lw=0.9, label=f"load CV {threshold:g}")
+    ax.set_xscale("log")
+    ax.set(xlabel="step (log scale)", ylabel="load CV of the step", ylim=(0, None), title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     return _finish(fig, path)
 
