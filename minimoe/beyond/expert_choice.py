@@ -38,9 +38,9 @@ from typing import NamedTuple
 import numpy as np
 
 from ..core.dispatch import expert_capacity
-from ..core.experts import experts_backward, experts_forward, init_expert_params
+from ..core.experts import experts_backward, experts_forward
 from ..core.layers import SoftmaxCache, softmax, softmax_backward
-from ..core.router import init_gate_weights, router_logits_backward, router_logits_forward
+from ..core.router import router_logits_backward, router_logits_forward
 from ..core.moe import MoEBase
 from ..validate import check_array, check_int
 

@@ -5,12 +5,15 @@ The balancing losses of losses.py keep the GP fair by adding a term to the
 objective — and its gradient flows into the router *and mixes with the task
 gradient*, so a strong balance term hurts the model (Wang et al. 2024). Loss-free
 balancing leaves the objective alone. Each expert e gets a bias ``b_e`` that is
-added to the router's logits **for choosing the top k only**:
+added to the router's logits (or scores, below) **for choosing the top k only**:
 
     L_t   = x_t W_gate,   s_t = softmax(L_t)  (or sigmoid, as in DeepSeek-V3)   (T,E)
     idx_t = TopK(L_t + b, k)               the bias decides *who* is chosen
     G_te  = s_te  for e in idx_t           but the gate is the unbiased score
     y_t   = Σ_{e in idx_t} G_te · FFN_e(x_t)
+
+(the form for softmax scores; for sigmoid scores the default is DeepSeek-V3's,
+``TopK(s_t + b, k)`` and normalised gates: see below).
 
 and after every training step the bias is nudged against the load it caused
 (Algorithm 1, with the update rate u = γ):
@@ -65,7 +68,7 @@ from ..core.dispatch import dispatch_combine_backward, dispatch_combine_forward,
 from ..core.layers import SoftmaxCache, softmax, softmax_backward
 from ..core.router import router_logits_backward, router_logits_forward, sigmoid, topk_indices
 from ..core.moe import MoEBase, check_bool
-from ..validate import check_array, check_choice, check_positive_float
+from ..validate import check_choice, check_positive_float, check_shapes
 
 __all__ = ["SCORES", "BIAS_ON", "scores_forward", "scores_backward", "biased_topk_forward",
            "biased_topk_backward", "normalize_gates_forward", "normalize_gates_backward", "bias_update",
@@ -114,9 +117,7 @@ def biased_topk_forward(logits, scores, bias, k):
         idx (T, k) int (largest ``L + b`` first), gates (T, k) = ``s[t, idx_t]``, and the cache.
         The gates never contain b: the bias changes *which* experts are chosen, never *how much*.
     """
-    check_array("logits", logits, ndim=2)
-    check_array("scores", scores, shape=logits.shape)
-    check_array("bias", bias, shape=(logits.shape[1],))
+    check_shapes(logits=(logits, ("T", "E")), scores=(scores, ("T", "E")), bias=(bias, ("E",)))
     idx = topk_indices(logits + bias, k)
     gates = np.take_along_axis(scores, idx, axis=1)
     return idx, gates, BiasedTopKCache(idx, scores.shape)

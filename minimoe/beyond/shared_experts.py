@@ -76,8 +76,7 @@ def shared_experts_forward(x, W1, b1, W2, b2, activation="relu", *, W3=None, b3=
     Returns:
         y (T, d) and the cache.
     """
-    check_array("x", x, ndim=2)
-    check_array("W1", W1, ndim=3)
+    check_shapes(x=(x, ("T", "d")), W1=(W1, ("S", "d", "h")))
     S, T = W1.shape[0], x.shape[0]
     yg, ecache = experts_forward(np.tile(x, (S, 1)), np.arange(S + 1) * T, W1, b1, W2, b2, activation,
                                  W3=W3, b3=b3)

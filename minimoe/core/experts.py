@@ -96,7 +96,13 @@ class FFNCache(NamedTuple):
     lin1: tuple   # cache of x W1 + b1
     act: tuple    # cache of the activation
     lin2: tuple   # cache of a W2 + b2
-    lin3: tuple | None = None   # cache of x W3 + b3 (SwiGLU only)
+
+
+class GluCache(NamedTuple):
+    """The activation cache of a SwiGLU expert: its second branch lives here, so an
+    FFNCache has the same three fields (lin1, act, lin2) for every activation."""
+    swiglu: tuple   # SwigluCache of silu(z1) ⊙ z3
+    lin3: tuple     # cache of x W3 + b3
 
 
 def check_glu(activation, W3, b3):
@@ -127,15 +133,14 @@ def ffn_forward(x, W1, b1, W2, b2, activation="relu", *, W3=None, b3=None):
     check_shapes(W1=(W1, ("d", "h")), x=(x, ("...", "d")), b1=(b1, ("h",)), W2=(W2, ("h", "d")), b2=(b2, ("d",)),
                  **glu)
     z, c1 = linear_forward(x, W1, b1)        # (n, h)  pre-activation
-    c3 = None
     if activation == "swiglu":
         z3, c3 = linear_forward(x, W3, b3)   # (n, h)  the linear branch
         a, inner = swiglu_forward(z, z3)     # silu(z) ⊙ z3
-        ca = ActivationCache("swiglu", inner)
+        ca = ActivationCache("swiglu", GluCache(inner, c3))
     else:
         a, ca = activation_forward(z, activation)
     y, c2 = linear_forward(a, W2, b2)        # (n, d)
-    return y, FFNCache(c1, ca, c2, c3)
+    return y, FFNCache(c1, ca, c2)
 
 
 def ffn_backward(dy, cache):
@@ -151,11 +156,11 @@ def ffn_backward(dy, cache):
     Returns:
         dx (n, d) and ``{"W1", "b1", "W2", "b2"}`` (plus ``"W3", "b3"`` for SwiGLU).
     """
-    if cache.lin3 is not None:
+    if cache.act.name == "swiglu":
         da, g2 = linear_backward(dy, cache.lin2)
-        dz1, dz3, _ = swiglu_backward(da, cache.act.inner)
+        dz1, dz3, _ = swiglu_backward(da, cache.act.inner.swiglu)
         dx1, g1 = linear_backward(dz1, cache.lin1)
-        dx3, g3 = linear_backward(dz3, cache.lin3)
+        dx3, g3 = linear_backward(dz3, cache.act.inner.lin3)
         return dx1 + dx3, {"W1": g1["W"], "b1": g1["b"], "W2": g2["W"], "b2": g2["b"], "W3": g3["W"], "b3": g3["b"]}
     da, g2 = linear_backward(dy, cache.lin2)
     dz, _ = activation_backward(da, cache.act)
@@ -246,7 +251,7 @@ def experts_backward(dy, cache):
     N, d = offsets[-1], first.W.shape[0]
     check_array("dy", dy, shape=(N, d), finite=False)
     dx = np.zeros((N, d), dtype=np.result_type(dy, first.W))
-    grads = {name: [] for name in ("W1", "b1", "W2", "b2") + (GLU_KEYS if caches[0].lin3 is not None else ())}
+    grads = {name: [] for name in ("W1", "b1", "W2", "b2") + (GLU_KEYS if caches[0].act.name == "swiglu" else ())}
     for e, c in enumerate(caches):           # ffn_backward on one group at a time
         s, t = offsets[e], offsets[e + 1]
         dx[s:t], g = ffn_backward(dy[s:t], c)

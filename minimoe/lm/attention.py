@@ -33,7 +33,7 @@ from typing import NamedTuple
 import numpy as np
 
 from ..core.layers import PairLayer, linear_backward, linear_forward, softmax
-from ..validate import check_array, check_dtype, check_int, check_rng
+from ..validate import check_array, check_shapes, check_dtype, check_int, check_rng
 
 __all__ = [
     "causal_mask", "masked_softmax_forward", "masked_softmax_backward",
@@ -140,10 +140,7 @@ def attention_forward(x, W_qkv, b_qkv, W_o, b_o, n_heads):
     H = check_int("n_heads", n_heads, low=1)
     if d % H:
         raise ValueError(f"d_model (x.shape[-1] = {d}) must be divisible by n_heads = {H}")
-    check_array("W_qkv", W_qkv, shape=(d, 3 * d))
-    check_array("b_qkv", b_qkv, shape=(3 * d,))
-    check_array("W_o", W_o, shape=(d, d))
-    check_array("b_o", b_o, shape=(d,))
+    check_shapes(W_qkv=(W_qkv, (d, 3 * d)), b_qkv=(b_qkv, (3 * d,)), W_o=(W_o, (d, d)), b_o=(b_o, (d,)))
     qkv, c_qkv = linear_forward(x, W_qkv, b_qkv)
     q, k, v = (_split_heads(t, H) for t in np.split(qkv, 3, axis=-1))
     # √d_k keeps the scores' variance ~1 whatever the head width, so the softmax

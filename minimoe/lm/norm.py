@@ -24,7 +24,7 @@ from typing import NamedTuple
 import numpy as np
 
 from ..core.layers import PairLayer
-from ..validate import check_array, check_dtype, check_int, check_positive_float
+from ..validate import check_array, check_shapes, check_dtype, check_int, check_positive_float
 
 __all__ = ["layernorm_forward", "layernorm_backward", "LayerNorm"]
 
@@ -49,10 +49,7 @@ def layernorm_forward(x, gamma, beta, eps=1e-5):
         y: (..., d), same dtype as ``x`` (float32 stays float32); cache for
         :func:`layernorm_backward`.
     """
-    check_array("x", x, ndim=range(1, 8))
-    d = x.shape[-1]
-    check_array("gamma", gamma, shape=(d,))
-    check_array("beta", beta, shape=(d,))
+    check_shapes(x=(x, ("...", "d")), gamma=(gamma, ("d",)), beta=(beta, ("d",)))
     eps = check_positive_float("eps", eps)
     mu = x.mean(axis=-1, keepdims=True)
     xc = x - mu

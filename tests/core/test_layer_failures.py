@@ -187,3 +187,18 @@ def test_noise_shape_message_does_not_repeat_itself(rng):
     assert str(err.value).startswith("noise must have shape (6, 4) (one ε per token")
     with pytest.raises(ValueError, match=r"noise must have shape \(2, 3, 4\) or \(6, 4\)"):
         layer.forward(rng.standard_normal((2, 3, d)), noise=np.ones((6, 3)))
+
+
+def test_float32_moe_layers_return_float32_everywhere():
+    """Every MoELayer configuration of test_fast.py, both paths, train and eval."""
+    from test_fast import CONFIGS
+    x = np.random.default_rng(1).standard_normal((12, 3)).astype(np.float32)
+    for kw in CONFIGS:
+        for fast in (True, False):
+            for train in (True, False):
+                layer = MoELayer(3, 5, 4, rng=np.random.default_rng(0), dtype=np.float32, fast=fast, **kw)
+                y = layer.forward(x, train=train)
+                dx = layer.backward(np.ones_like(y))
+                assert y.dtype == dx.dtype == np.float32, (kw, fast, train)
+                wrong = {n: g.dtype for n, g in layer.grads.items() if g.dtype != np.float32}
+                assert not wrong, (kw, fast, train, wrong)
