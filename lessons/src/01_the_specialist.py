@@ -2,7 +2,7 @@
 # # Lesson 01 — The specialist
 #
 # **Difficulty** ★★☆☆☆ · **Prerequisites** lesson 00; the chain rule; matrix shapes ·
-# **Time** about 45 minutes
+# **Time** about 55 minutes
 #
 # Every specialist in our clinic went through the same training and examines a patient
 # the same way: look at the symptoms, think, write a report. What makes the cardiologist a
@@ -12,12 +12,13 @@
 # right. Everything later rests on that.
 #
 # You will: write the expert's forward pass, derive and write its backward pass, write a
-# central-difference gradient checker, and see why it must run in float64 and measure
-# *relative* error.
+# central-difference gradient checker, see why it must run in float64 and measure
+# *relative* error, and finally write the backward pass of the specialist that Mixtral,
+# DeepSeek and Llama actually use (SwiGLU).
 #
-# **Code to read alongside:** `minimoe/core/layers.py` (`linear_forward`, `relu_forward` and
-# their backwards), `minimoe/core/experts.py` (`ffn_forward`, `ffn_backward`) and
-# `minimoe/core/gradcheck.py`.
+# **Code to read alongside:** `minimoe/core/layers.py` (`linear_forward`, `relu_forward`,
+# `silu_forward`, `swiglu_forward` and their backwards), `minimoe/core/experts.py`
+# (`ffn_forward`, `ffn_backward`) and `minimoe/core/gradcheck.py`.
 
 # %%
 try:  # the course's packages; if one is missing, say how to install them all
@@ -231,9 +232,8 @@ print(gradcheck.format_reports(reports))
 
 # %%
 def buggy_ffn_backward(dy, cache):
-    lin1, act, lin2 = cache                         # minimoe's FFN cache
-    da, g2 = layers.linear_backward(dy, lin2)
-    dx, g1 = layers.linear_backward(da, lin1)      # BUG: skipped the activation's backward
+    da, g2 = layers.linear_backward(dy, cache.lin2)     # minimoe's FFNCache
+    dx, g1 = layers.linear_backward(da, cache.lin1)     # BUG: skipped the activation's backward
     return dx, {"W1": g1["W"], "b1": g1["b"], "W2": g2["W"], "b2": g2["b"]}
 
 
@@ -296,6 +296,83 @@ plt.show()
 # (`dtype` is a parameter everywhere) and why `gradcheck` refuses float32 arrays.
 
 # %% [markdown]
+# ## 7. Mixtral's specialist: SwiGLU
+#
+# The specialists of Mixtral, DeepSeek, Qwen and Llama-style models are not ReLU FFNs but
+# **SwiGLU** FFNs (Shazeer 2020, *GLU Variants Improve Transformer*): two input matrices
+# instead of one, and the hidden layer is one branch *gating* the other,
+#
+# $$z_1 = x W_1, \qquad z_3 = x W_3, \qquad a = \mathrm{silu}(z_1) \odot z_3, \qquad y = a W_2,$$
+#
+# with $\mathrm{silu}(z) = z\,\sigma(z)$ (the "swish") and $\sigma$ the logistic sigmoid.
+# $W_1, W_3$ are $(d, h)$ and $W_2$ is $(h, d)$ — Mixtral's `w1` (the silu branch), `w3` (the
+# linear branch) and `w2`, with no biases. Three matrices: $3dh$ weights and $6dh$ FLOPs per
+# token instead of $2dh$ and $4dh$, so models using it shrink $h$ to about 2/3 to keep the
+# cost (Llama: $h = \tfrac{2}{3} \cdot 4d$).
+# minimoe's version is `experts.ffn_forward(..., activation="swiglu", W3=..., b3=...)`.
+#
+# The backward pass is the chain rule again, with two new steps. The product
+# $a = \mathrm{silu}(z_1) \odot z_3$ sends $da$ to each factor times the *other* factor, and
+# the derivative of $\mathrm{silu}$ needs the product rule once more:
+#
+# $$\mathrm{silu}'(z) = \sigma(z) + z\,\sigma(z)(1 - \sigma(z)) = \sigma(z)\,\big(1 + z(1 - \sigma(z))\big).$$
+#
+# And $x$ feeds *both* branches, so its gradient has two terms.
+#
+# ### Exercise 5 — the SwiGLU specialist's backward pass
+#
+# Write `swiglu_backward(dy, cache)` for the forward below. Vectorised over the tokens, without
+# minimoe's `silu_backward`, `swiglu_backward` or `ffn_backward` (you may compute $\sigma$
+# however you like).
+
+# %%
+def swiglu_forward(x, W1, W3, W2):
+    """y = (silu(x W1) ⊙ (x W3)) W2 for x (T, d), W1, W3 (d, h), W2 (h, d); returns y (T, d) and the cache."""
+    z1, z3 = x @ W1, x @ W3
+    a = z1 / (1 + np.exp(-z1)) * z3                     # silu(z1) ⊙ z3
+    return a @ W2, (x, z1, z3, W1, W3, W2)
+
+
+def swiglu_backward(dy, cache):
+    """Backward of swiglu_forward.
+
+    Args:
+        dy: (T, d) gradient of the loss with respect to y.
+        cache: (x, z1, z3, W1, W3, W2) as swiglu_forward returns it.
+
+    Returns:
+        dx (T, d) and the dict {"W1": (d, h), "W3": (d, h), "W2": (h, d)} of gradients.
+    """
+    ### BEGIN SOLUTION
+    x, z1, z3, W1, W3, W2 = cache
+    s = 1 / (1 + np.exp(-z1))                           # σ(z1)
+    g = z1 * s                                          # silu(z1)
+    da = dy @ W2.T                                      # through y = a W2
+    dz1 = da * z3 * s * (1 + z1 * (1 - s))              # through silu(z1) ⊙ z3, to the silu branch
+    dz3 = da * g                                        # ... and to the linear branch
+    dx = dz1 @ W1.T + dz3 @ W3.T                        # x feeds both branches
+    return dx, {"W1": x.T @ dz1, "W3": x.T @ dz3, "W2": (g * z3).T @ dy}
+    ### END SOLUTION
+
+
+# %%
+check.swiglu_backward(swiglu_backward)
+
+# %% [markdown]
+# minimoe's SwiGLU expert passes the same gradient check as the ReLU one (its biases $b_1$,
+# $b_3$, $b_2$ are optional extras, zero at initialisation; Mixtral has none):
+
+# %%
+rng = np.random.default_rng(2)
+T, d, h = 5, 4, 6
+x = rng.standard_normal((T, d))
+params = {"W1": rng.standard_normal((d, h)), "b1": np.zeros(h), "W2": rng.standard_normal((h, d)),
+          "b2": np.zeros(d), "W3": rng.standard_normal((d, h)), "b3": np.zeros(h)}
+reports = gradcheck.check_pair(lambda x, **p: experts.ffn_forward(x, activation="swiglu", **p),
+                               experts.ffn_backward, x, params, rng=rng)
+print(gradcheck.format_reports(reports))
+
+# %% [markdown]
 # ## Questions to think about
 #
 # 1. Checking a parameter with $N$ entries costs $2N$ loss evaluations. How long would a
@@ -306,6 +383,9 @@ plt.show()
 #    different learning rate). Why insist on the exact gradient anyway?
 # 4. The checker uses $\mathcal{L} = \sum y \odot dy$ with a *random* $dy$. Why random rather
 #    than all ones?
+# 5. For large negative $z$, $\mathrm{silu}(z) \approx 0$ but $\mathrm{silu}'(z)$ is slightly
+#    *negative* (silu dips below 0 near $z \approx -1.28$). What does that mean for a hidden
+#    unit, compared with a ReLU's dead region?
 
 # %% [markdown]
 # ### BEGIN SOLUTION
@@ -322,6 +402,11 @@ plt.show()
 # 4. With $dy$ all ones, errors that cancel in a sum (a wrong sign on one output column,
 #    a swapped pair of columns) would be invisible. A random $dy$ weighs every output
 #    differently.
+# 5. A ReLU unit with $z < 0$ passes no gradient at all (it can "die"); a silu unit's
+#    gradient is never exactly 0 (it only fades for very negative $z$), so a unit pushed far
+#    down can still come back, and its output can be negative. The sign flip below
+#    $z \approx -1.28$ means that pushing $z$ further down there *raises* silu back towards 0.
+#    (And the linear branch $z_3$ gets gradient wherever $\mathrm{silu}(z_1) \ne 0$.)
 # ### END SOLUTION
 
 # %%

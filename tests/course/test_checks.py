@@ -67,6 +67,30 @@ def rel_err(a, n):
     return np.linalg.norm(a - n) / max(np.linalg.norm(a), np.linalg.norm(n), 1e-300)
 
 
+def swiglu_bwd(dy, cache, silu_prime="full", swap=False, dx_branches=(1, 3), dW2_from="a"):
+    """SwiGLU expert backward, written independently (σ through tanh); the keywords make the
+    typical mistakes: silu' as σ alone or as σ(1−σ), the branches swapped, one branch of dx,
+    dW2 from silu(z1) alone."""
+    x, z1, z3, W1, W3, W2 = cache
+    s = 0.5 * (1 + np.tanh(z1 / 2))                   # σ(z1)
+    prime = {"full": s + z1 * s * (1 - s), "sigma": s, "sigmoid": s * (1 - s)}[silu_prime]
+    da = dy @ W2.T
+    dz1, dz3 = da * z3 * prime, da * (z1 * s)
+    if swap:
+        dz1, dz3 = dz3, dz1
+    dx = sum({1: dz1 @ W1.T, 3: dz3 @ W3.T}[b] for b in dx_branches)
+    a = {"a": z1 * s * z3, "silu": z1 * s}[dW2_from]
+    return dx, {"W1": x.T @ dz1, "W3": x.T @ dz3, "W2": a.T @ dy}
+
+
+def swiglu_bwd_token_loop(dy, cache):
+    """Right, one token at a time (the lesson asks for matrix products over all tokens)."""
+    x, z1, z3, W1, W3, W2 = cache
+    parts = [swiglu_bwd(dy[t:t + 1], (x[t:t + 1], z1[t:t + 1], z3[t:t + 1], W1, W3, W2)) for t in range(len(x))]
+    return (np.concatenate([p[0] for p in parts]),
+            {n: sum(p[1][n] for p in parts) for n in ("W1", "W3", "W2")})
+
+
 def dense_fwd(x, Wg, W1, b1, W2, b2, weigh=True):
     G = softmax_rows(x @ Wg)
     outs = [experts.ffn_forward(x, W1[e], b1[e], W2[e], b2[e]) for e in range(W1.shape[0])]
@@ -163,6 +187,21 @@ CASES = [
     (lesson01.rel_error, rel_err, [
         (lambda a, n: np.linalg.norm(a - n) / np.linalg.norm(n), "not by ‖n‖ alone"),
         (lambda a, n: np.linalg.norm(a - n), "absolute error"),
+    ]),
+    (lesson01.swiglu_backward, swiglu_bwd, [
+        (lambda dy, c: swiglu_bwd(dy, c, silu_prime="sigma"), "Wrong gradients for W1 and x. silu'(z) = σ(z) "
+                                                              "(1 + z (1 − σ(z))) has two terms"),
+        (lambda dy, c: swiglu_bwd(dy, c, silu_prime="sigmoid"), "the sigmoid's derivative"),
+        (lambda dy, c: swiglu_bwd(dy, c, swap=True), "Wrong gradients for W1, W3 and x. The branches are swapped"),
+        (lambda dy, c: swiglu_bwd(dy, c, dx_branches=(1,)), "Wrong gradient for x. x feeds both branches"),
+        (lambda dy, c: swiglu_bwd(dy, c, dx_branches=(3,)), "x feeds both branches"),
+        (lambda dy, c: swiglu_bwd(dy, c, dW2_from="silu"), "Wrong gradient for W2. dW2 = aᵀ dy with "
+                                                           "a = silu(z1) ⊙ z3"),
+        (lambda dy, c: (swiglu_bwd(dy, c)[0], {**swiglu_bwd(dy, c)[1], "W3": swiglu_bwd(dy, c)[1]["W3"].T}),
+         "Wrong gradient for W3. It has shape (7, 4), expected (4, 7): it looks transposed"),
+        (lambda dy, c: (swiglu_bwd(dy, c)[0], {k: v for k, v in swiglu_bwd(dy, c)[1].items() if k != "W3"}),
+         "missing ['W3']"),
+        (lambda dy, c: swiglu_bwd(dy, c)[1], "should return a pair (dx, grads)"),
     ]),
     (lesson02.softmax, softmax_rows, [
         (lambda z: np.exp(z) / np.exp(z).sum(-1, keepdims=True), "Subtract each row's maximum"),
@@ -291,6 +330,7 @@ class TestGraders(GraderContract):
         "clinic_costs": [(lambda d, h, E, k: calling(lambda *a: lesson00.ffn_cost(d, h), ANSWERS["clinic_costs"])(
             d, h, E, k), "you called `minimoe.course.checks.lesson00.ffn_cost`")],
         "ffn_forward": [(ffn_fwd_token_loop, "grows with the number of tokens")],
+        "swiglu_backward": [(swiglu_bwd_token_loop, "grows with the number of tokens")],
         "softmax": [(softmax_row_loop, "loop over tokens"),
                     (lambda z: layers.softmax(z), "you called `minimoe.core.layers.softmax`"),
                     (layers.softmax, "you called `minimoe.core.layers.softmax`")],
@@ -434,10 +474,12 @@ def test_progress_report_reads_saved_verdicts(tmp_path, capsys):
     nbformat.write(nbformat.v4.new_notebook(), tmp_path / "02_the_gp.ipynb")
     assert main([str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "01 The specialist" in out and "1/4" in out and "next: ffn_backward" in out
+    n01 = len(lesson01.LESSON.exercises)                   # 5: forward, backward, checker, rel_error, SwiGLU
+    assert "01 The specialist" in out and f"1/{n01}" in out and "next: ffn_backward" in out
     assert "02 The GP" in out and "not run yet" in out
     assert "04 A noisy GP" in out and "complete" in out
-    assert "5/12 exercises passed" in out
+    n02, n04 = len(lesson02.LESSON.exercises), len(lesson04.LESSON.exercises)
+    assert f"{n04 + 1}/{n01 + n02 + n04} exercises passed" in out   # all of 04, one of 01, none of 02
 
 
 def test_summarize_keeps_the_latest_verdict():
@@ -516,9 +558,10 @@ def test_progress_names_the_files_and_counts_copies_of_a_lesson_once(tmp_path, c
     out = capsys.readouterr().out
     lines = [line for line in out.splitlines() if "01 The specialist" in line]
     assert len(lines) == 2
-    assert lines[0].rstrip().endswith("01_the_specialist-Copy1.ipynb") and "2/4" in lines[0]
-    assert lines[1].rstrip().endswith("01_the_specialist.ipynb") and "1/4" in lines[1]
-    assert "2/4 exercises passed" in out, "the total counts the lesson once, its best copy"
+    n01 = len(lesson01.LESSON.exercises)
+    assert lines[0].rstrip().endswith("01_the_specialist-Copy1.ipynb") and f"2/{n01}" in lines[0]
+    assert lines[1].rstrip().endswith("01_the_specialist.ipynb") and f"1/{n01}" in lines[1]
+    assert f"2/{n01} exercises passed" in out, "the total counts the lesson once, its best copy"
     assert "lesson 01 has 2 copies" in out
 
 
