@@ -2,7 +2,8 @@
 
 Read the files in this order; each is short enough to finish in one sitting.
 
-    layers.py     the building blocks (affine, ReLU, GELU, softmax, cross-entropy), the
+    layers.py     the building blocks (affine, ReLU, GELU, SiLU and SwiGLU, softmax,
+                  cross-entropy), the
                   ``forward -> (out, cache)`` / ``backward(dout, cache) -> (dx, grads)`` convention
                   and ``PairLayer``, the base of the thin classes
     gradcheck.py  how every backward is shown right: central differences, the normwise and
@@ -11,7 +12,8 @@ Read the files in this order; each is short enough to finish in one sitting.
     router.py     the GP: logits, learned Gaussian noise, top-k, and the dense / top-k / Switch
                   gates — with the k=1 trap (a renormalised top-1 gate gives the router no gradient)
     losses.py     keeping specialists from being overworked: importance (CV²), the smooth load
-                  estimator with Φ and its gradient, the Switch loss, the router z-loss
+                  estimator with Φ and its gradient, the Switch loss (first choices, GShard; or
+                  every choice, Mixtral), per-sequence groups (DeepSeek-V3), the router z-loss
     dispatch.py   appointment books: the capacity C, the drop rule (which patients are turned
                   away, in which order), one sort to group tokens by expert, the combine back
     moe.py        ``MoEBase`` (what every MoE layer class shares: checks, weights, counting, the
