@@ -3,9 +3,9 @@
 Read the files in this order; each is short enough to finish in one sitting.
 
     layers.py     the building blocks (affine, ReLU, GELU, SiLU and SwiGLU, softmax,
-                  cross-entropy), the
-                  ``forward -> (out, cache)`` / ``backward(dout, cache) -> (dx, grads)`` convention
-                  and ``PairLayer``, the base of the thin classes
+                  cross-entropy), the ``forward -> (out, cache)`` /
+                  ``backward(dout, cache) -> (dx, grads)`` convention and ``PairLayer``,
+                  the base of the thin classes
     gradcheck.py  how every backward is shown right: central differences, the normwise and
                   elementwise rule, and the kink detector for top-k ties
     experts.py    the specialist (an FFN expert) and a bank of E of them, a plain loop over experts
