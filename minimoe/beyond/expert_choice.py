@@ -213,7 +213,7 @@ class ExpertChoiceMoELayer(MoEBase):
             "topk_gates": np.where(kept, cache.probs, 0),
             "kept": kept,
         }
-        self._cache = LayerCache(shape, cache)
+        self._finish_forward(LayerCache(shape, cache))
         return y.reshape(shape)
 
     def routing_signature(self):

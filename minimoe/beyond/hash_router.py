@@ -178,7 +178,7 @@ class HashMoELayer(MoEBase):
         y, dcache = dispatch_combine_forward(x2, idx, gates, p["W1"], p["b1"], p["W2"], p["b2"], **self._glu_params(),
                                              capacity=C, activation=self.activation)
         self.stats = self._routing_stats(idx, gates, dcache.plan)
-        self._cache = HashCache(shape, dcache)
+        self._finish_forward(HashCache(shape, dcache))
         return y.reshape(shape)
 
     def backward(self, dy):

@@ -282,7 +282,7 @@ class LossFreeMoELayer(MoEBase):
         self.stats = self._routing_stats(idx, gates, dcache.plan, s, bias=self.bias.copy())
         if train:                       # eval forwards leave a pending training load alone
             self.pending_load = self.stats["requested"]
-        self._cache = LossFreeCache(shape, train, lcache, scache, tcache, ncache, dcache)
+        self._finish_forward(LossFreeCache(shape, train, lcache, scache, tcache, ncache, dcache))
         return y.reshape(shape)
 
     def backward(self, dy):

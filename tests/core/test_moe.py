@@ -237,3 +237,22 @@ def test_bad_forward_arguments_name_the_argument():
     layer.forward(rng.standard_normal((5, 3)))
     with pytest.raises(ValueError, match=r"dy must have shape \(5, 3\)"):
         layer.backward(np.zeros((5, 4)))
+
+
+def test_the_last_batch_is_let_go_once_the_new_one_has_its_cache():
+    """Speed note in MoEBase._start_forward: the last batch's cache is only set aside during a
+    forward (so its memory is not handed back to the OS and re-faulted), and let go at its end;
+    a failed forward still leaves no cache to backward through."""
+    import minimoe
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((16, 8))
+    for layer in (MoELayer(8, 16, 4, k=2, rng=0), minimoe.HashMoELayer(8, 16, 4, k=2, seed=0),
+                  minimoe.LossFreeMoELayer(8, 16, 4, k=2, rng=0), minimoe.ExpertChoiceMoELayer(8, 16, 4, rng=0)):
+        layer.forward(x)
+        first = layer._cache
+        layer.forward(x)
+        assert layer._released is None and layer._cache is not first, type(layer).__name__
+        with pytest.raises(ValueError):
+            layer.forward(np.full((16, 8), np.nan))
+        with pytest.raises(RuntimeError):
+            layer.backward(np.zeros((16, 8)))
