@@ -49,11 +49,12 @@ import copy
 import hashlib
 import threading
 import time
+from typing import NamedTuple
 
 import numpy as np
 
 from ..core import fast as fast_path
-from ..core import losses as L
+from ..core import losses
 from ..core.dispatch import (DispatchPlan, combine_backward, combine_forward, dispatch_backward,
                              dispatch_forward, expert_capacity)
 from ..core.experts import experts_backward, experts_forward
@@ -109,7 +110,7 @@ def _combine_backward(dy, cache):
 
 def _load_loss_backward(w, cache):
     """-> (d_clean, d_noisy, d_sigma), each (T,E), from ``losses.load_loss_backward``."""
-    d_clean, d_noisy, d_sigma, _ = L.load_loss_backward(w, cache)
+    d_clean, d_noisy, d_sigma, _ = losses.load_loss_backward(w, cache)
     return d_clean, d_noisy, d_sigma
 
 
@@ -193,6 +194,21 @@ def _check_agreement(headers):
                         f"{name} differs: rank 0 has {value!r}, rank {r} has {other!r}")
                 raise ValueError(f"the ranks must build the same layer, but {what} (rank 0 vs rank {r}); "
                                  "build every rank's layer from the same seed or with from_layer")
+
+
+class ParallelCache(NamedTuple):
+    """What backward needs from one expert-parallel forward."""
+    shape: tuple            # x_local's shape
+    logits: object          # router_logits_forward's cache
+    gate: object            # gate_forward's cache
+    dispatch: object        # the local dispatch plan
+    experts: object         # the local expert bank's cache
+    combine: object         # the combine's cache
+    perm: np.ndarray        # the order the arrivals were grouped in
+    send_rows: np.ndarray   # (P,) rows sent to each rank
+    recv_rows: np.ndarray   # (P,) rows received from each rank
+    aux: dict               # the auxiliary losses' caches
+    n_tokens: int           # T, the global batch
 
 
 class ExpertParallelMoELayer:
@@ -300,7 +316,7 @@ class ExpertParallelMoELayer:
             # as it was; one stream per rank, so ranks never share their noise.
             noise_rng = np.random.default_rng([int(copy.deepcopy(layer.rng).integers(2**63)), r])
         self.rng = check_rng("noise_rng", noise_rng)
-        self.aux_loss, self.stats, self._cache = 0.0, {}, None
+        self.aux_loss, self.stats, self._cache, self._released = 0.0, {}, None, None
 
     # ------------------------------------------------------------------ helpers
     def _exchange(self, send, send_rows, recv_rows):
@@ -339,9 +355,9 @@ class ExpertParallelMoELayer:
         lc, sums = {}, {"importance": np.bincount(idx.reshape(-1), weights=routing.gates.reshape(-1),
                                                   minlength=E)}
         if self.balance in ("importance", "importance+load"):
-            _, lc["importance"] = L.importance_loss_forward(routing.gates, idx, E)
+            _, lc["importance"] = losses.importance_loss_forward(routing.gates, idx, E)
         if self.balance in ("load", "importance+load"):
-            _, lc["load"] = L.load_loss_forward(lcache.clean, H, lcache.sigma, k)
+            _, lc["load"] = losses.load_loss_forward(lcache.clean, H, lcache.sigma, k)
             sums["load"] = lc["load"].load
         if self.balance == "switch":
             first = routing.probs.argmax(axis=1) if self.gate == "dense" else idx[:, 0]
@@ -349,7 +365,7 @@ class ExpertParallelMoELayer:
             sums["first"] = np.bincount(first, minlength=E)
             sums["probs"] = routing.probs.sum(axis=0)
         if self.z_loss_coef > 0:
-            z_local, lc["z"] = L.z_loss_forward(lcache.clean)
+            z_local, lc["z"] = losses.z_loss_forward(lcache.clean)
             sums["z"] = z_local * T                                 # Σ_t lse_t² on this rank
         return x2, shape, lcache, routing, gcache, counts, lc, sums
 
@@ -368,6 +384,9 @@ class ExpertParallelMoELayer:
             y_local, x_local's shape. Sets ``aux_loss`` and ``stats`` (global batch).
         """
         comm, P, r, E, k = self.comm, self.n_ranks, self.rank, self.n_experts, self.k
+        # A failed forward leaves no cache to backward through; the last batch's is only set
+        # aside until this one has its own (as in MoEBase._start_forward: memory, not state).
+        self._released, self._cache = self._cache, None
         router = [self.params[n] for n in _ROUTER if n in self.params]
         header = {"options": {**self._options, "router_digest": _digest(router)}}
         try:
@@ -393,15 +412,15 @@ class ExpertParallelMoELayer:
         # --- the balancing losses of the global batch, from the global sums
         terms = {}
         if "importance" in lc:
-            terms["importance"], cv = L.cv_squared_forward(total["importance"].astype(self.dtype))
+            terms["importance"], cv = losses.cv_squared_forward(total["importance"].astype(self.dtype))
             lc["importance"] = lc["importance"]._replace(importance=total["importance"], cv=cv)
         if "load" in lc:
-            terms["load"], cv = L.cv_squared_forward(total["load"])
+            terms["load"], cv = losses.cv_squared_forward(total["load"])
             lc["load"] = lc["load"]._replace(load=total["load"], cv=cv)
         if "first_choice" in lc:
             f, Pm = total["first"] / T, total["probs"] / T                  # Fedus et al. eq. 4-6
             terms["switch"] = float(E * np.dot(f, Pm))
-            lc["switch"] = L.SwitchCache(f, T_r, self.dtype)
+            lc["switch"] = losses.SwitchCache(f, T_r, self.dtype)
         if "z" in lc:
             terms["z"] = float(total["z"] / T)
         self.aux_loss = float(sum(self.z_loss_coef * v if name == "z" else self.balance_coef * v
@@ -435,7 +454,8 @@ class ExpertParallelMoELayer:
             "received_rows": int(recv_rows.sum()),
             "n_tokens_global": T,
         }
-        self._cache = (shape, lcache, gcache, dcache, ecache, ccache, perm, send_rows, recv_rows, lc, T)
+        self._cache, self._released = ParallelCache(shape, lcache, gcache, dcache, ecache, ccache, perm,
+                                                    send_rows, recv_rows, lc, T), None
         return y.reshape(shape)
 
     def routing_signature(self):
@@ -443,7 +463,7 @@ class ExpertParallelMoELayer:
         a gradient check under MPI gathers every rank's."""
         if self._cache is None:
             raise RuntimeError("call forward before routing_signature")
-        lc = self._cache[9]
+        lc = self._cache.aux
         sig = (self.stats["topk_idx"], self.stats["kept"])
         if "first_choice" in lc:
             sig += (lc["first_choice"],)
@@ -488,15 +508,15 @@ class ExpertParallelMoELayer:
         # The router, as in MoELayer.backward; a loss over the global batch sends each
         # rank's tokens their share (the mean over T, not over T_r: hence the T_r/T).
         if "importance" in lc:
-            dgates = dgates + L.importance_loss_backward(wb, lc["importance"])[0]
-        dprobs = L.switch_loss_backward(wb * T_r / T, lc["switch"])[0] if "switch" in lc else None
+            dgates = dgates + losses.importance_loss_backward(wb, lc["importance"])[0]
+        dprobs = losses.switch_loss_backward(wb * T_r / T, lc["switch"])[0] if "switch" in lc else None
         dH, _ = gate_backward(dgates, gcache, dprobs)
         d_clean = d_sigma = None
         if "load" in lc:
             d_clean, d_noisy, d_sigma = _load_loss_backward(wb, lc["load"])
             dH = dH + d_noisy
         if "z" in lc:
-            dz = L.z_loss_backward(wz * T_r / T, lc["z"])[0]
+            dz = losses.z_loss_backward(wz * T_r / T, lc["z"])[0]
             d_clean = dz if d_clean is None else d_clean + dz
         dx_router, rgrads = router_logits_backward(dH, lcache, d_clean=d_clean, d_sigma=d_sigma)
         dx += dx_router
