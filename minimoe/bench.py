@@ -426,6 +426,10 @@ def main(argv=None):
 PARALLEL_TARGETS = {"E64/E8": 1.25, "parallel/single (E=64)": 0.85}
 
 
+# Seconds to wait after the single-process layer's multi-threaded step (see run_parallel_bench).
+SPIN_GAP_S = 0.15
+
+
 def _polite_barrier(comm):
     """A barrier that sleeps while it waits: a rank spinning in MPI_Barrier would steal the
     core the single-process layer's second BLAS thread is using."""
@@ -497,6 +501,14 @@ def run_parallel_bench(cfg, comm, capacity_factor=None, progress=True):
                         if steps[name] is not None:
                             steps[name]()
                         elapsed = time.perf_counter() - t0
+                        if name.startswith("single") and steps[name] is not None:
+                            # OpenBLAS's P worker threads keep spinning for about 0.1 s after a
+                            # multi-threaded call; on P cores they would crowd whichever rank runs
+                            # the next step. Let them go to sleep first (untimed). Without this gap
+                            # the float32 E=64 parallel step measured 87–94 ms with 17–27 ms in the
+                            # exchanges (the other rank waiting); with it, as with
+                            # OPENBLAS_THREAD_TIMEOUT=4, about 65 ms and 5 ms.
+                            time.sleep(SPIN_GAP_S)
                         _polite_barrier(comm)
                         elapsed = comm.allreduce(elapsed, op=_mpi_max())
                         if r >= cfg["warmup"]:
