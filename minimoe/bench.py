@@ -300,26 +300,33 @@ def format_report(result):
     if any((b.get("num_threads") or 1) > 1 for b in m["blas"]):
         lines.append("  note:    threaded BLAS splits each matmul across its threads, which pays off for tall "
                      "matrices and little for an expert's few rows (see grouped E64/E8); compare --threads 1")
-    lines += [
-        "",
-        f"{'dtype':8s} {'E':>4s} {'moe_ms':>9s} {'ceiling_ms':>11s} {'ceiling/moe':>12s} {'E64/E8':>8s} "
-        f"{'grouped_ms':>11s} {'grouped/moe':>12s} {'grouped E64/E8':>15s} {'peak_MiB':>9s}",
-    ]
-    for r in result["results"]:
-        ratio = f"{r['E/E8']:.2f}" if r["E"] != 8 else "-"
-        gratio = f"{r['grouped E/E8']:.2f}" if r["E"] != 8 else "-"
-        lines.append(f"{r['dtype']:8s} {r['E']:4d} {r['moe_ms']:9.1f} {r['ceiling_ms']:11.1f} "
-                     f"{r['ceiling/moe']:12.2f} {ratio:>8s} {r['grouped_ms']:11.1f} {r['grouped/moe']:12.2f} "
-                     f"{gratio:>15s} {r['peak_mib']:9.1f}")
-    if result["targets"]:
-        lines.append("")
-        for name, t in result["targets"].items():
-            line = (f"target {name} {t['op']} {t['target']}: measured {t['measured']:.2f} "
-                    f"-> {'met' if t['met'] else 'NOT met'}")
-            if "bound" in t:
-                line += f"  (the grouped matmuls alone: {t['bound']:.2f})"
-            lines.append(line)
+    lines += ["", _TABLE_HEADER] + [_table_row(r) for r in result["results"]]
+    lines += _target_lines(result["targets"])
     return "\n".join(lines)
+
+
+_TABLE_HEADER = (f"{'dtype':8s} {'E':>4s} {'moe_ms':>9s} {'ceiling_ms':>11s} {'ceiling/moe':>12s} {'E64/E8':>8s} "
+                 f"{'grouped_ms':>11s} {'grouped/moe':>12s} {'grouped E64/E8':>15s} {'peak_MiB':>9s}")
+
+
+def _table_row(r):
+    """One row of the report's table (both modes share these columns)."""
+    ratio = f"{r['E/E8']:.2f}" if r["E"] != 8 else "-"
+    gratio = f"{r['grouped E/E8']:.2f}" if r["E"] != 8 else "-"
+    return (f"{r['dtype']:8s} {r['E']:4d} {r['moe_ms']:9.1f} {r['ceiling_ms']:11.1f} "
+            f"{r['ceiling/moe']:12.2f} {ratio:>8s} {r['grouped_ms']:11.1f} {r['grouped/moe']:12.2f} "
+            f"{gratio:>15s} {r['peak_mib']:9.1f}")
+
+
+def _target_lines(targets):
+    """``target … -> met / NOT met`` lines, with the BLAS bound where there is one."""
+    lines = [""] if targets else []
+    for name, t in targets.items():
+        line = f"target {name} {t['op']} {t['target']}: measured {t['measured']:.2f} -> {'met' if t['met'] else 'NOT met'}"
+        if "bound" in t:
+            line += f"  (the grouped matmuls alone: {t['bound']:.2f})"
+        lines.append(line)
+    return lines
 
 
 # --------------------------------------------------------------------------- command line
@@ -578,25 +585,11 @@ def format_parallel_report(result):
         f"  timing:  median of {c['repeats']} interleaved rounds after {c['warmup']} warm-up; "
         f"a step = the slowest rank",
         "",
-        f"{'dtype':8s} {'E':>4s} {'moe_ms':>9s} {'ceiling_ms':>11s} {'ceiling/moe':>12s} {'E64/E8':>8s} "
-        f"{'grouped_ms':>11s} {'grouped/moe':>12s} {'grouped E64/E8':>15s} {'peak_MiB':>9s} "
-        f"{'single_ms':>10s} {'par/single':>11s} {'exchange_ms':>12s} {'MiB/step':>9s}",
+        _TABLE_HEADER + f" {'single_ms':>10s} {'par/single':>11s} {'exchange_ms':>12s} {'MiB/step':>9s}",
     ]
-    for r in result["results"]:
-        ratio = f"{r['E/E8']:.2f}" if r["E"] != 8 else "-"
-        gratio = f"{r['grouped E/E8']:.2f}" if r["E"] != 8 else "-"
-        lines.append(f"{r['dtype']:8s} {r['E']:4d} {r['moe_ms']:9.1f} {r['ceiling_ms']:11.1f} "
-                     f"{r['ceiling/moe']:12.2f} {ratio:>8s} {r['grouped_ms']:11.1f} {r['grouped/moe']:12.2f} "
-                     f"{gratio:>15s} {r['peak_mib']:9.1f} {r['single_ms']:10.1f} {r['parallel/single']:11.2f} "
-                     f"{r['exchange_ms']:12.1f} {r['sent_bytes'] / 2**20:9.2f}")
-    if result["targets"]:
-        lines.append("")
-        for name, t in result["targets"].items():
-            line = (f"target {name} {t['op']} {t['target']}: measured {t['measured']:.2f} "
-                    f"-> {'met' if t['met'] else 'NOT met'}")
-            if "bound" in t:
-                line += f"  (the grouped matmuls alone: {t['bound']:.2f})"
-            lines.append(line)
+    lines += [_table_row(r) + f" {r['single_ms']:10.1f} {r['parallel/single']:11.2f} "
+                              f"{r['exchange_ms']:12.1f} {r['sent_bytes'] / 2**20:9.2f}" for r in result["results"]]
+    lines += _target_lines(result["targets"])
     return "\n".join(lines)
 
 

@@ -26,7 +26,7 @@ from ..core.layers import cross_entropy_forward
 from .optim import make_optimizer
 from ..validate import all_finite, check_int, check_positive_float
 
-__all__ = ["History", "evaluate", "train", "load_cv", "specialty_routing", "check_training_loss", "DIVERGE_FACTOR"]
+__all__ = ["History", "evaluate", "train", "load_cv", "specialty_routing", "check_training_loss", "raise_if_diverged", "DIVERGE_FACTOR"]
 
 
 @dataclass
@@ -99,6 +99,14 @@ def check_training_loss(loss, start, step, lr):
     if start is not None and loss > DIVERGE_FACTOR * max(start, 1.0):
         raise FloatingPointError(f"training diverged at step {step}: the loss grew from {start:.3g} to "
                                  f"{loss:.3g} with lr={lr:g}; lower the learning rate (or clip the gradients)")
+
+
+def raise_if_diverged(err, step, lr):
+    """A layer's ``ValueError`` "… contains NaN or inf" during training means the weights blew
+    up, not that the caller passed bad data: raise it again as a divergence that names lr."""
+    if "NaN or inf" in str(err):
+        raise FloatingPointError(f"training diverged near step {step} ({err}) with lr={lr:g}; lower the "
+                                 f"learning rate or clip the gradients") from err
 
 
 def evaluate(model, split, batch_size=4096):
@@ -213,11 +221,8 @@ def train(model, train_split, val_split=None, *, epochs=10, batch_size=128, opti
                 if bar is not None:
                     bar.update(1)
     except ValueError as err:
-        # A layer's input check found NaN/inf: the weights blew up. Say so in training terms.
-        if "NaN or inf" not in str(err):
-            raise
-        raise FloatingPointError(f"training diverged near step {step} ({err}) with lr={lr:g}; lower the "
-                                 f"learning rate or clip the gradients") from err
+        raise_if_diverged(err, step, lr)
+        raise
     finally:
         if bar is not None:
             bar.close()

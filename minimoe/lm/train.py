@@ -27,7 +27,7 @@ from .embedding import check_ids
 from ..core.layers import softmax
 from .model import MoELM
 from ..clinic.optim import make_optimizer
-from ..clinic.train import check_training_loss
+from ..clinic.train import check_training_loss, raise_if_diverged
 from ..validate import check_int, check_positive_float, check_rng
 
 __all__ = ["LMHistory", "evaluate_lm", "train_lm", "QUICK", "QuickLM", "quick_lm", "sample", "ExpertUsage",
@@ -140,11 +140,8 @@ def train_lm(model, train_ids, val_ids=None, *, steps=300, batch_size=16, seq_le
             if bar is not None:
                 bar.update(1)
     except ValueError as err:
-        # A layer's input check found NaN/inf: the weights blew up. Say so in training terms.
-        if "NaN or inf" not in str(err):
-            raise
-        raise FloatingPointError(f"training diverged near step {step} ({err}) with lr={lr:g}; lower the "
-                                 f"learning rate or clip the gradients") from err
+        raise_if_diverged(err, step, lr)
+        raise
     finally:
         if bar is not None:
             bar.close()

@@ -184,3 +184,12 @@ def test_specialty_routing_batch_size_is_checked(data):
         specialty_routing(small_moe(), data.test, batch_size=0)
     with pytest.raises(TypeError, match="batch_size must be an integer"):
         specialty_routing(small_moe(), data.test, batch_size=2.5)
+
+
+def test_a_layer_finding_nan_weights_mid_training_is_a_divergence_naming_lr():
+    from minimoe.clinic.train import raise_if_diverged
+    err = ValueError("W1 contains NaN or inf")
+    with pytest.raises(FloatingPointError, match=r"diverged near step 7 .*lr=0\.5") as info:
+        raise_if_diverged(err, 7, 0.5)
+    assert info.value.__cause__ is err
+    raise_if_diverged(ValueError("x must have shape (?, 4), got (5, 3)"), 7, 0.5)   # other errors: not ours
