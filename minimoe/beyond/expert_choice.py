@@ -41,7 +41,7 @@ from ..core.dispatch import expert_capacity
 from ..core.experts import experts_backward, experts_forward
 from ..core.layers import SoftmaxCache, softmax, softmax_backward
 from ..core.router import router_logits_backward, router_logits_forward
-from ..core.moe import MoEBase
+from ..core.moe import MoEBase, MoEConfig
 from ..validate import check_array, check_int
 
 __all__ = ["expert_choice_capacity", "expert_choice_forward", "expert_choice_backward",
@@ -174,8 +174,8 @@ class ExpertChoiceMoELayer(MoEBase):
                  dtype=np.float64, rng=None):
         if capacity_factor is None:
             expert_choice_capacity(1, 1, 1, None)                # raises the explanatory error
-        self._setup(d_model, d_hidden, n_experts, k, capacity_factor, activation, dtype, rng,
-                    router=("W_gate",))                           # W_gate as MoELayer's
+        self._setup(MoEConfig(d_model, d_hidden, n_experts, k, noisy=False, capacity_factor=capacity_factor,
+                              activation=activation, dtype=dtype), rng, router=("W_gate",))   # W_gate as MoELayer's
 
     def forward(self, x, train=True, noise=None):
         """Let every expert pick its C tokens among all tokens of ``x`` and mix their answers.
@@ -199,7 +199,7 @@ class ExpertChoiceMoELayer(MoEBase):
         kept = np.zeros((T, E), dtype=bool)
         kept[cache.idx, np.arange(E)[:, None]] = True
         per_token = kept.sum(axis=1)
-        self.stats = {
+        stats = {
             "load": np.full(E, C, dtype=np.int64),
             "importance": cache.gates.sum(axis=1),
             "dropped": int(np.sum(per_token == 0)),
@@ -213,7 +213,7 @@ class ExpertChoiceMoELayer(MoEBase):
             "topk_gates": np.where(kept, cache.probs, 0),
             "kept": kept,
         }
-        self._finish_forward(LayerCache(shape, cache))
+        self._finish_forward(LayerCache(shape, cache), stats)
         return y.reshape(shape)
 
     def routing_signature(self):

@@ -40,7 +40,7 @@ import numpy as np
 from typing import NamedTuple
 
 from ..core.dispatch import dispatch_combine_backward, dispatch_combine_forward, expert_capacity
-from ..core.moe import MoEBase
+from ..core.moe import MoEBase, MoEConfig
 from ..validate import check_array, check_int
 
 __all__ = ["mix64", "content_ids", "hash_route", "HashMoELayer"]
@@ -146,7 +146,8 @@ class HashMoELayer(MoEBase):
     def __init__(self, d_model, d_hidden, n_experts, k=1, seed=0, capacity_factor=None,
                  activation="relu", dtype=np.float64, rng=None):
         self.seed = check_int("seed", seed, low=0, high=2**64 - 1)     # a uint64 hash key
-        self._setup(d_model, d_hidden, n_experts, k, capacity_factor, activation, dtype, rng)
+        self._setup(MoEConfig(d_model, d_hidden, n_experts, k, noisy=False, capacity_factor=capacity_factor,
+                              activation=activation, dtype=dtype), rng)
 
     def forward(self, x, train=True, noise=None, ids=None):
         """Send each token to the experts its id hashes to, and average their answers.
@@ -177,8 +178,7 @@ class HashMoELayer(MoEBase):
         p = self.params
         y, dcache = dispatch_combine_forward(x2, idx, gates, p["W1"], p["b1"], p["W2"], p["b2"], **self._glu_params(),
                                              capacity=C, activation=self.activation)
-        self.stats = self._routing_stats(idx, gates, dcache.plan)
-        self._finish_forward(HashCache(shape, dcache))
+        self._finish_forward(HashCache(shape, dcache), self._routing_stats(idx, gates, dcache.plan))
         return y.reshape(shape)
 
     def backward(self, dy):

@@ -67,7 +67,7 @@ import numpy as np
 from ..core.dispatch import dispatch_combine_backward, dispatch_combine_forward, expert_capacity
 from ..core.layers import SoftmaxCache, softmax, softmax_backward
 from ..core.router import router_logits_backward, router_logits_forward, sigmoid, topk_indices
-from ..core.moe import MoEBase, check_bool
+from ..core.moe import MoEBase, MoEConfig, check_bool
 from ..validate import check_choice, check_positive_float, check_shapes
 
 __all__ = ["SCORES", "BIAS_ON", "scores_forward", "scores_backward", "biased_topk_forward",
@@ -249,8 +249,8 @@ class LossFreeMoELayer(MoEBase):
             normalize = score == "sigmoid" and bias_on == "scores"
         self.normalize = check_bool("normalize", normalize)
         self.auto_update = check_bool("auto_update", auto_update)
-        self._setup(d_model, d_hidden, n_experts, k, capacity_factor, activation, dtype, rng,
-                    router=("W_gate",))                           # W_gate as MoELayer's
+        self._setup(MoEConfig(d_model, d_hidden, n_experts, k, noisy=False, capacity_factor=capacity_factor,
+                              activation=activation, dtype=dtype), rng, router=("W_gate",))   # W_gate as MoELayer's
         self.bias = np.zeros(self.n_experts, dtype=self.dtype)
         self.pending_load = None       # "requested" of the last training forward, not yet used
 
@@ -279,10 +279,10 @@ class LossFreeMoELayer(MoEBase):
         C = expert_capacity(T, E, k, self.capacity_factor)
         y, dcache = dispatch_combine_forward(x2, idx, gates, p["W1"], p["b1"], p["W2"], p["b2"], **self._glu_params(),
                                              capacity=C, activation=self.activation)
-        self.stats = self._routing_stats(idx, gates, dcache.plan, s, bias=self.bias.copy())
+        stats = self._routing_stats(idx, gates, dcache.plan, s, bias=self.bias.copy())
+        self._finish_forward(LossFreeCache(shape, train, lcache, scache, tcache, ncache, dcache), stats)
         if train:                       # eval forwards leave a pending training load alone
-            self.pending_load = self.stats["requested"]
-        self._finish_forward(LossFreeCache(shape, train, lcache, scache, tcache, ncache, dcache))
+            self.pending_load = stats["requested"]
         return y.reshape(shape)
 
     def backward(self, dy):

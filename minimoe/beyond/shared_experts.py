@@ -48,8 +48,8 @@ from typing import NamedTuple
 import numpy as np
 
 from ..core.experts import experts_backward, experts_forward, init_expert_params
-from ..core.moe import MoEBase, MoELayer, layer_dtype
-from ..validate import check_array, check_int, check_rng, check_shapes
+from ..core.moe import MoEBase, MoEConfig, moe_backward, moe_forward, routing_signature, routing_stats
+from ..validate import check_array, check_int, check_shapes
 
 __all__ = ["shared_experts_forward", "shared_experts_backward", "SharedExpertMoELayer"]
 
@@ -97,14 +97,16 @@ _SHARED_KEYS = {"W1": "W1_shared", "b1": "b1_shared", "W2": "W2_shared", "b2": "
 
 
 class SharedLayerCache(NamedTuple):
-    shape: tuple                  # x's shape
+    routed: tuple                 # moe_forward's cache (the routed experts; its shape is x's)
     shared: SharedCache | None    # shared_experts_forward's cache (None: no shared experts)
 
 
 class SharedExpertMoELayer(MoEBase):
-    """K_s shared experts (always on) plus an :class:`~minimoe.core.moe.MoELayer` of routed ones.
+    """K_s shared experts (always on) plus routed ones, routed exactly as :class:`MoELayer` routes.
 
-    Same surface as MoELayer, so models can take either.
+    Same surface as MoELayer, so models can take either. The routed half is the pair
+    ``moe_forward``/``moe_backward`` of ``core/moe.py`` on this layer's own ``params``, so a
+    weight replaced in ``layer.params`` is the one used (and checked, under its own name).
 
     Example::
 
@@ -118,44 +120,38 @@ class SharedExpertMoELayer(MoEBase):
         d_model: d.  d_hidden: h, the hidden width of every expert (shared and routed).
         n_experts: routed experts E.  k: routed experts per token.
         n_shared: K_s ≥ 0 shared experts (0: fine-grained routing only).
-        rng: numpy.random.Generator for the weights and the routed layer's noise.
+        rng: numpy.random.Generator for the weights and the routed experts' noise.
         dtype, activation: as in MoELayer.
-        gate: the routed layer's gate; default "switch", DeepSeekMoE's eq. 10–11 (softmax
+        gate: the routed experts' gate; default "switch", DeepSeekMoE's eq. 10–11 (softmax
             affinity over the routed experts, not renormalised). "topk" renormalises.
         noisy: router noise; default None = no noise (DeepSeekMoE), except when ``balance``
             is "load" or "importance+load": the smooth load estimator is built from the
             noise (Shazeer et al. 2017), so asking for it turns the noise on.
-        **routed_kwargs: passed to the routed MoELayer (balance, balance_coef, z_loss_coef,
-            capacity_factor, switch_fraction, balance_groups, fast).
+        **routed_kwargs: MoELayer's other options for the routed experts (balance, balance_coef,
+            z_loss_coef, capacity_factor, switch_fraction, balance_groups, fast).
 
     Attributes:
-        routed: the MoELayer of routed experts (its arrays are shared with ``params``).
-        params / grads: the routed layer's keys (``W_gate``, ``W_noise`` if noisy, ``W1``, ``b1``,
+        cfg: the routed experts' options (a :class:`~minimoe.core.config.MoEConfig`).
+        params / grads: MoELayer's keys (``W_gate``, ``W_noise`` if noisy, ``W1``, ``b1``,
             ``W2``, ``b2``) plus ``W1_shared (K_s,d,h)``, ``b1_shared``, ``W2_shared``, ``b2_shared``.
-        aux_loss, stats: the routed layer's (the shared experts need no balancing).
+        aux_loss, stats: the routed experts' (the shared experts need no balancing).
     """
 
     repr_fields = MoEBase.repr_fields[:4] + ("n_shared", "gate", "noisy", "balance")
 
     def __init__(self, d_model, d_hidden, n_experts, k=2, n_shared=1, activation="relu",
                  dtype=np.float64, rng=None, gate="switch", noisy=None, **routed_kwargs):
-        self.n_shared = check_int("n_shared", n_shared, low=0)
-        dtype = layer_dtype(dtype)
-        rng = np.random.default_rng(0) if rng is None else check_rng("rng", rng)
+        n_shared = check_int("n_shared", n_shared, low=0)
         if noisy is None:                 # DeepSeekMoE has no noise; the smooth load loss needs it
             noisy = routed_kwargs.get("balance") in ("load", "importance+load")
-        self.routed = MoELayer(d_model, d_hidden, n_experts, k=k, gate=gate, noisy=noisy,
-                               activation=activation, dtype=dtype, rng=rng, **routed_kwargs)
-        r = self.routed
-        self.d_model, self.d_hidden, self.n_experts, self.k = r.d_model, r.d_hidden, r.n_experts, r.k
-        self.capacity_factor, self.activation, self.dtype, self.rng = r.capacity_factor, r.activation, dtype, rng
-        self.gate, self.noisy, self.balance = r.gate, r.noisy, r.balance
-        self.params = dict(r.params)
-        if self.n_shared:
-            shared = init_expert_params(self.n_shared, self.d_model, self.d_hidden, rng, dtype, self.activation)
+        cfg = MoEConfig(d_model, d_hidden, n_experts, k=k, gate=gate, noisy=noisy, activation=activation,
+                        dtype=dtype, **routed_kwargs)
+        self._setup(cfg, rng, router=("W_gate", "W_noise"))
+        self.n_shared = n_shared
+        if n_shared:
+            shared = init_expert_params(n_shared, cfg.d_model, cfg.d_hidden, self.rng, cfg.dtype, cfg.activation)
             self.params.update({_SHARED_KEYS[name]: v for name, v in shared.items()})
-        self.grads = {name: np.zeros_like(p) for name, p in self.params.items()}
-        self._cache = None
+            self.grads.update({_SHARED_KEYS[name]: np.zeros_like(v) for name, v in shared.items()})
 
     @classmethod
     def fine_grained(cls, d_model, d_hidden, n_experts, k=2, granularity=4, n_shared=1, **kwargs):
@@ -188,22 +184,17 @@ class SharedExpertMoELayer(MoEBase):
 
         Args:
             x: (T, d) or (B, S, d) tokens.
-            train, noise: passed to the routed MoELayer (noise is (T, E) for the routed experts).
+            train, noise: as MoELayer's (noise is (T, E) for the routed experts).
 
         Returns:
-            y with x's shape. If either branch fails, neither keeps a cache (backward raises).
+            y with x's shape. If either branch fails, the layer is left as it was.
         """
-        self._cache = None
-        y = self.routed.forward(x, train=train, noise=noise)    # validates x
+        y, aux_loss, rcache = moe_forward(x, self.params, self.cfg, train=train, noise=noise, rng=self.rng)
         scache = None
         if self.n_shared:
-            try:
-                ys, scache = self._shared_forward(x.reshape(-1, self.d_model).astype(self.dtype, copy=False))
-            except Exception:
-                self.routed._cache = None        # no half-finished batch for the routed branch either
-                raise
+            ys, scache = self._shared_forward(x.reshape(-1, self.d_model).astype(self.dtype, copy=False))
             y = y + ys.reshape(y.shape)
-        self._cache = SharedLayerCache(x.shape, scache)
+        self._finish_forward(SharedLayerCache(rcache, scache), routing_stats(rcache), aux_loss)
         return y
 
     def _shared_forward(self, x2):
@@ -218,28 +209,18 @@ class SharedExpertMoELayer(MoEBase):
         return shared_experts_forward(x2, p["W1_shared"], p["b1_shared"], p["W2_shared"], p["b2_shared"],
                                       self.activation, W3=p.get("W3_shared"), b3=p.get("b3_shared"))
 
-    @property
-    def aux_loss(self):
-        """The routed layer's balancing loss (shared experts have nothing to balance)."""
-        return self.routed.aux_loss
-
-    @property
-    def stats(self):
-        """The routed layer's stats (the shared experts serve every token, always)."""
-        return self.routed.stats
-
     def routing_signature(self):
-        """The routed layer's selection; the shared experts have none."""
-        return self.routed.routing_signature()
+        """The routed experts' selection (as MoELayer's); the shared experts have none."""
+        if self._cache is None:
+            raise RuntimeError("call forward before routing_signature")
+        return routing_signature(self._cache.routed)
 
     def backward(self, dy):
         """Gradient of ⟨dy, y⟩ + aux_loss: the two branches' input gradients add up.
         Both are computed before ``grads`` changes."""
         if self._cache is None:
             raise RuntimeError("call forward before backward")
-        check_array("dy", dy, shape=self._cache.shape)
-        dx = self.routed.backward(dy)
-        grads = dict(self.routed.grads)
+        dx, grads = moe_backward(dy, self._cache.routed)
         if self.n_shared:
             dy2 = dy.reshape(-1, self.d_model).astype(self.dtype, copy=False)
             dxs, sgrads = shared_experts_backward(dy2, self._cache.shared)
@@ -252,11 +233,12 @@ class SharedExpertMoELayer(MoEBase):
     def n_active_params(self):
         """Parameters one token touches: the routed layer's active ones plus every shared expert."""
         shared = sum(self.params[n].size for n in _SHARED_KEYS.values() if n in self.params)
-        return int(self.routed.n_active_params + shared)
+        return int(super().n_active_params + shared)
 
     def flops_per_token(self):
         """Routed layer's FLOPs (router, k experts, weighted combine) plus 4dh for each of the
         K_s shared experts (6dh for SwiGLU; their outputs are summed with gate 1: additions,
         not counted)."""
-        return int(self.routed.flops_per_token()
+        return int(super().flops_per_token()
                    + self.n_shared * self._expert_matmuls() * 2 * self.d_model * self.d_hidden)
+

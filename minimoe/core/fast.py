@@ -2,7 +2,8 @@
 
 Read experts.py and dispatch.py first: they are the textbook (a loop over experts calling
 ``ffn_forward``/``ffn_backward``, fresh arrays everywhere). This file computes the same
-numbers, written for speed; ``MoELayer`` uses it by default (``MoELayer(..., fast=False)``
+numbers, written for speed, under names of their own (``*_fast``, so a traceback says which
+path ran); ``MoELayer`` uses it by default (``MoELayer(..., fast=False)``
 runs the textbook), and tests/core/test_fast.py runs every MoE configuration through both
 and shows outputs and gradients equal to 1e-12.
 
@@ -19,9 +20,6 @@ of ``python -m minimoe.bench``; one hidden (N, h) array is 32 MiB at N = T·k = 
   that stay in cache instead of (N, h) arrays, and one workspace, as tall as the largest
   group, holds them for every expert (a fresh multi-MiB block per expert costs page
   faults each time). ReLU's backward is a mask applied in place on that workspace.
-* **Reused gradient buffers** (``out=``): the expert weight gradients are E·d·h numbers
-  each; fresh arrays of that size every step cost page faults that grow with E (32 MiB
-  each at E=64). ``MoELayer`` passes its own ``grads``; every entry is overwritten.
 * **np.empty, not np.zeros**, where every entry is written anyway: the weight gradients
   of experts with tokens (only idle experts are zeroed: zero-filling all of dW1 and dW2
   is 64 MiB of writes at E=64), and the combine's (T·k, d) slots when nothing was dropped.
@@ -42,13 +40,14 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .dispatch import DispatchCache, GatherCache, CombineCache, make_plan
+from .dispatch import GatherCache, CombineCache, make_plan
 from .experts import check_bank, check_glu, check_output_finite
 from .layers import (ActivationCache, ReluCache, SwigluCache, activation_backward, activation_forward, swiglu_backward,
                      swiglu_forward)
 from ..validate import check_array, check_shapes
 
-__all__ = ["experts_forward", "experts_backward", "dispatch_combine_forward", "dispatch_combine_backward"]
+__all__ = ["experts_forward_fast", "experts_backward_fast", "dispatch_combine_forward_fast",
+           "dispatch_combine_backward_fast", "FastBankCache", "FastDispatchCache"]
 
 
 class FastBankCache(NamedTuple):
@@ -73,7 +72,7 @@ def _first_layer(x, offsets, W, b, h, dtype):
     return z
 
 
-def experts_forward(x, offsets, W1, b1, W2, b2, activation="relu", *, W3=None, b3=None):
+def experts_forward_fast(x, offsets, W1, b1, W2, b2, activation="relu", *, W3=None, b3=None):
     """:func:`minimoe.core.experts.experts_forward`, into preallocated arrays (same arguments and y)."""
     activation = check_glu(activation, W3, b3)
     (E, d, h), offsets = check_bank(x, offsets, W1, b1, W2, b2, W3, b3)
@@ -94,11 +93,11 @@ def experts_forward(x, offsets, W1, b1, W2, b2, activation="relu", *, W3=None, b
     return y, FastBankCache(x, offsets, a, act_cache, W1, W2, W3)
 
 
-def experts_backward(dy, cache, out=None):
+def experts_backward_fast(dy, cache):
     """:func:`minimoe.core.experts.experts_backward`, one expert at a time in one workspace.
 
-    ``out``: optional dict of arrays ``{"W1", "b1", "W2", "b2"}`` of the gradients' shapes
-    and dtype to write into (every entry is overwritten); returned when given.
+    The gradients are fresh arrays (``np.empty``; every entry is written), never the last
+    call's: a caller may keep them (to accumulate micro-batches, say).
     """
     x, offsets, a, act_cache, W1, W2, W3 = cache
     check_array("dy", dy, shape=(x.shape[0], W2.shape[2]), finite=False)
@@ -106,12 +105,7 @@ def experts_backward(dy, cache, out=None):
     shapes = {"W1": W1.shape, "b1": (E, h), "W2": W2.shape, "b2": (E, d)}
     if W3 is not None:
         shapes.update(W3=W3.shape, b3=(E, h))
-    if out is None:
-        out = {name: np.empty(shape, dtype=W1.dtype) for name, shape in shapes.items()}
-    else:
-        for name, shape in shapes.items():
-            if name not in out or out[name].shape != shape or out[name].dtype != W1.dtype:
-                raise ValueError(f"out[{name!r}] must be a {W1.dtype} array of shape {shape}")
+    out = {name: np.empty(shape, dtype=W1.dtype) for name, shape in shapes.items()}
     dW1, db1, dW2, db2 = out["W1"], out["b1"], out["W2"], out["b2"]
     if W3 is not None:
         return _swiglu_backward(dy, cache, out)
@@ -140,7 +134,7 @@ def _swiglu_backward(dy, cache, out):
     for e in range(W1.shape[0]):
         s, t = offsets[e], offsets[e + 1]
         if s == t:                          # no tokens: an exactly zero gradient
-            for name in out:
+            for name in out:           # only the bank's six gradients live in out
                 out[name][e] = 0
             continue
         da = np.matmul(dy[s:t], W2[e].T, out=work[:t - s])      # (n_e, h)
@@ -182,25 +176,35 @@ def _sum_slots(rows, plan, dtype):
     return full.reshape(T, k, -1).sum(axis=1) if k > 1 else full
 
 
-def dispatch_combine_forward(x, idx, gates, W1, b1, W2, b2, *, capacity=None, activation="relu", W3=None, b3=None):
-    """:func:`minimoe.core.dispatch.dispatch_combine_forward` on the fast bank (same y and cache fields)."""
+class FastDispatchCache(NamedTuple):
+    """The fields of ``dispatch.DispatchCache``, under a type of its own: the backward that
+    reads it, and a traceback, say which path ran."""
+    plan: object
+    gather: GatherCache
+    experts: FastBankCache
+    combine: CombineCache
+
+
+def dispatch_combine_forward_fast(x, idx, gates, W1, b1, W2, b2, *, capacity=None, activation="relu",
+                                  W3=None, b3=None):
+    """:func:`minimoe.core.dispatch.dispatch_combine_forward` on the fast bank (same y, same cache fields)."""
     check_shapes(x=(x, ("T", "d")), gates=(gates, ("T", np.shape(idx)[-1])))
     plan = make_plan(idx, W1.shape[0], capacity)
-    yg, ecache = experts_forward(np.take(x, plan.token, axis=0), plan.offsets, W1, b1, W2, b2, activation,
+    yg, ecache = experts_forward_fast(np.take(x, plan.token, axis=0), plan.offsets, W1, b1, W2, b2, activation,
                                  W3=W3, b3=b3)
     g = gates.reshape(-1)[plan.order]
     y = _sum_slots(yg * g[:, None], plan, yg.dtype)
-    return y, DispatchCache(plan, GatherCache(plan, x.shape, x.dtype), ecache,
-                            CombineCache(yg, g, plan, gates.shape))
+    return y, FastDispatchCache(plan, GatherCache(plan, x.shape, x.dtype), ecache,
+                                CombineCache(yg, g, plan, gates.shape))
 
 
-def dispatch_combine_backward(dy, cache, out=None):
+def dispatch_combine_backward_fast(dy, cache):
     """:func:`minimoe.core.dispatch.dispatch_combine_backward` on the fast bank: returns
-    ``dx (T,d), dgates (T,k), {"W1", "b1", "W2", "b2"}`` (the arrays of ``out`` when given)."""
+    ``dx (T,d), dgates (T,k), {"W1", "b1", "W2", "b2"}`` (fresh arrays)."""
     yg, g, plan, shape = cache.combine
     dy_rows = np.take(dy, plan.token, axis=0)                 # (N,d), a fresh array
     dgates = np.zeros(shape[0] * shape[1], dtype=yg.dtype)
     dgates[plan.order] = np.einsum("nd,nd->n", dy_rows, yg)
     dy_rows *= g[:, None]                                     # reuse the gathered buffer
-    dxg, grads = experts_backward(dy_rows, cache.experts, out)
+    dxg, grads = experts_backward_fast(dy_rows, cache.experts)
     return _sum_slots(dxg, plan, cache.gather.dtype), dgates.reshape(shape), grads

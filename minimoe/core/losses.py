@@ -22,6 +22,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from .config import SWITCH_FRACTIONS  # noqa: F401  ("first", "all", "all/k"; the layer's option)
 from .layers import softmax
 from .router import topk_indices
 from ..validate import check_array, check_int, check_shapes
@@ -29,7 +30,7 @@ from ..validate import check_array, check_int, check_shapes
 __all__ = [
     "cv_squared_forward", "cv_squared_backward",
     "importance_loss_forward", "importance_loss_backward",
-    "normal_cdf", "normal_pdf", "load_loss_forward", "load_loss_backward",
+    "normal_cdf", "normal_pdf", "load_probs_forward", "load_probs_backward", "load_loss_forward", "load_loss_backward",
     "switch_loss_forward", "switch_loss_backward",
     "z_loss_forward", "z_loss_backward", "SWITCH_FRACTIONS",
     "GroupedCache", "grouped_loss_forward", "grouped_loss_backward",
@@ -131,26 +132,23 @@ def normal_pdf(z):
     return np.exp(-0.5 * np.asarray(z) ** 2) / math.sqrt(2.0 * math.pi)
 
 
-class LoadCache(NamedTuple):
+class LoadProbsCache(NamedTuple):
     ranked: np.ndarray   # (T, k+1) experts by noisy score, best first (the kink signature)
     in_topk: np.ndarray  # (T,E) bool
     z: np.ndarray        # (T,E) clipped standardized distance
     live: np.ndarray     # (T,E) bool: where z was not clipped (elsewhere Φ is flat)
     sigma: np.ndarray    # (T,E) σ, floored at the dtype's tiny
-    load: np.ndarray     # (E,) smooth load
-    cv: CVCache
     k: int
 
 
-def load_loss_forward(clean, noisy, sigma, k):
-    """Smooth load estimator and its loss ``CV(Load)²`` (Shazeer et al. 2017, appendix A).
+def load_probs_forward(clean, noisy, sigma, k):
+    """The smooth load's per-token part (Shazeer et al. 2017, appendix A, eq. 8–10).
 
     The real load (tokens per expert) is a step function of the scores — no gradient.
     Instead take, for each token t and expert e, the probability that e would be in
-    the top k if *only its own* noise were drawn again (eq. 8–10):
+    the top k if *only its own* noise were drawn again:
 
         P(t,e) = Φ( (L_te − kth_excluding(H_t, k, e)) / σ_te )
-        Load_e = Σ_t P(t,e)
 
     ``kth_excluding(H_t, k, e)`` is the k-th largest noisy score among the *other*
     experts: the (k+1)-th largest of H_t if e is in the top k, else the k-th largest.
@@ -162,7 +160,7 @@ def load_loss_forward(clean, noisy, sigma, k):
         k: experts per token. With k = E every P is 1 (no one can be displaced).
 
     Returns:
-        loss (float), cache (``cache.load`` is the (E,) smooth load).
+        P (T, E) in the logits' dtype, and the cache.
     """
     check_shapes(clean=(clean, ("T", "E")), noisy=(noisy, ("T", "E")), sigma=(sigma, ("T", "E")))
     T, E = clean.shape
@@ -183,15 +181,13 @@ def load_loss_forward(clean, noisy, sigma, k):
     z = np.clip(np.nan_to_num(z_raw, nan=0.0), -_Z_CLIP, _Z_CLIP)
     live = (np.abs(z) < _Z_CLIP) & (sigma > 0)
     P = normal_cdf(z).astype(clean.dtype)
-    load = P.sum(axis=0)
-    loss, cv = cv_squared_forward(load)
-    return loss, LoadCache(ranked, in_topk, z, live, sig, load, cv, k)
+    return P, LoadProbsCache(ranked, in_topk, z, live, sig, k)
 
 
-def load_loss_backward(dloss, cache):
-    """Backward of the smooth load loss into L, H and σ.
+def load_probs_backward(dP, cache):
+    """Backward of :func:`load_probs_forward` into L, H and σ.
 
-    With ``z = (L − thr)/σ`` and ``dP = ∂loss/∂Load_e`` for every t:
+    With ``z = (L − thr)/σ``:
 
         dz = dP φ(z),   dL = dz/σ,   dσ = −dz z/σ,   d thr = −dz/σ
 
@@ -200,14 +196,16 @@ def load_loss_backward(dloss, cache):
     summed into those two entries of dH — the gradient reaches the *other*
     experts' noisy scores, hence W_gate, W_noise and x.
 
+    Args:
+        dP: (T, E), or (E,) — the same for every token (the gradient of a loss of Σ_t P).
+
     Returns:
         d_clean, d_noisy, d_sigma (each (T,E): one gradient per input, in the forward's
         order) and ``{}`` (no parameters).
     """
-    ranked, in_topk, z, live, sig, _, cv, k = cache
+    ranked, in_topk, z, live, sig, k = cache
     T, E = z.shape
-    dload, _ = cv_squared_backward(dloss, cv)
-    dz = np.where(live, dload[None, :] * normal_pdf(z), 0).astype(sig.dtype)
+    dz = np.where(live, dP * normal_pdf(z), 0).astype(sig.dtype)
     d_clean = dz / sig
     d_sigma = -d_clean * z
     d_noisy = np.zeros_like(d_clean)
@@ -218,8 +216,41 @@ def load_loss_backward(dloss, cache):
     return d_clean, d_noisy, d_sigma, {}
 
 
+class LoadCache(NamedTuple):
+    probs: LoadProbsCache
+    load: np.ndarray     # (E,) smooth load
+    cv: CVCache
+
+    @property
+    def ranked(self):
+        """(T, k+1) the experts by noisy score, best first (the kink signature)."""
+        return self.probs.ranked
+
+
+def load_loss_forward(clean, noisy, sigma, k):
+    """Smooth load estimator and its loss ``CV(Load)²`` (Shazeer et al. 2017, appendix A, eq. 8–11).
+
+        Load_e = Σ_t P(t,e)       with P from :func:`load_probs_forward`
+
+    Args and shapes as :func:`load_probs_forward`.
+
+    Returns:
+        loss (float), cache (``cache.load`` is the (E,) smooth load).
+    """
+    P, pcache = load_probs_forward(clean, noisy, sigma, k)
+    load = P.sum(axis=0)
+    loss, cv = cv_squared_forward(load)
+    return loss, LoadCache(pcache, load, cv)
+
+
+def load_loss_backward(dloss, cache):
+    """Backward of the smooth load loss into L, H and σ: ``dP_te = ∂CV²/∂Load_e`` for every t,
+    then :func:`load_probs_backward`. Returns d_clean, d_noisy, d_sigma (each (T,E)) and ``{}``."""
+    dload, _ = cv_squared_backward(dloss, cache.cv)
+    return load_probs_backward(dload[None, :], cache.probs)
+
+
 # --------------------------------------------------------------------------- Switch
-SWITCH_FRACTIONS = ("first", "all")
 
 
 class SwitchCache(NamedTuple):
@@ -228,29 +259,37 @@ class SwitchCache(NamedTuple):
     dtype: np.dtype
 
 
-def switch_loss_forward(probs, choices=None, *, first_choice=None):
+def switch_loss_forward(probs, choices=None, *, first_choice=None, per_choice=1):
     """Switch Transformer auxiliary loss ``E · Σ_e f_e · P_e`` (Fedus et al. 2021, eq. 4–6).
 
     ``P_e`` = mean over tokens of the router probability of e; ``f_e`` = (number of
-    entries of ``choices`` equal to e) / T — a count, so it carries no gradient. The
-    two conventions of the field differ only in what ``choices`` holds:
+    entries of ``choices`` equal to e) / (T · per_choice) — a count, so it carries no
+    gradient. The three conventions of the field differ in what ``choices`` holds and in
+    what f is divided by:
 
     * **"first"** (GShard, Lepikhin et al. 2020; minimoe's default): ``choices`` is (T,),
       each token's first choice. f sums to 1, and at perfect balance ``f = P = 1/E``:
       the loss is exactly **1** (so α · loss = α).
-    * **"all"** (Mixtral as in HF transformers' ``load_balancing_loss_func``, flaxformer,
-      Megatron): ``choices`` is (T, k), every chosen expert. f sums to k — it is the
-      (k, E) mean of the one-hot choices summed over the k slots — and at perfect balance
-      ``f = k/E``, ``P = 1/E``: the loss is exactly **k**.
+    * **"all"** (HF transformers' ``load_balancing_loss_func``, used by Mixtral; flaxformer's
+      ``_load_balancing_loss``, per group): ``choices`` is (T, k), every chosen expert. f sums
+      to k, and at perfect balance ``f = k/E``, ``P = 1/E``: the loss is exactly **k**.
+    * **"all/k"** (Megatron-core's ``switch_load_balancing_loss_func``): every chosen expert
+      is counted, and f is divided by T·k (``per_choice=k``): f sums to 1 and the loss is
+      exactly **1** at perfect balance, as GShard's, while counting every choice.
+
+    The layer computes these from per-expert sums (``balance.py``); this function is the
+    same loss written on the tokens, for the lessons and the tests.
 
     Args:
         probs: (T, E) full softmax of the router scores.
         choices: (T,) or (T, k) int experts chosen per token.
         first_choice: the older name of ``choices`` (a (T,) array), still accepted.
+        per_choice: 1, or k for Megatron-core's "all/k" (f divided by T·k).
 
     Returns:
         loss (float), cache.
     """
+    per_choice = check_int("per_choice", per_choice, low=1)
     if (choices is None) == (first_choice is None):
         raise TypeError("switch_loss_forward needs exactly one of choices and first_choice (its older name)")
     choices = first_choice if choices is None else choices
@@ -260,7 +299,7 @@ def switch_loss_forward(probs, choices=None, *, first_choice=None):
     if choices.ndim not in (1, 2) or choices.shape[0] != T or not np.issubdtype(choices.dtype, np.integer):
         raise ValueError(f"choices must be an integer array of shape ({T},) or ({T}, k) (the experts each "
                          f"token chose), got {choices.dtype} {choices.shape}")
-    f = np.bincount(choices.reshape(-1), minlength=E) / max(T, 1)
+    f = np.bincount(choices.reshape(-1), minlength=E) / (max(T, 1) * per_choice)
     P = probs.mean(axis=0)
     return float(E * np.dot(f, P)), SwitchCache(f, T, probs.dtype)
 

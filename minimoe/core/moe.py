@@ -1,20 +1,26 @@
-"""The whole clinic: router + dispatch + experts + balancing losses in one layer.
+"""The whole clinic: one forward/backward pair composed from the chapter's pairs.
 
-``MoELayer`` is a thin class around the functional pairs of ``router.py``,
-``dispatch.py``, ``experts.py`` and ``losses.py``. Reading its ``forward`` and
-``backward`` top to bottom is reading the whole MoE algorithm:
+``moe_forward`` is the MoE algorithm, one line per step, each step a pair of an earlier file:
 
-    forward:   scores H ─► gate (idx, G) ─► plan + dispatch ─► experts ─► combine ─► y
-               and the auxiliary losses, from the same scores and gates
-    backward:  the same steps in reverse; the losses add their gradients where
-               their inputs were computed (gates, probs, clean logits, σ)
+    H  = x W_gate + ε ⊙ softplus(x W_noise)          router.py   the GP scores every specialist
+    idx, G, p = gate(H)                               router.py   ... and refers to k of them
+    sums = Σ over each group of tokens                balance.py  per-expert sums for balancing
+    aux  = balancing losses(sums)                     balance.py
+    y    = Σ_j G_tj · FFN_{idx_tj}(x_t)               dispatch.py the trip: plan, dispatch, experts, combine
 
-``MoEBase`` (first below) holds what the five MoE layer classes share (this one, and the
-four of ``minimoe.beyond``): the constructor checks, the parameters' initialisation,
-counting, the cache guard, the ``stats`` dict and ``__repr__``. Each class adds its routing.
+``moe_backward`` runs the same steps in reverse; the balancing gradients join the task's
+where their inputs were computed (the gates, the full softmax p, the clean logits, σ).
 
-The dispatch and the expert bank run from ``fast.py`` by default (the same numbers, with
-reused buffers); ``MoELayer(..., fast=False)`` runs the textbook ``dispatch.py``/``experts.py``.
+Two steps go through a *team*, the only thing that differs between one process and many:
+``team.reduce_sums`` (one process: nothing to add; expert parallelism: one all-reduce of
+the sums) and ``team.trip_forward`` (one process: the experts are here; expert
+parallelism: rows travel to their experts' ranks and back). :class:`OneProcess` is the team
+of one; ``minimoe.beyond.parallel`` has the other. The same pair serves both.
+
+The classes hold state and call the pair: ``MoEBase`` (what the five MoE layer classes
+share: params and grads, the options in ``cfg``, the last batch's cache, stats, counting,
+``repr``) and ``MoELayer``. A call that raises changes nothing: every attribute is set
+only after the whole pair has run.
 
 Shapes: T tokens (B·S for (B,S,d) input), d = d_model, h = d_hidden, E experts, k per token.
 """
@@ -24,104 +30,331 @@ from typing import NamedTuple
 
 import numpy as np
 
-from . import fast as fast_path
-from . import losses
+from . import fast
+from .balance import (balance_loss_backward, balance_loss_forward, balance_sums_backward, balance_sums_forward,
+                      switch_choices)
+from .config import (BALANCE_GROUPS, BALANCES, DTYPES, MAX_CAPACITY_FACTOR, USUAL_BALANCE_COEF, MoEConfig,
+                     check_bool, layer_dtype)
 from .dispatch import dispatch_combine_backward, dispatch_combine_forward, expert_capacity
-from .experts import EXPERT_ACTIVATIONS, GLU_KEYS, init_expert_params
-from .router import (GATES, gate_backward, gate_forward, init_gate_weights, router_logits_backward,
+from .experts import GLU_KEYS, init_expert_params
+from .router import (Routing, gate_backward, gate_forward, init_gate_weights, router_logits_backward,
                      router_logits_forward)
-from ..validate import (check_array, check_choice, check_dtype, check_int, check_positive_float, check_rng,
-                        check_tokens)
+from ..validate import all_finite, check_array, check_rng
 
-__all__ = ["MoEBase", "MoELayer", "BALANCES", "BALANCE_GROUPS", "USUAL_BALANCE_COEF", "DTYPES"]
-
-BALANCES = (None, "importance", "load", "importance+load", "switch")
-BALANCE_GROUPS = ("batch", "sequence")
-# The coefficients the papers use (see losses.py): Shazeer et al. 2017 and Fedus et al. 2021.
-USUAL_BALANCE_COEF = {"importance": 0.1, "load": 0.1, "importance+load": 0.1, "switch": 0.01}
-DTYPES = (np.float32, np.float64)       # every layer class computes in one of these
-MAX_CAPACITY_FACTOR = 1e9               # C = ceil(cf·T·k/E) must stay a finite integer
+__all__ = ["MoEBase", "MoELayer", "MoEConfig", "MoECache", "OneProcess", "moe_forward", "moe_backward",
+           "check_params", "routing_stats", "routing_signature", "BALANCES", "BALANCE_GROUPS", "USUAL_BALANCE_COEF", "DTYPES",
+           "MAX_CAPACITY_FACTOR", "check_bool", "layer_dtype"]
 
 
+# --------------------------------------------------------------------------- the team of one
+class RoutingCounts(NamedTuple):
+    """What the trip tells the stats: per expert, assignments processed and asked for."""
+    load: np.ndarray        # (E,) int, kept assignments per expert
+    requested: np.ndarray   # (E,) int, before capacity
+    kept: np.ndarray        # (T,k) bool, this process's kept slots
+    dropped: int
+    capacity: int | None
+
+
+class OneProcess:
+    """The team of one process: every token and every expert are here.
+
+    Its four methods are the places where expert parallelism (``beyond/parallel.py``)
+    does something else; here they are the identity and the local trip.
+    """
+
+    def reduce_sums(self, sums, idx):
+        """Balancing sums of all processes together: here, just this one's."""
+        return sums
+
+    def local_dsums(self, dsums):
+        """This process's part of the sums' gradient: all of it."""
+        return dsums
+
+    def trip_forward(self, x, idx, gates, params, cfg):
+        """Capacity, plan, dispatch, experts, combine (dispatch.py, or fast.py). -> (y (T,d), cache)"""
+        C = expert_capacity(x.shape[0], cfg.n_experts, cfg.k, cfg.capacity_factor)
+        trip = fast.dispatch_combine_forward_fast if cfg.fast else dispatch_combine_forward
+        return trip(x, idx, gates, params["W1"], params["b1"], params["W2"], params["b2"], capacity=C,
+                    activation=cfg.activation, **{n: params[n] for n in GLU_KEYS if n in params})
+
+    def trip_backward(self, dy, cache):
+        """-> (dx (T,d), dgates (T,k), the experts' gradients)."""
+        back = fast.dispatch_combine_backward_fast if isinstance(cache, fast.FastDispatchCache) \
+            else dispatch_combine_backward
+        return back(dy, cache)
+
+    def reduce_router_grads(self, grads):
+        """The router's gradients over all processes' tokens: here, this one's."""
+        return grads
+
+    def counts(self, cache, idx):
+        """The trip's :class:`RoutingCounts` (for ``stats``); idx (T,k) the chosen experts."""
+        plan = cache.plan
+        requested = np.bincount(idx.reshape(-1), minlength=len(plan.load))
+        return RoutingCounts(plan.load, requested, plan.kept, plan.dropped, plan.capacity)
+
+
+ONE_PROCESS = OneProcess()
+
+
+# --------------------------------------------------------------------------- the pair
+class MoECache(NamedTuple):
+    """What moe_backward needs, and what the stats read."""
+    shape: tuple           # x's shape, given back to dx
+    cfg: MoEConfig
+    team: object
+    logits: tuple          # router_logits_forward's cache (clean L and σ inside)
+    gate: tuple            # gate_forward's cache (idx, gates, probs)
+    sums: tuple            # balance_sums_forward's cache
+    loss: tuple            # balance_loss_forward's cache
+    trip: tuple            # team.trip_forward's cache
+    terms: dict            # each unweighted auxiliary loss, by name
+
+
+def check_params(params, cfg):
+    """Every parameter the config needs: a numpy array of the layer's dtype and shape, by name.
+
+    The router's (d, E) weights must also be finite (d·E numbers); the experts' weights are
+    checked through their output (see experts.py and fast.py), so a bad one is still named.
+    """
+    if not isinstance(params, dict):
+        raise TypeError(f"params must be a dict of arrays, got {type(params).__name__}")
+    dt = np.dtype(cfg.dtype)
+    for name, shape in cfg.param_shapes().items():
+        if name not in params:
+            raise KeyError(f"params has no {name!r} (this layer needs {', '.join(cfg.param_shapes())})")
+        p = params[name]
+        check_array(name, p, finite=False)
+        if p.dtype != dt:
+            raise TypeError(f"{name} must be {dt.name} like the layer (dtype={dt.name}), got {p.dtype}; "
+                            f"convert it with .astype(np.{dt.name})")
+        if p.shape != shape:
+            raise ValueError(f"{name} must have shape {shape} (d={cfg.d_model}, h={cfg.d_hidden}, "
+                             f"E={cfg.n_experts}), got {p.shape}")
+        if name in ("W_gate", "W_noise"):
+            check_array(name, p)                               # finite, named
+    return params
+
+
+def moe_forward(x, params, cfg, *, train=True, noise=None, rng=None, team=ONE_PROCESS):
+    """The MoE layer's forward: route, balance, run the experts, combine.
+
+    Args:
+        x: (T, d) or (B, S, d) tokens; with ``balance_groups="sequence"`` each of the B
+            sequences is balanced on its own.
+        params: ``W_gate (d,E)``, ``W_noise (d,E)`` (if noisy), ``W1 (E,d,h)``, ``b1 (E,h)``,
+            ``W2 (E,h,d)``, ``b2 (E,d)`` (and ``W3``, ``b3`` for SwiGLU), of ``cfg.dtype``.
+        cfg: a :class:`~minimoe.core.config.MoEConfig`.
+        train: training mode adds router noise (if noisy); eval mode never does.
+        noise: optional ε, (T, E) or x's leading shape + (E,); else drawn from ``rng``.
+        team: :data:`ONE_PROCESS`, or an expert-parallel team (``beyond/parallel.py``).
+
+    Returns:
+        ``(y, aux_loss, cache)``: y with x's shape, the weighted auxiliary loss (float).
+    """
+    train = check_bool("train", train)
+    x2, shape = check_tokens_copy(x, cfg)
+    check_params(params, cfg)
+    noise = check_noise(noise, cfg, x2.shape[0], shape) if train else None
+    G = shape[0] if cfg.balance_groups == "sequence" and len(shape) == 3 else 1
+
+    H, logits = router_logits_forward(x2, params["W_gate"], params.get("W_noise"), noise=noise,
+                                      rng=rng, train=train)              # H = x W_gate + ε ⊙ σ
+    routing, gate = gate_forward(H, cfg.k, cfg.gate)                     # idx, G (T,k), p (T,E)
+    sums, scache = balance_sums_forward(routing, logits, H, cfg, G)      # per-expert sums per group
+    sums = team.reduce_sums(sums, routing.idx)                           # all processes' tokens
+    aux_loss, terms, lcache = balance_loss_forward(sums, cfg)            # aux = Σ coef · loss(sums)
+    y, trip = team.trip_forward(x2, routing.idx, routing.gates, params, cfg)   # y_t = Σ_j G_tj FFN(x_t)
+    return y.reshape(shape), aux_loss, MoECache(shape, cfg, team, logits, gate, scache, lcache, trip, terms)
+
+
+def moe_backward(dy, cache):
+    """Gradient of ``⟨dy, y⟩ + aux_loss``: returns ``dx`` (x's shape) and ``grads`` (every parameter).
+
+    dy must be finite and representable in the layer's dtype (a float64 dy beyond
+    float32's range would turn into inf); the gradients come back as fresh arrays.
+    """
+    cfg, team = cache.cfg, cache.team
+    dy2 = check_dy(dy, cache.shape, cfg)
+    dx, dgates, grads = team.trip_backward(dy2, cache.trip)                     # experts, combine
+    dsums = team.local_dsums(balance_loss_backward(cache.loss))                 # ∂aux/∂sums
+    dgates_aux, dprobs, d_clean, d_noisy, d_sigma = balance_sums_backward(dsums, cache.sums)
+    if dgates_aux is not None:
+        dgates = dgates + dgates_aux                                            # importance acts on G
+    dH, _ = gate_backward(dgates, cache.gate, dprobs)                           # Switch acts on p
+    if d_noisy is not None:
+        dH = dH + d_noisy                                                       # load acts on H ...
+    dx_router, rgrads = router_logits_backward(dH, cache.logits, d_clean=d_clean, d_sigma=d_sigma)  # ... L, σ
+    grads.update(team.reduce_router_grads(rgrads))
+    if cfg.noisy and "W_noise" not in grads:                                    # eval forward: σ unused
+        grads["W_noise"] = np.zeros_like(cache.logits.W_gate)
+    dx = dx + dx_router
+    check_finite_grads(dx, grads, cfg)
+    return dx.reshape(cache.shape), grads
+
+
+# --------------------------------------------------------------------------- the pair's checks
+def check_tokens_copy(x, cfg):
+    """x as (T, d) tokens of the layer's dtype, always a copy: the cache must not change when
+    the caller changes x afterwards (``x += layer.forward(x)``, the residual, in place)."""
+    check_array("x", x, ndim=(2, 3))
+    d = cfg.d_model
+    if x.shape[-1] != d:
+        raise ValueError(f"x must have width d_model={d} in its last axis, got shape {x.shape}")
+    if x.shape[0] * (x.shape[1] if x.ndim == 3 else 1) == 0:
+        raise ValueError(f"x must contain at least one token, got shape {x.shape}")
+    x2 = np.array(x, dtype=cfg.dtype, copy=True).reshape(-1, d)
+    if not all_finite(x2):
+        raise ValueError(f"x does not fit in {np.dtype(cfg.dtype).name} (the layer's dtype): values up to "
+                         f"{np.max(np.abs(x)):.3g} become inf")
+    return x2, x.shape
+
+
+def check_noise(noise, cfg, T, shape):
+    """An explicit ε for a training forward: (T, E) or x's leading shape + (E,)."""
+    if noise is None:
+        return None
+    if not cfg.noisy:
+        raise ValueError("noise was given but the layer was built with noisy=False")
+    E = cfg.n_experts
+    check_array("noise", noise, ndim=(2, 3))
+    allowed = sorted({(T, E), shape[:-1] + (E,)})
+    if noise.shape not in allowed:
+        want = " or ".join(map(str, allowed))
+        raise ValueError(f"noise must have shape {want} (one ε per token and expert), got {noise.shape}")
+    return noise.reshape(T, E).astype(cfg.dtype, copy=False)
+
+
+def check_dy(dy, shape, cfg):
+    """dy: the output's shape, finite, and still finite in the layer's dtype. Returns (T, d)."""
+    check_array("dy", dy, shape=shape)
+    with np.errstate(over="ignore"):
+        dy2 = dy.reshape(-1, cfg.d_model).astype(cfg.dtype, copy=False)
+    if dy2.dtype != dy.dtype and not all_finite(dy2):
+        raise ValueError(f"dy does not fit in {dy2.dtype.name} (the layer's dtype): values up to "
+                         f"{np.max(np.abs(dy)):.3g} become inf; scale the loss down")
+    return dy2
+
+
+def check_finite_grads(dx, grads, cfg):
+    """A gradient the layer's dtype cannot hold is an error, not a silent inf. Checked on dx,
+    the router's and the biases' gradients (T·d + d·E + E·(h+d) numbers): the experts' weight
+    gradients are products of these and of finite activations."""
+    for name, g in [("dx", dx)] + [(n, grads[n]) for n in ("W_gate", "W_noise", "b1", "b2") if n in grads]:
+        if not all_finite(g):
+            raise FloatingPointError(f"the gradient {name} overflowed in {np.dtype(cfg.dtype).name}: dy or the "
+                                     "weights are too large for the layer's dtype (scale the loss down, or use float64)")
+
+
+def routing_stats(cache):
+    """The ``stats`` dict of one forward (see MoELayer's Attributes)."""
+    idx, gates, probs = cache.gate.idx, cache.gate.gates, cache.gate.probs
+    counts = cache.team.counts(cache.trip, idx)
+    return {"load": counts.load.copy(), "requested": counts.requested,
+            "importance": cache.loss.sums.gate_mass.sum(axis=0), "dropped": counts.dropped,
+            "topk_idx": np.array(idx), "topk_gates": gates, "kept": counts.kept, "capacity": counts.capacity,
+            "probs": probs, "losses": dict(cache.terms)}
+
+
+def routing_signature(cache):
+    """The discrete choices of one forward: top-k indices and kept mask, plus each token's
+    Switch choices or its top-(k+1) ranking (load loss) when those are used.
+    ``gradcheck.check_layer`` compares it before and after each nudge (a change is a kink)."""
+    cfg, gate = cache.cfg, cache.gate
+    sig = (np.array(gate.idx), cache.team.counts(cache.trip, gate.idx).kept)
+    if cfg.balance == "switch":
+        sig += (switch_choices(Routing(gate.idx, gate.gates, gate.probs), cfg),)
+    if cache.sums.load is not None:
+        sig += (cache.sums.load.ranked,)
+    return sig
+
+
+# --------------------------------------------------------------------------- the classes
 class MoEBase:
     """What every MoE layer class shares; a subclass adds its routing (forward, backward).
 
-    A subclass's ``__init__`` calls :meth:`_setup` (the shared checks and the expert bank,
-    after the router's own weights), its ``forward`` starts with :meth:`_start_forward`
-    (checks x, forgets the last batch) and ends by storing its cache, and its
-    ``backward`` starts with :meth:`_start_backward` (the cache guard and the dy check).
+    A subclass's ``__init__`` calls :meth:`_setup` (the config, then the weights), its
+    ``forward`` computes everything first and then calls :meth:`_finish_forward` (which sets
+    cache, stats and aux_loss together), and its ``backward`` starts with
+    :meth:`_start_backward` (the cache guard and the dy check) and ends with
+    :meth:`_store_grads`. So a call that raises leaves the layer as it was.
 
-    Attributes every layer has: ``d_model, d_hidden, n_experts, k, capacity_factor,
-    activation, dtype, rng``; ``params``/``grads`` (identical keys); ``aux_loss``; ``stats``.
+    The options live in ``self.cfg`` (a frozen :class:`MoEConfig`); ``layer.k`` reads
+    ``layer.cfg.k``, and ``layer.capacity_factor = 1.25`` replaces the config by a checked copy.
+
+    Attributes every layer has: ``cfg`` and its options (``d_model, d_hidden, n_experts, k,
+    capacity_factor, activation, dtype, ...``), ``rng``; ``params``/``grads`` (identical keys);
+    ``aux_loss``; ``stats``.
     """
 
     router_keys = ("W_gate", "W_noise")          # parameters one token always touches
     repr_fields = ("d_model", "d_hidden", "n_experts", "k", "capacity_factor")
 
-    def _setup(self, d_model, d_hidden, n_experts, k, capacity_factor, activation, dtype, rng,
-               router=(), k_max=None):
-        """The shared constructor: check the arguments, then make the weights.
+    def __getattr__(self, name):                 # only called when normal lookup fails
+        cfg = self.__dict__.get("cfg")
+        if cfg is not None and name in MoEConfig.__dataclass_fields__:
+            return getattr(cfg, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def __setattr__(self, name, value):
+        if name in MoEConfig.__dataclass_fields__ and "cfg" in self.__dict__:
+            value = self.cfg.replace(**{name: value})      # checked; the layer is unchanged if it fails
+            name = "cfg"
+        object.__setattr__(self, name, value)
+
+    def _setup(self, cfg, rng, router=()):
+        """The shared constructor: keep the config, then make the weights.
 
         ``router``: names of the (d, E) router weights to create before the experts,
-        ``"W_gate"`` (small random) and/or ``"W_noise"`` (zeros). ``k_max``: the largest k (E).
+        ``"W_gate"`` (small random) and/or ``"W_noise"`` (zeros; only if ``cfg.noisy``).
         """
-        d = check_int("d_model", d_model, low=1)
-        h = check_int("d_hidden", d_hidden, low=1)
-        E = check_int("n_experts", n_experts, low=1)
-        self.k = check_int("k", k, low=1, high=E if k_max is None else k_max)
-        if capacity_factor is not None:
-            capacity_factor = check_positive_float("capacity_factor", capacity_factor)
-            if capacity_factor > MAX_CAPACITY_FACTOR:
-                raise ValueError(f"capacity_factor must be at most {MAX_CAPACITY_FACTOR:g} (C = ceil(capacity_factor·T·k/E) "
-                                 f"must stay a finite integer; use None for no dropping), got {capacity_factor!r}")
-        self.activation = check_choice("activation", activation, EXPERT_ACTIVATIONS)
-        self.dtype = layer_dtype(dtype)
-        self.rng = np.random.default_rng(0) if rng is None else check_rng("rng", rng)
-        self.d_model, self.d_hidden, self.n_experts, self.capacity_factor = d, h, E, capacity_factor
+        rng = np.random.default_rng(0) if rng is None else check_rng("rng", rng)
+        d, h, E = cfg.d_model, cfg.d_hidden, cfg.n_experts
         # Router: small random W_gate (see init_gate_weights); W_noise = 0 as in Shazeer
         # et al. 2017, i.e. σ = softplus(0) ≈ 0.69 at the start: plenty of exploration.
-        self.params = {}
+        params = {}
         if "W_gate" in router:
-            self.params["W_gate"] = init_gate_weights(d, E, self.rng, self.dtype)
-        if "W_noise" in router:
-            self.params["W_noise"] = np.zeros((d, E), dtype=self.dtype)
-        self.params.update(init_expert_params(E, d, h, self.rng, self.dtype, self.activation))
-        self.grads = {name: np.zeros_like(p) for name, p in self.params.items()}
-        self.aux_loss, self.stats, self._cache, self._released = 0.0, {}, None, None
+            params["W_gate"] = init_gate_weights(d, E, rng, cfg.dtype)
+        if "W_noise" in router and cfg.noisy:
+            params["W_noise"] = np.zeros((d, E), dtype=cfg.dtype)
+        params.update(init_expert_params(E, d, h, rng, cfg.dtype, cfg.activation))
+        self.cfg, self.rng, self.params = cfg, rng, params
+        self.grads = {name: np.zeros_like(p) for name, p in params.items()}
+        self.aux_loss, self.stats, self._cache = 0.0, {}, None
 
     # ------------------------------------------------------------------ forward / backward
     def _start_forward(self, x):
-        """Forget the last batch (a failed forward leaves no cache to backward through), check x.
+        """Check x (the layer is not touched): returns ``(x2, shape)``, x as (T, d) tokens of
+        the layer's dtype (a copy, so the cache never depends on the caller's x), and x's shape."""
+        return check_tokens_copy(x, self.cfg)
 
-        Returns ``(x2, shape)``: x as (T, d) tokens of the layer's dtype, and x's shape.
+    def _finish_forward(self, cache, stats, aux_loss=0.0):
+        """Keep this batch's cache, stats and aux loss, all at once, once all were computed.
+
+        Speed: the last batch's cache is freed here, after the new one exists: freed earlier,
+        its (N, h) arrays would go back to the operating system just before this batch asks
+        for arrays of the same size, which then arrive page by page (at T=4096, E=64 that was
+        ~3,000 page faults and ~9 ms of a 104 ms float32 step, python -m minimoe.bench).
         """
-        # Speed: the last batch's cache is set aside, and freed only once this batch has its own
-        # (_finish_forward). Freed here, its (N, h) arrays would go back to the operating system
-        # just before this batch asks for arrays of the same size, which then arrive page by
-        # page: at T=4096, E=64 that was ~3,000 page faults and ~9 ms of a 104 ms float32 step
-        # (python -m minimoe.bench). `_released` is never read: backward sees only `_cache`.
-        self._released, self._cache = self._cache, None
-        self.aux_loss, self.stats = 0.0, {}
-        return check_tokens(x, self.d_model, self.dtype)        # (T, d); B·S tokens route together
-
-    def _finish_forward(self, cache):
-        """Keep this batch's cache for backward; let the last batch's go (see _start_forward)."""
-        self._cache, self._released = cache, None
+        vars(self).update(_cache=cache, stats=stats, aux_loss=aux_loss)     # one step: all three or none
 
     def _start_backward(self, dy):
         """The cache guard, then dy checked against the output: returns (cache, dy as (T, d))."""
         if self._cache is None:
             raise RuntimeError("call forward before backward")
-        check_array("dy", dy, shape=self._cache.shape)
-        return self._cache, dy.reshape(-1, self.d_model).astype(self.dtype, copy=False)
+        return self._cache, check_dy(dy, self._cache.shape, self.cfg)
 
     def _store_grads(self, grads):
-        """Copy the gradients of every parameter into ``self.grads``, after all were computed."""
-        for name in self.params:
-            self.grads[name] = grads[name]
+        """Put the gradient of every parameter into ``self.grads`` (fresh arrays), after all were
+        computed: ``self.grads`` stays the same dict, so an optimizer holding it sees the new ones."""
+        missing = [name for name in self.params if name not in grads]
+        if missing:
+            raise RuntimeError(f"backward computed no gradient for {', '.join(missing)}")
+        self.grads.update({name: grads[name] for name in self.params})
 
     def _routing_stats(self, idx, gates, plan, probs=None, **extra):
-        """The ``stats`` dict of a token-choice forward (see MoELayer's Attributes)."""
+        """The ``stats`` dict of a token-choice forward through ``dispatch.py`` (the beyond classes)."""
         flat = idx.reshape(-1)
         stats = {
             "load": plan.load.copy(),
@@ -188,45 +421,6 @@ class MoEBase:
         return f"{type(self).__name__}({fields}, dtype={np.dtype(self.dtype).name})"
 
 
-def layer_dtype(dtype):
-    """The one dtype rule of the layer classes: np.float32 or np.float64 (as a type)."""
-    dt = check_dtype("dtype", dtype)
-    if dt.type not in DTYPES:
-        raise TypeError(f"dtype must be np.float32 or np.float64 (a layer computes in one of them), got {dt}")
-    return dt.type
-
-
-def check_bool(name, value):
-    """True or False, nothing else (a string such as 'no' is truthy, and would mean True)."""
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be True or False, got {value!r}")
-    return bool(value)
-
-
-def _loss_backward(backward, dloss, cache):
-    """A loss's backward, through the per-sequence average if the forward was grouped."""
-    if isinstance(cache, losses.GroupedCache):
-        return losses.grouped_loss_backward(backward, dloss, cache)
-    return backward(dloss, cache)
-
-
-class AuxCaches(NamedTuple):
-    """The caches of the auxiliary losses of one forward (None: that loss is off)."""
-    importance: tuple | None = None
-    load: tuple | None = None
-    switch: tuple | None = None
-    first_choice: np.ndarray | None = None   # (T,) or (T,k): what the Switch loss's f counts
-    z: tuple | None = None
-
-
-class MoECache(NamedTuple):
-    shape: tuple          # x's shape, given back to dx
-    logits: tuple         # router_logits_forward's cache (clean L and σ inside)
-    gate: tuple           # gate_forward's cache
-    dispatch: tuple       # dispatch_combine_forward's cache (plan inside)
-    aux: AuxCaches
-
-
 class MoELayer(MoEBase):
     """A sparse Mixture-of-Experts layer: a GP (router) refers each token to k of E specialists.
 
@@ -253,7 +447,7 @@ class MoELayer(MoEBase):
         64
         >>> y_eval = layer.forward(x, train=False)   # no noise: the same x always routes the same way
 
-    Args:
+    Args (every option is kept in ``layer.cfg``, a :class:`~minimoe.core.config.MoEConfig`):
         d_model: d, the token width.  d_hidden: h, each expert's hidden width.
         n_experts: E.  k: experts per token, 1 ≤ k ≤ E (ignored by the dense gate, which uses all E).
         gate: "topk" (softmax over the k kept scores; they sum to 1), "dense" (softmax
@@ -265,20 +459,21 @@ class MoELayer(MoEBase):
             load-balancing loss(es) added to ``aux_loss`` ("load" needs noisy=True and a sparse gate).
         balance_coef: weight of each balancing loss; None means the papers' usual value
             (0.1 for importance/load, 0.01 for switch).
-        switch_fraction: what the Switch loss's f counts (balance="switch" only).
+        switch_fraction: what the Switch loss's f counts (balance="switch" only); f is a count
+            in all three, so no gradient flows through it:
             "first" (default; GShard): each token's first choice — f sums to 1 and the loss
-            is exactly 1 at perfect balance. "all" (Mixtral, as HF transformers'
-            ``load_balancing_loss_func`` on this layer's router logits; flaxformer, Megatron):
-            every chosen expert, f = mean over tokens of the (T,k,E) one-hot choices summed
-            over k — f sums to k and the loss is exactly **k** at perfect balance (so the same
-            α weighs it k times more). f is a count in both: no gradient flows through it.
+            is exactly 1 at perfect balance.
+            "all" (HF transformers' ``load_balancing_loss_func``, used by Mixtral; flaxformer):
+            every chosen expert — f sums to k and the loss is exactly **k** at perfect balance
+            (so the same α weighs it k times more).
+            "all/k" (Megatron-core's ``switch_load_balancing_loss_func``): every chosen expert,
+            f divided by T·k — f sums to 1 and the loss is exactly 1 at perfect balance.
         balance_groups: "batch" (default) pools all B·S tokens into one balancing loss;
             "sequence" computes each balancing loss (importance, load, Switch) on each of the
             B sequences of a (B, S, d) input and averages them — HF Switch Transformers'
             per-group form, DeepSeek-V3's sequence-wise balance loss (§2.1.2, eq. 17–20) —
             so every sequence must be balanced, not just the batch. (T, d) input is one group.
-            The z-loss is a mean over tokens, and all sequences have S tokens, so its
-            per-sequence average *is* the pooled mean: it is computed pooled in both modes.
+            The z-loss is a mean over tokens, the same in both modes.
         z_loss_coef: weight of the router z-loss (ST-MoE uses 0.001); 0 turns it off.
         capacity_factor: each expert takes at most ``C = ceil(capacity_factor·T·k/E)``
             assignments; None means no dropping. When an expert is full, first choices are
@@ -287,15 +482,16 @@ class MoELayer(MoEBase):
         activation: "relu", "gelu" or "swiglu" (``(silu(x W1 + b1) ⊙ (x W3 + b3)) W2 + b2``, as
             Mixtral's w1/w3/w2; adds W3 (E,d,h) and b3 (E,h) = 0, see experts.py).
         dtype: np.float64 (gradient checks) or np.float32 (speed); every array stays in it.
-        rng: numpy.random.Generator for the initial weights and for the training noise
-            (default ``np.random.default_rng(0)``).
-        fast: True (default) runs ``fast.py``'s dispatch and expert bank (workspaces, reused
-            buffers); False runs the textbook ``dispatch.py``/``experts.py``. Same numbers.
+        rng: numpy.random.Generator (or a seed) for the initial weights and for the training
+            noise (default ``np.random.default_rng(0)``).
+        fast: True (default) runs ``fast.py``'s dispatch and expert bank (workspaces);
+            False runs the textbook ``dispatch.py``/``experts.py``. Same numbers.
 
     Attributes:
+        cfg: the options, a frozen :class:`~minimoe.core.config.MoEConfig`.
         params / grads: dicts with identical keys ``W_gate (d,E)``, ``W_noise (d,E)`` (if
             noisy), ``W1 (E,d,h)``, ``b1 (E,h)``, ``W2 (E,h,d)``, ``b2 (E,d)`` (and, for SwiGLU,
-            ``W3 (E,d,h)``, ``b3 (E,h)``).
+            ``W3 (E,d,h)``, ``b3 (E,h)``). Each backward puts fresh gradient arrays in ``grads``.
         aux_loss: float, weighted sum of the balancing and z losses of the last forward.
         stats: dict from the last forward — "load" (E,) int assignments each expert processed,
             "requested" (E,) int the same before capacity, "importance" (E,) gate mass per expert (before capacity), "dropped" int,
@@ -308,141 +504,42 @@ class MoELayer(MoEBase):
     def __init__(self, d_model, d_hidden, n_experts, k=2, gate="topk", noisy=True, balance=None,
                  balance_coef=None, z_loss_coef=0.0, capacity_factor=None, activation="relu",
                  dtype=np.float64, rng=None, fast=True, switch_fraction="first", balance_groups="batch"):
-        check_choice("gate", gate, GATES)
-        check_choice("balance", balance, BALANCES)
-        self.switch_fraction = check_choice("switch_fraction", switch_fraction, losses.SWITCH_FRACTIONS)
-        self.balance_groups = check_choice("balance_groups", balance_groups, BALANCE_GROUPS)
-        if switch_fraction == "all" and gate == "dense":
-            raise ValueError("switch_fraction='all' needs a sparse gate ('topk' or 'switch'): with gate='dense' "
-                             "every token chooses every expert, f_e = 1 and the Switch loss is the constant E")
-        noisy, self.fast = check_bool("noisy", noisy), check_bool("fast", fast)
-        if balance in ("load", "importance+load"):
-            if not noisy:
-                raise ValueError(f"balance={balance!r} needs noisy=True: the smooth load estimator "
-                                 "(Shazeer et al. 2017) is built from the noise scale softplus(x W_noise)")
-            if gate == "dense":
-                raise ValueError(f"balance={balance!r} needs a sparse gate ('topk' or 'switch'): "
-                                 "with gate='dense' every expert sees every token")
-        if balance_coef is None:
-            balance_coef = USUAL_BALANCE_COEF.get(balance, 0.0)
-        self.balance_coef = check_positive_float("balance_coef", balance_coef, allow_zero=True)
-        self.z_loss_coef = check_positive_float("z_loss_coef", z_loss_coef, allow_zero=True)
-        self.gate, self.noisy, self.balance = gate, noisy, balance
-        if gate == "dense":                  # the dense gate uses every expert: k is E
-            k = check_int("n_experts", n_experts, low=1)
-        self._setup(d_model, d_hidden, n_experts, k, capacity_factor, activation, dtype, rng,
-                    router=("W_gate", "W_noise") if noisy else ("W_gate",))
+        cfg = MoEConfig(d_model, d_hidden, n_experts, k, gate, noisy, balance, balance_coef, z_loss_coef,
+                        capacity_factor, activation, dtype, fast, switch_fraction, balance_groups)
+        self._setup(cfg, rng, router=("W_gate", "W_noise"))
 
-    # ------------------------------------------------------------------ forward
+    @classmethod
+    def from_config(cls, cfg, rng=None):
+        """A layer with the options of ``cfg`` (a :class:`MoEConfig`) and fresh weights."""
+        return cls(**cfg.options(), rng=rng)
+
     def forward(self, x, train=True, noise=None):
-        """Route every token to its experts and mix their answers.
+        """Route every token to its experts and mix their answers (:func:`moe_forward`).
 
         Args:
             x: (T, d) or (B, S, d) tokens.
-            train: training mode adds router noise (if noisy); eval mode (False) never does.
+            train: True or False; training mode adds router noise (if noisy), eval mode never does.
             noise: optional explicit ε, (T, E) or (B, S, E); drawn from ``self.rng`` when
                 omitted in a noisy training forward. Ignored in eval mode.
 
         Returns:
             y, the same shape as x. Also sets ``aux_loss`` and ``stats``.
         """
-        x2, shape = self._start_forward(x)
-        T, E, k, p = x2.shape[0], self.n_experts, self.k, self.params
-        noise = self._check_noise(noise, T, shape) if train else None
-
-        H, lcache = router_logits_forward(x2, p["W_gate"], p.get("W_noise"), noise=noise,
-                                          rng=self.rng, train=train)
-        routing, gcache = gate_forward(H, k, self.gate)
-        C = expert_capacity(T, E, k, self.capacity_factor)
-        trip = fast_path.dispatch_combine_forward if self.fast else dispatch_combine_forward
-        y, dcache = trip(x2, routing.idx, routing.gates, p["W1"], p["b1"], p["W2"], p["b2"],
-                         capacity=C, activation=self.activation, **self._glu_params())
-
-        # Auxiliary losses: unweighted values in `terms`, caches for backward in `aux`.
-        # balance_groups="sequence": each balancing loss per sequence, averaged (one group per
-        # sequence of a (B, S, d) input); the z-loss is a mean over tokens, the same either way.
-        G = shape[0] if self.balance_groups == "sequence" and len(shape) == 3 else 1
-        balance_loss = (lambda fwd, *a, **kw: fwd(*a, **kw)) if G == 1 else \
-            (lambda fwd, *a, **kw: losses.grouped_loss_forward(fwd, G, *a, **kw))
-        terms, aux = {}, {}
-        if self.balance in ("importance", "importance+load"):
-            terms["importance"], aux["importance"] = balance_loss(losses.importance_loss_forward,
-                                                                  routing.gates, routing.idx, n_experts=E)
-        if self.balance in ("load", "importance+load"):
-            terms["load"], aux["load"] = balance_loss(losses.load_loss_forward, lcache.clean, H,
-                                                      lcache.sigma, k=k)
-        if self.balance == "switch":
-            if self.switch_fraction == "all":      # Mixtral: f counts all k choices (k at balance)
-                choices = routing.idx
-            else:                                  # GShard: f counts first choices (1 at balance)
-                choices = routing.probs.argmax(axis=1) if self.gate == "dense" else routing.idx[:, 0]
-            terms["switch"], aux["switch"] = balance_loss(losses.switch_loss_forward, routing.probs, choices)
-            aux["first_choice"] = choices
-        if self.z_loss_coef > 0:
-            terms["z"], aux["z"] = losses.z_loss_forward(lcache.clean)
-        aux_loss = float(sum(self.z_loss_coef * v if name == "z" else self.balance_coef * v
-                             for name, v in terms.items()))
-        if not np.isfinite(aux_loss):
-            raise FloatingPointError(f"the auxiliary loss overflowed ({', '.join(terms)}): the router's "
-                                     "logits are too large (lower the learning rate, or scale x or W_gate down)")
-
-        self.aux_loss = aux_loss
-        self.stats = self._routing_stats(routing.idx, routing.gates, dcache.plan, routing.probs,
-                                         losses=terms)
-        self._finish_forward(MoECache(shape, lcache, gcache, dcache, AuxCaches(**aux)))
-        return y.reshape(shape)
-
-    def _check_noise(self, noise, T, shape):
-        """An explicit ε for a training forward: (T, E) or x's leading shape + (E,)."""
-        if noise is None:
-            return None
-        if not self.noisy:
-            raise ValueError("noise was given but the layer was built with noisy=False")
-        E = self.n_experts
-        check_array("noise", noise, ndim=(2, 3))
-        allowed = sorted({(T, E), shape[:-1] + (E,)})
-        if noise.shape not in allowed:
-            want = " or ".join(map(str, allowed))
-            raise ValueError(f"noise must have shape {want} (one ε per token and expert), got {noise.shape}")
-        return noise.reshape(T, E).astype(self.dtype, copy=False)
+        y, aux_loss, cache = moe_forward(x, self.params, self.cfg, train=train, noise=noise, rng=self.rng)
+        self._finish_forward(cache, routing_stats(cache), aux_loss)
+        return y
 
     def routing_signature(self):
-        """The discrete choices of the last forward: top-k indices and kept mask, plus each
-        token's first choice (Switch loss) or its top-(k+1) ranking (load loss) when those
-        are used."""
-        sig = super().routing_signature()
-        aux = self._cache.aux
-        if aux.first_choice is not None:
-            sig += (aux.first_choice,)
-        if aux.load is not None:
-            groups = aux.load.caches if isinstance(aux.load, losses.GroupedCache) else (aux.load,)
-            sig += (np.concatenate([c.ranked for c in groups]),)
-        return sig
+        """The discrete choices of the last forward (:func:`routing_signature`)."""
+        if self._cache is None:
+            raise RuntimeError("call forward before routing_signature")
+        return routing_signature(self._cache)
 
-    # ------------------------------------------------------------------ backward
     def backward(self, dy):
-        """Gradient of ``⟨dy, y⟩ + aux_loss``: returns dx (x's shape) and fills ``self.grads``."""
-        c, dy2 = self._start_backward(dy)
-        aux, wb, wz = c.aux, self.balance_coef, self.z_loss_coef
-        if self.fast:     # the expert gradients go straight into self.grads (see fast.py)
-            dx, dgates, grads = fast_path.dispatch_combine_backward(dy2, c.dispatch, out=self.grads)
-        else:
-            dx, dgates, grads = dispatch_combine_backward(dy2, c.dispatch)
-        if aux.importance is not None:                            # importance acts on the gates
-            dgates = dgates + _loss_backward(losses.importance_loss_backward, wb, aux.importance)[0]
-        dprobs = _loss_backward(losses.switch_loss_backward, wb, aux.switch)[0] if aux.switch is not None else None
-        dH, _ = gate_backward(dgates, c.gate, dprobs)
-        d_clean = d_sigma = None
-        if aux.load is not None:                                  # load acts on L, H and σ
-            d_clean, d_noisy, d_sigma, _ = _loss_backward(losses.load_loss_backward, wb, aux.load)
-            dH = dH + d_noisy
-        if aux.z is not None:                                     # z-loss acts on the clean logits
-            dz = losses.z_loss_backward(wz, aux.z)[0]
-            d_clean = dz if d_clean is None else d_clean + dz
-        dx_router, rgrads = router_logits_backward(dH, c.logits, d_clean=d_clean, d_sigma=d_sigma)
-        dx += dx_router
-        grads.update(rgrads)
-        if self.noisy and "W_noise" not in grads:     # eval forward: σ was not used
-            grads["W_noise"] = np.zeros_like(self.params["W_noise"])
+        """Gradient of ``⟨dy, y⟩ + aux_loss`` (:func:`moe_backward`): returns dx (x's shape)
+        and puts fresh arrays into ``self.grads``."""
+        if self._cache is None:
+            raise RuntimeError("call forward before backward")
+        dx, grads = moe_backward(dy, self._cache)
         self._store_grads(grads)
-        return dx.reshape(c.shape)
+        return dx

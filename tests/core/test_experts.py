@@ -5,6 +5,8 @@ reference run group by group; the init scale checked statistically; bad input na
 """
 import doctest
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 
@@ -14,7 +16,9 @@ from minimoe.core import fast
 from minimoe.core.experts import Expert, ExpertBank, ffn_backward, ffn_forward, init_expert_params
 
 # The textbook bank (a loop of ffn_forward/ffn_backward) and the fast one must pass the same tests.
-BANKS = pytest.mark.parametrize("bank", [experts, fast], ids=["textbook", "fast"])
+# fast.py's bank under the textbook's names, so one test body serves both
+FAST_BANK = SimpleNamespace(experts_forward=fast.experts_forward_fast, experts_backward=fast.experts_backward_fast)
+BANKS = pytest.mark.parametrize("bank", [experts, FAST_BANK], ids=["textbook", "fast"])
 
 
 def _assert_passed(reports):
@@ -307,7 +311,7 @@ def test_bank_names_a_non_finite_weight_that_reaches_a_token(bank, rng):
             bank.experts_forward(x, offsets, **bad)
     idle = {**p, "W1": p["W1"].copy()}
     idle["W1"][1] = np.inf
-    if bank is fast:   # a bad weight no token reaches cannot spoil the output: the clean answer
+    if bank is FAST_BANK:   # a bad weight no token reaches cannot spoil the output: the clean answer
         np.testing.assert_array_equal(bank.experts_forward(x, offsets, **idle)[0],
                                       bank.experts_forward(x, offsets, **p)[0])
     else:              # the textbook's ffn_forward checks every expert's weights
@@ -320,28 +324,19 @@ def test_bank_names_a_non_finite_weight_that_reaches_a_token(bank, rng):
                                        "W2": np.full_like(p["W2"], 1e200)})
 
 
-def test_bank_backward_writes_into_out_and_matches_fresh_arrays(rng):
-    """``out=`` (used by MoELayer to reuse its gradient memory) changes where, not what."""
+def test_fast_bank_hands_out_fresh_gradients_each_backward(rng):
+    """A caller may keep last step's gradients (to accumulate micro-batches): the next
+    backward must not write into them. An idle expert's slices are exactly zero."""
     p = init_expert_params(3, 4, 5, rng)
     x = rng.standard_normal((7, 4))
     offsets = np.array([0, 3, 3, 7])               # expert 1 idle: its slices must be zeroed
-    y, cache = fast.experts_forward(x, offsets, **p)
+    y, cache = fast.experts_forward_fast(x, offsets, **p)
     dy = rng.standard_normal(y.shape)
-    dx_ref, g_ref = fast.experts_backward(dy, cache)
-    out = {k: np.full_like(v, np.nan) for k, v in g_ref.items()}   # stale garbage
-    dx, g = fast.experts_backward(dy, cache, out)
-    assert all(g[k] is out[k] for k in out)
-    np.testing.assert_array_equal(dx, dx_ref)
-    for k in g_ref:
-        np.testing.assert_array_equal(g[k], g_ref[k])
-    assert not np.any(g["W1"][1]) and not np.any(g["b2"][1])
-
-
-def test_bank_backward_rejects_a_wrong_out(rng):
-    p = init_expert_params(2, 4, 5, rng)
-    x = rng.standard_normal((3, 4))
-    _, cache = fast.experts_forward(x, np.array([0, 1, 3]), **p)
-    bad = {"W1": np.zeros((2, 4, 5)), "b1": np.zeros((2, 5)), "W2": np.zeros((2, 5, 4)),
-           "b2": np.zeros((2, 4), dtype=np.float32)}
-    with pytest.raises(ValueError, match=r"out\['b2'\] must be a float64 array of shape \(2, 4\)"):
-        fast.experts_backward(np.zeros((3, 4)), cache, bad)
+    _, first = fast.experts_backward_fast(dy, cache)
+    kept = {k: v.copy() for k, v in first.items()}
+    _, second = fast.experts_backward_fast(2 * dy, cache)
+    for k in first:
+        assert second[k] is not first[k], k
+        np.testing.assert_array_equal(first[k], kept[k])
+        np.testing.assert_allclose(second[k], 2 * kept[k], rtol=1e-12, atol=1e-15)
+    assert not np.any(second["W1"][1]) and not np.any(second["b2"][1])

@@ -30,7 +30,11 @@ def _configs():
 
 CONFIGS = list(_configs()) + [   # the Switch-loss conventions, per-sequence groups (2-D: one group)
     dict(gate="topk", k=2, noisy=True, balance="switch", switch_fraction="all", activation="swiglu"),
+    dict(gate="switch", k=2, noisy=True, balance="switch", switch_fraction="all/k", activation="gelu",
+         capacity_factor=0.6),
     dict(gate="switch", k=2, noisy=True, balance="importance+load", balance_groups="sequence", activation="swiglu"),
+    dict(gate="topk", k=1, noisy=True, balance="switch", balance_groups="sequence", activation="relu",
+         z_loss_coef=0.01),
 ]
 
 
@@ -67,14 +71,14 @@ def test_fast_and_textbook_paths_agree(kw, train):
 def test_a_wrong_fast_path_would_be_caught(monkeypatch):
     """The parity test can fail: a fast backward that forgets the bias gradient of one expert."""
     (quick, plain), rng = _pair(0, gate="topk", k=2, noisy=False)
-    right = fast.experts_backward
+    right = fast.experts_backward_fast
 
-    def wrong(dy, cache, out=None):
-        dx, g = right(dy, cache, out)
+    def wrong(dy, cache):
+        dx, g = right(dy, cache)
         g["b1"][0] *= 2
         return dx, g
 
-    monkeypatch.setattr(fast, "experts_backward", wrong)
+    monkeypatch.setattr(fast, "experts_backward_fast", wrong)
     x, dy = rng.standard_normal((T, d)), rng.standard_normal((T, d))
     for layer in (quick, plain):
         layer.forward(x)
@@ -114,12 +118,43 @@ def test_dispatch_functions_agree_with_the_textbook(rng):
         p["b1"] += rng.standard_normal(p["b1"].shape)
         if act == "swiglu":
             p["b3"] += rng.standard_normal(p["b3"].shape)
-        y0, c0 = fast.dispatch_combine_forward(x, idx, gates, **p, capacity=cap, activation=act)
+        y0, c0 = fast.dispatch_combine_forward_fast(x, idx, gates, **p, capacity=cap, activation=act)
         y1, c1 = dispatch.dispatch_combine_forward(x, idx, gates, **p, capacity=cap, activation=act)
         assert c1.experts.ffn[0].act.name == act
         np.testing.assert_allclose(y0, y1, rtol=1e-12, atol=1e-14)
-        g0, g1 = fast.dispatch_combine_backward(dy, c0), dispatch.dispatch_combine_backward(dy, c1)
+        g0, g1 = fast.dispatch_combine_backward_fast(dy, c0), dispatch.dispatch_combine_backward(dy, c1)
         for a, b in zip(g0[:2], g1[:2]):
             np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
         for name in g1[2]:
             np.testing.assert_allclose(g0[2][name], g1[2][name], rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("E_big", [2, 7])
+def test_swiglu_with_an_idle_expert_on_the_fast_path(E_big):
+    """Issue 21, finding 2: with SwiGLU experts on the fast path, an expert that gets no token
+    made backward zero row e of the router's gradients (or raise IndexError for e ≥ d_model),
+    because the idle-expert branch zeroed every key of the gradient dict it wrote into."""
+    layers = [MoELayer(3, 4, E_big + 1, k=1, activation="swiglu", noisy=False, fast=f, rng=0) for f in (True, False)]
+    rng = np.random.default_rng(5)
+    for name in layers[0].params:
+        value = rng.standard_normal(layers[0].params[name].shape)
+        for layer in layers:
+            layer.params[name][...] = value
+    for layer in layers:
+        layer.params["W_gate"][:, -1] = -50.0          # the last expert: nobody's first choice
+    x = np.abs(rng.standard_normal((6, 3))) + 0.1      # so x · W_gate[:, -1] is far below the rest
+    dy = rng.standard_normal((6, 3))
+    for layer in layers:
+        layer.forward(x)
+        assert layer.stats["load"][-1] == 0
+        layer.backward(dy)
+    for name in layers[0].grads:
+        np.testing.assert_allclose(layers[0].grads[name], layers[1].grads[name], rtol=1e-12, atol=1e-14,
+                                   err_msg=name)
+
+
+def test_the_two_paths_have_names_of_their_own():
+    """A traceback and a grep say which path ran: the fast functions end in _fast."""
+    for name in fast.__all__:
+        assert name.endswith("_fast") or name.startswith("Fast"), name
+    assert not hasattr(fast, "experts_forward") and not hasattr(fast, "dispatch_combine_forward")

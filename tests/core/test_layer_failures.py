@@ -15,6 +15,7 @@ from minimoe.beyond.expert_choice import ExpertChoiceMoELayer
 from minimoe.beyond.hash_router import HashMoELayer, content_ids
 from minimoe.beyond.lossfree import LossFreeMoELayer
 from minimoe.beyond.shared_experts import SharedExpertMoELayer
+from moe_helpers import assert_same_state, layer_state
 
 d, h, E = 4, 6, 4
 CLASSES = {
@@ -29,15 +30,17 @@ ALL = pytest.mark.parametrize("kind", list(CLASSES))
 
 # --------------------------------------------------------------------------- 14.3
 @ALL
-def test_a_failed_forward_clears_the_cache(kind, rng):
+def test_a_failed_forward_leaves_the_layer_as_it_was(kind, rng):
+    """Issue 21 item 5 replaces issue 14's rule ("a failed forward clears the cache"): a call
+    that raises changes nothing — cache, stats, aux_loss, params and grads are as before."""
     layer = CLASSES[kind]()
     x = rng.standard_normal((6, d))
     layer.forward(x)
     layer.backward(np.ones((6, d)))                      # a good step first
+    before = layer_state(layer)
     with pytest.raises(ValueError, match="x contains NaN or inf"):
         layer.forward(np.full((5, d), np.nan))
-    with pytest.raises(RuntimeError, match="call forward before backward"):
-        layer.backward(np.ones((6, d)))                  # not the previous batch's gradients
+    assert_same_state(before, layer)
     y = layer.forward(x)                                 # and the layer still works
     assert layer.backward(np.ones_like(y)).shape == x.shape
 
@@ -57,17 +60,32 @@ def test_shared_expert_errors_name_the_shared_weights(rng):
         layer.forward(x)
 
 
-def test_shared_expert_failure_leaves_no_half_updated_cache(rng):
+def test_shared_expert_failure_leaves_the_layer_as_it_was(rng):
     layer = CLASSES["shared"]()
     x = rng.standard_normal((6, d))
     layer.forward(x)
+    layer.backward(np.ones((6, d)))
     layer.params["W1_shared"][...] = np.inf              # the routed branch succeeds, the shared one fails
+    before = layer_state(layer)
     with pytest.raises(ValueError, match="W1_shared"):
         layer.forward(rng.standard_normal((6, d)))
-    with pytest.raises(RuntimeError, match="call forward before backward"):
-        layer.backward(np.ones((6, d)))
-    with pytest.raises(RuntimeError, match="call forward before backward"):
-        layer.routed.backward(np.ones((6, d)))
+    assert_same_state(before, layer)
+
+
+def test_shared_expert_layer_uses_the_params_it_holds(rng):
+    """Issue 21, finding 4: SharedExpertMoELayer ignored routed parameters replaced through
+    ``layer.params`` (even a NaN or wrongly shaped W1)."""
+    layer = CLASSES["shared"]()
+    x = rng.standard_normal((6, d))
+    y0 = layer.forward(x, train=False)
+    layer.params["W2"] = 2 * layer.params["W2"]
+    assert not np.allclose(layer.forward(x, train=False), y0)
+    layer.params["W1"] = np.zeros((E, h, d))
+    with pytest.raises(ValueError, match=r"W1 must have shape \(4, 4, 6\)"):
+        layer.forward(x)
+    layer.params["W1"] = np.full((E, d, h), np.nan)
+    with pytest.raises(ValueError, match="W1 contains NaN or inf"):
+        layer.forward(x)
 
 
 # --------------------------------------------------------------------------- 14.5
