@@ -118,13 +118,16 @@ class MoEConfig:
         """``{name: value}`` of every option, in declaration order (repr, digests, benchmark JSON)."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
-    def param_shapes(self, router=("W_gate", "W_noise")):
+    def param_shapes(self, router=("W_gate", "W_noise"), experts_here=None):
         """The shape of every parameter a layer with this config holds, by name.
 
         ``router``: the (d, E) router weights the layer has (``W_noise`` only if noisy).
+        ``experts_here``: how many experts this process holds (default E; expert
+        parallelism holds E/P per rank).
         """
         d, h, E = self.d_model, self.d_hidden, self.n_experts
         shapes = {name: (d, E) for name in router if name != "W_noise" or self.noisy}
+        E = E if experts_here is None else experts_here
         shapes.update(W1=(E, d, h), b1=(E, h), W2=(E, h, d), b2=(E, d))
         if self.activation == "swiglu":
             shapes.update(W3=(E, d, h), b3=(E, h))

@@ -59,9 +59,13 @@ class RoutingCounts(NamedTuple):
 class OneProcess:
     """The team of one process: every token and every expert are here.
 
-    Its four methods are the places where expert parallelism (``beyond/parallel.py``)
-    does something else; here they are the identity and the local trip.
+    Its methods are the places where expert parallelism (``beyond/parallel.py``) does
+    something else; here they are the identity and the local trip.
     """
+
+    def experts_here(self, cfg):
+        """How many of the E experts' weights this process holds: all of them."""
+        return cfg.n_experts
 
     def reduce_sums(self, sums, idx):
         """Balancing sums of all processes together: here, just this one's."""
@@ -112,7 +116,7 @@ class MoECache(NamedTuple):
     terms: dict            # each unweighted auxiliary loss, by name
 
 
-def check_params(params, cfg):
+def check_params(params, cfg, experts_here=None):
     """Every parameter the config needs: a numpy array of the layer's dtype and shape, by name.
 
     The router's (d, E) weights must also be finite (d·E numbers); the experts' weights are
@@ -121,17 +125,19 @@ def check_params(params, cfg):
     if not isinstance(params, dict):
         raise TypeError(f"params must be a dict of arrays, got {type(params).__name__}")
     dt = np.dtype(cfg.dtype)
-    for name, shape in cfg.param_shapes().items():
+    shapes = cfg.param_shapes(experts_here=experts_here)
+    for name, shape in shapes.items():
         if name not in params:
-            raise KeyError(f"params has no {name!r} (this layer needs {', '.join(cfg.param_shapes())})")
+            raise KeyError(f"params has no {name!r} (this layer needs {', '.join(shapes)})")
         p = params[name]
         check_array(name, p, finite=False)
         if p.dtype != dt:
             raise TypeError(f"{name} must be {dt.name} like the layer (dtype={dt.name}), got {p.dtype}; "
                             f"convert it with .astype(np.{dt.name})")
         if p.shape != shape:
+            here = "" if experts_here in (None, cfg.n_experts) else f", {experts_here} of them here"
             raise ValueError(f"{name} must have shape {shape} (d={cfg.d_model}, h={cfg.d_hidden}, "
-                             f"E={cfg.n_experts}), got {p.shape}")
+                             f"E={cfg.n_experts}{here}), got {p.shape}")
         if name in ("W_gate", "W_noise"):
             check_array(name, p)                               # finite, named
     return params
@@ -155,7 +161,7 @@ def moe_forward(x, params, cfg, *, train=True, noise=None, rng=None, team=ONE_PR
     """
     train = check_bool("train", train)
     x2, shape = check_tokens_copy(x, cfg)
-    check_params(params, cfg)
+    check_params(params, cfg, team.experts_here(cfg))
     noise = check_noise(noise, cfg, x2.shape[0], shape) if train else None
     G = shape[0] if cfg.balance_groups == "sequence" and len(shape) == 3 else 1
 
