@@ -170,7 +170,11 @@ def check_choice(name, value, choices):
 
 
 def check_rng(name, rng):
-    """Turn ``rng`` into a ``numpy.random.Generator`` (SPEC 7; minimoe never uses global state).
+    """Turn ``rng`` into a ``numpy.random.Generator``; minimoe never uses global random state.
+
+    This follows the Scientific Python community's SPEC 7, "Seeding pseudo-random number
+    generation" (https://scientific-python.org/specs/spec-0007/): a function that uses
+    randomness takes an ``rng`` argument and passes it through ``np.random.default_rng``.
 
     Accepts what ``np.random.default_rng`` accepts as an explicit seed: an int seed
     (``rng=0`` gives the same numbers as ``rng=np.random.default_rng(0)``), a sequence

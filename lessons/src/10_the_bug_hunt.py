@@ -580,7 +580,7 @@ check.pooled_layers(layers_seen_apart, fixed_model_loss)
 #
 # In every case the forward looked right and training "worked". Only a check of the
 # *meaning* — of a gradient, a probability, a property — found the bug. That is why every
-# backward pass in minimoe is written by hand and checked, and why `tests/test_bugs.py` runs
+# backward pass in minimoe is written by hand and checked, and why `tests/course/test_bugs.py` runs
 # each of these checks on each bug and on minimoe's own code.
 #
 # ## Questions to think about

@@ -27,7 +27,7 @@ affinities tie; :meth:`ExpertChoiceMoELayer.routing_signature` lets the gradient
 checker detect them). Note the caveat the paper states itself: which tokens an
 expert picks depends on *all* T tokens of the batch, including later tokens of
 the same sequence — so expert choice is not causal, and a language model trained
-with it peeks at the future through the routing (tests/test_transformer.py shows it).
+with it peeks at the future through the routing (tests/lm/test_transformer.py shows it).
 
 Shapes: T tokens, d width, h expert hidden width, E experts, C tokens per expert.
 """

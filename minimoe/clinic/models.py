@@ -74,7 +74,7 @@ class Clinic:
         self.n_symptoms = check_int("n_symptoms", n_symptoms, low=1)
         self.n_classes = check_int("n_classes", n_classes, low=2)
         self.d = check_int("d_model", d_model, low=1)
-        rng = check_rng("rng", rng)  # SPEC 7: an int seed becomes a Generator
+        rng = check_rng("rng", rng)  # an int seed becomes a Generator (SPEC 7: validate.check_rng)
         self.block = block
         self.dtype = dtype
         # LeCun-style N(0, 1/fan_in): keeps activations O(1) through the linear maps.

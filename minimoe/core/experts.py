@@ -73,7 +73,7 @@ def init_expert_params(n_experts, d_model, d_hidden, rng, dtype=np.float64, acti
     E = check_int("n_experts", n_experts, low=1)
     d = check_int("d_model", d_model, low=1)
     h = check_int("d_hidden", d_hidden, low=1)
-    rng = check_rng("rng", rng)  # SPEC 7: an int seed becomes a Generator
+    rng = check_rng("rng", rng)  # an int seed becomes a Generator (SPEC 7: validate.check_rng)
     dtype = check_dtype("dtype", dtype)
     activation = check_choice("activation", activation, EXPERT_ACTIVATIONS)
     params = {

@@ -52,7 +52,7 @@ def init_gate_weights(d_model, n_experts, rng, dtype=np.float64):
     reduced initialisation scale (Fedus et al. 2021, §2.4), so the first scores are
     small and the first referrals nearly uniform — every specialist gets patients
     while the GP is still learning."""
-    rng = check_rng("rng", rng)               # SPEC 7: an int seed becomes a Generator
+    rng = check_rng("rng", rng)               # an int seed becomes a Generator (SPEC 7: validate.check_rng)
     return (rng.standard_normal((d_model, n_experts)) * np.sqrt(0.1 / d_model)).astype(dtype)
 
 

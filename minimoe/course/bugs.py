@@ -4,7 +4,7 @@
 Do not use it. Each function reproduces, in a few lines of NumPy written for this
 file, a pattern seen in widely used public MoE code (described, not copied). Each
 mirrors minimoe's own API, so the correct version can be swapped in and the same
-check run on both. Lesson 10 tells the stories; tests/test_bugs.py shows that each
+check run on both. Lesson 10 tells the stories; tests/course/test_bugs.py shows that each
 check fails on the bug and passes on minimoe.
 
 Lesson 10 prints the buggy functions' source with ``show()`` *before* the learner writes
@@ -165,7 +165,7 @@ def load_matches_sampling(load_forward, clean, noisy, sigma, k, rng, n_samples=4
     ``(loss, cache)`` with ``cache.load`` (E,); it passes when every entry is within
     ``n_se`` standard errors (+0.01) of the simulated load.
     """
-    rng = check_rng("rng", rng)  # SPEC 7: an int seed becomes a Generator
+    rng = check_rng("rng", rng)  # an int seed becomes a Generator (SPEC 7: validate.check_rng)
     _, cache = load_forward(clean, noisy, sigma, k)
     eps = rng.standard_normal((n_samples,) + clean.shape)
     redrawn = clean + eps * sigma                                       # (S,T,E)

@@ -197,7 +197,7 @@ def init_attention_params(d_model, rng, dtype=np.float64):
         dict with ``W_qkv (d, 3d)``, ``b_qkv (3d,)``, ``W_o (d, d)``, ``b_o (d,)``.
     """
     d = check_int("d_model", d_model, low=1)
-    rng = check_rng("rng", rng)  # SPEC 7: an int seed becomes a Generator
+    rng = check_rng("rng", rng)  # an int seed becomes a Generator (SPEC 7: validate.check_rng)
     dtype = check_dtype("dtype", dtype)
     return {
         "W_qkv": (rng.standard_normal((d, 3 * d)) / math.sqrt(d)).astype(dtype),

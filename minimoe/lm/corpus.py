@@ -150,7 +150,7 @@ def generate_corpus(n_sentences, rng, *, sentences_per_note=4, return_topics=Fal
     """
     n = check_int("n_sentences", n_sentences, low=1)
     per = check_int("sentences_per_note", sentences_per_note, low=2)
-    rng = check_rng("rng", rng)  # SPEC 7: an int seed becomes a Generator
+    rng = check_rng("rng", rng)  # an int seed becomes a Generator (SPEC 7: validate.check_rng)
     sentence = np.arange(n)
     note_topic = rng.integers(0, len(TOPIC_NAMES), size=(n - 1) // per + 1)
     topic = note_topic[sentence // per]
@@ -216,7 +216,7 @@ def batches(ids, batch_size, seq_len, rng, n_batches=None):
         raise ValueError(f"ids must be 1-dimensional, got shape {ids.shape}")
     B = check_int("batch_size", batch_size, low=1)
     S = check_int("seq_len", seq_len, low=1)
-    rng = check_rng("rng", rng)  # SPEC 7: an int seed becomes a Generator
+    rng = check_rng("rng", rng)  # an int seed becomes a Generator (SPEC 7: validate.check_rng)
     if n_batches is not None:
         check_int("n_batches", n_batches, low=0)
     if len(ids) < S + 1:

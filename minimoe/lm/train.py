@@ -203,7 +203,7 @@ def sample(model, prompt, n, rng, temperature=1.0):
     if ids.ndim != 1 or ids.size == 0:
         raise ValueError(f"prompt must be a non-empty 1-D sequence of token ids, got shape {ids.shape}")
     n = check_int("n", n, low=0)
-    rng = check_rng("rng", rng)  # SPEC 7: an int seed becomes a Generator
+    rng = check_rng("rng", rng)  # an int seed becomes a Generator (SPEC 7: validate.check_rng)
     temperature = check_positive_float("temperature", temperature, allow_zero=True)
     out = list(ids.astype(np.int64))
     for _ in range(n):      # generation is sequential by nature: one new token per forward

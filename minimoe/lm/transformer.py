@@ -21,7 +21,7 @@ paths — the straight one and the one through the sublayer:
 where ``Fᵀ`` stands for F's hand-written backward (attention.py, norm.py and the
 MoE layer's own). Nothing new is derived here: the block is the chain rule
 applied to parts that are already gradient-checked, and the whole block is
-checked again in tests/test_transformer.py.
+checked again in tests/lm/test_transformer.py.
 
 Shapes: B sequences of S tokens, width d; the MoE sees the B·S tokens as T = B·S.
 """
