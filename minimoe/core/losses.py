@@ -33,7 +33,6 @@ __all__ = [
     "normal_cdf", "normal_pdf", "load_probs_forward", "load_probs_backward", "load_loss_forward", "load_loss_backward",
     "switch_loss_forward", "switch_loss_backward",
     "z_loss_forward", "z_loss_backward", "SWITCH_FRACTIONS",
-    "GroupedCache", "grouped_loss_forward", "grouped_loss_backward",
 ]
 
 
@@ -345,48 +344,3 @@ def z_loss_backward(dloss, cache):
     """``∂/∂L_te = (2/T) · lse_t · softmax(L_t)_e`` (the derivative of logsumexp is softmax)."""
     lse, p = cache
     return (float(dloss) * 2.0 / lse.size) * lse[:, None] * p, {}
-
-
-# --------------------------------------------------------------------------- per-group losses
-class GroupedCache(NamedTuple):
-    caches: tuple    # one cache per group, in order
-    n_groups: int
-
-
-def grouped_loss_forward(forward, n_groups, *arrays, **kwargs):
-    """Any loss above, computed on each of ``n_groups`` equal groups of tokens and averaged.
-
-    ``loss = (1/G) Σ_g forward(arrays restricted to group g)``: the per-group form of HF
-    transformers' Switch Transformers loss (one group per sequence), and the averaging of
-    DeepSeek-V3's complementary sequence-wise balance loss (DeepSeek-AI 2024, §2.1.2,
-    eq. 17–20). Each group must be balanced on its own: a batch whose sequences each
-    collapse onto a different expert looks balanced when pooled, but not per sequence.
-
-    The tokens of a (B, S, ·) batch are B·S consecutive rows, sequence by sequence, so
-    group g is rows ``g·S : (g+1)·S`` of every (T, ·) array (T = B·S; G = B). The loop
-    below runs over the G groups (sequences), never over tokens.
-
-    Args:
-        forward: a loss forward of this module, e.g. :func:`switch_loss_forward`.
-        n_groups: G ≥ 1, dividing T.
-        *arrays: its (T, ...) array arguments (split along axis 0).
-        **kwargs: its other arguments (passed unchanged, e.g. ``k`` or ``n_experts``).
-
-    Returns:
-        loss (float), cache. With G = 1 it is ``forward``'s own value.
-    """
-    G = check_int("n_groups", n_groups, low=1)
-    T = np.shape(arrays[0])[0]
-    if T % G:
-        raise ValueError(f"n_groups={G} must divide the number of tokens T={T} (groups of equal size)")
-    values, caches = zip(*(forward(*parts, **kwargs) for parts in zip(*(np.split(a, G) for a in arrays))))
-    return float(np.mean(values)), GroupedCache(tuple(caches), G)
-
-
-def grouped_loss_backward(backward, dloss, cache):
-    """Backward of :func:`grouped_loss_forward`: each group's gradient with ``dloss / G``,
-    stacked back in token order. Returns what ``backward`` returns (one (T, ...) gradient
-    per input, then ``{}``)."""
-    caches, G = cache
-    outs = [backward(float(dloss) / G, c) for c in caches]
-    return tuple(np.concatenate(parts) for parts in zip(*(o[:-1] for o in outs))) + ({},)
