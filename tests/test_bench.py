@@ -15,7 +15,8 @@ import pytest
 
 from minimoe import bench
 from minimoe.core.experts import init_expert_params
-from minimoe.core.fast import experts_backward, experts_forward   # the buffer-reusing bank these tests are about
+from minimoe.core.fast import experts_backward_fast as experts_backward   # the fast bank these tests are about
+from minimoe.core.fast import experts_forward_fast as experts_forward
 from minimoe.core.router import router_logits_backward, router_logits_forward, softplus, topk_indices
 
 
