@@ -440,6 +440,8 @@ def exit_cleanly():
         yield
         sys.stdout.flush()
     except KeyboardInterrupt:
+        if sys.stderr.isatty():
+            sys.stderr.write("\r\x1b[K")     # a progress bar may hold the line: clear it first
         print("interrupted", file=sys.stderr, flush=True)
         raise SystemExit(130) from None
     except BrokenPipeError:

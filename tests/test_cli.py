@@ -74,6 +74,21 @@ def test_ctrl_c_in_the_checks_command_is_one_line_and_130(monkeypatch, capsys, t
     _assert_interrupted(exc, capsys)
 
 
+def test_on_a_terminal_the_interrupt_line_first_clears_a_progress_bar(monkeypatch):
+    import io
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+    term = Terminal()
+    term.write("bench rounds:  40%|████      | 4/10")
+    monkeypatch.setattr(sys, "stderr", term)
+    with pytest.raises(SystemExit):
+        with exit_cleanly():
+            raise KeyboardInterrupt
+    assert term.getvalue().endswith("4/10\r\x1b[Kinterrupted\n")
+
+
 def test_exit_cleanly_lets_other_errors_through():
     with pytest.raises(ZeroDivisionError):
         with exit_cleanly():
@@ -120,6 +135,24 @@ def test_a_closed_pipe_is_quiet(tmp_path):
 
 
 # --------------------------------------------------------------------------- the clinic data's progress bar
+def test_the_progress_bar_advances_once_per_specialty(monkeypatch):
+    seen = []
+
+    class Bar:
+        def __init__(self, progress, total):
+            seen.append(("total", total))
+
+        def update(self, n):
+            seen.append(n)
+
+        def close(self):
+            seen.append("closed")
+
+    monkeypatch.setattr(clinic_data, "_progress_bar", Bar)
+    clinic_data.make_clinic(50, 10, 10, n_specialties=3, progress=True)
+    assert seen == [("total", 3), 1, 1, 1, "closed"]
+
+
 def test_a_long_draw_of_the_clinic_shows_a_progress_bar(monkeypatch, capsys):
     monkeypatch.setattr(clinic_data, "PROGRESS_DELAY_S", 0)        # as if it took longer than the delay
     clinic_data.make_clinic(50, 10, 10, n_specialties=3, progress=True)

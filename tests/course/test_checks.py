@@ -680,6 +680,14 @@ def test_start_leaves_no_half_written_notebook(tmp_path, monkeypatch):
     assert len(kept) == 2 and len(copied) >= 9
 
 
+def test_start_never_writes_over_a_file_that_appears_meanwhile(tmp_path):
+    from minimoe.course.checks import workspace
+    target = tmp_path / "00_x.ipynb"
+    assert workspace._write_new(target, "fresh") is True and target.read_text() == "fresh"
+    assert workspace._write_new(target, "other") is False            # e.g. made by a second `start` in a race
+    assert target.read_text() == "fresh" and os.listdir(tmp_path) == ["00_x.ipynb"]
+
+
 @pytest.mark.parametrize("timeout", ["0", "-5", "1.5", "soon"])
 def test_nbgrader_timeout_must_be_a_positive_whole_number(tmp_path, capsys, timeout):
     from minimoe.course.checks.__main__ import main

@@ -147,8 +147,8 @@ def _progress(argv):
     ap = argparse.ArgumentParser(prog="python -m minimoe.checks",
                                  description="Report your progress through the minimoe lessons.",
                                  epilog=COMMANDS, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("paths", nargs="*", type=_folder("my-lessons"), help="notebooks or folders (default: ./my-lessons if it exists, "
-                                             "else the clone's lessons/)")
+    ap.add_argument("paths", nargs="*", type=_folder("my-lessons"),
+                    help="notebooks or folders (default: ./my-lessons if it exists, else the clone's lessons/)")
     ap.add_argument("--run", action="store_true",
                     help="execute a copy of each notebook instead of reading its saved outputs")
     args = ap.parse_args(argv)
