@@ -34,9 +34,10 @@ import numpy as np
 from .clinic.data import bayes_accuracy, make_clinic
 from .clinic.models import DenseMoE, Ensemble, Generalist, SparseMoE
 from .clinic.train import evaluate, specialty_routing, train
-from .validate import atomic_write_text, check_out_dir
+from .validate import atomic_write_text, check_out_dir, check_out_files, exit_cleanly
 
-__all__ = ["DEFAULTS", "QUICK", "OUTPUTS", "build_clinics", "run_demo", "format_table", "write_outputs", "main"]
+__all__ = ["DEFAULTS", "QUICK", "MAX_SPECIALTIES", "MAX_N_TRAIN", "OUTPUTS", "build_clinics", "run_demo",
+           "format_table", "write_outputs", "main"]
 
 # The full demo. Measured over seeds 0–4, see README: the GP clinic beats the
 # generalist by ~0.18 accuracy at equal compute per patient.
@@ -45,6 +46,15 @@ DEFAULTS = dict(n_train=16000, n_val=2000, n_test=4000, n_specialties=8, n_class
                 epochs=20, batch_size=128, lr=3e-3)
 # --quick: the same clinics on a small data set, for tests and a first look.
 QUICK = dict(DEFAULTS, n_train=3000, n_val=500, n_test=1000, epochs=6)
+# The largest values the command line takes (measured on 2 cores):
+# - each hidden specialty has its own diagnostic rule, which costs about 12 ms to draw (3 s at
+#   256), and a column of 0.55 inch in the referral figure (matplotlib refuses an image wider
+#   than 2^16 pixels, which that figure reaches at about 900); and with 8 symptoms, far fewer
+#   specialties than that are already too close together to be told apart.
+MAX_SPECIALTIES = 256
+# - the data take about 200 MB per million patients, and one epoch of the four clinics about
+#   a minute per million; at 10 million, 2 GB and hours of training.
+MAX_N_TRAIN = 10_000_000
 
 ORDER = ("ensemble", "generalist", "dense_moe", "sparse_moe")
 TITLES = {"ensemble": "1 second opinion", "generalist": "2 generalist",
@@ -80,7 +90,7 @@ def run_demo(cfg, seeds=(0,), progress=None, log=print):
     for seed in seeds:
         data = make_clinic(cfg["n_train"], cfg["n_val"], cfg["n_test"], n_symptoms=cfg["n_symptoms"],
                            n_specialties=cfg["n_specialties"], n_classes=cfg["n_classes"],
-                           rule_width=cfg["rule_width"], noise=cfg["noise"], seed=seed)
+                           rule_width=cfg["rule_width"], noise=cfg["noise"], seed=seed, progress=progress)
         clinics, desc = build_clinics(cfg, seed, data.n_symptoms, data.n_classes)
         rows, hists = {}, {}
         for kind, model in clinics.items():
@@ -142,10 +152,12 @@ def write_outputs(res, out_dir, log=print):
     Everything is drawn into a hidden staging folder inside ``out_dir`` first and moved into
     place only when all of it is done, so an interrupted run leaves the folder as it was
     (never a truncated PNG, never new figures mixed with an earlier run's numbers); a rerun
-    replaces every file of the earlier run, and says so.
+    replaces every file of the earlier run, and says so. A directory where one of the files
+    goes is an error before anything is drawn.
     """
     from .course import viz
     check_out_dir("out_dir", out_dir)
+    check_out_files("out_dir", out_dir, OUTPUTS)
     stage = tempfile.mkdtemp(dir=out_dir, prefix=".minimoe-demo-")
     p = lambda name: os.path.join(stage, name)  # noqa: E731
     try:
@@ -160,14 +172,40 @@ def write_outputs(res, out_dir, log=print):
         atomic_write_text(p("results.json"),
                           json.dumps({k: res[k] for k in ("config", "seeds", "bayes", "rows")}, indent=1))
         old = [n for n in OUTPUTS if os.path.exists(os.path.join(out_dir, n))]
-        for name in OUTPUTS:
-            os.replace(p(name), os.path.join(out_dir, name))
+        _move_in(stage, out_dir, OUTPUTS)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     if old:
         log(f"Replaced {len(old)} files of an earlier run in {out_dir}: all {len(OUTPUTS)} files there are "
             f"now from this run.")
     return [os.path.join(out_dir, n) for n in OUTPUTS]
+
+
+def _move_in(stage, out_dir, names):
+    """Move the files ``names`` from ``stage`` into ``out_dir``: all of them, or none.
+
+    Each old file is first set aside in the stage (a rename, in the same file system); if a
+    move fails or is interrupted, the new files moved so far are taken out again and the old
+    ones put back, so ``out_dir`` never holds half of one run and half of another.
+    """
+    backup = os.path.join(stage, ".old")
+    os.mkdir(backup)
+    started = []
+    try:
+        for name in names:
+            started.append(name)          # before the renames: an interrupt between them is undone too
+            target = os.path.join(out_dir, name)
+            if os.path.lexists(target):
+                os.replace(target, os.path.join(backup, name))
+            os.replace(os.path.join(stage, name), target)
+    except BaseException:
+        for name in reversed(started):
+            target, aside = os.path.join(out_dir, name), os.path.join(backup, name)
+            if os.path.lexists(aside):
+                os.replace(aside, target)                 # the old file back, over the new one
+            elif not os.path.lexists(os.path.join(stage, name)) and os.path.lexists(target):
+                os.remove(target)                         # a new file where there was none
+        raise
 
 
 def _parser():
@@ -181,12 +219,16 @@ def _parser():
                     help="random seed(s) for data, weights and training; several seeds give mean ± std "
                          "(default: 0)")
     ap.add_argument("--n-train", type=int, default=None, metavar="N",
-                    help=f"training patients (default: {DEFAULTS['n_train']}, or {QUICK['n_train']} with --quick)")
+                    help=f"training patients (default: {DEFAULTS['n_train']}, or {QUICK['n_train']} with --quick; "
+                         f"at least 10, at most {MAX_N_TRAIN:,}: the data take about 200 MB and an epoch of the "
+                         f"four clinics about a minute per million patients)")
     ap.add_argument("--epochs", type=int, default=None, metavar="N",
                     help=f"passes over the training data (default: {DEFAULTS['epochs']}, or {QUICK['epochs']} "
                          f"with --quick)")
     ap.add_argument("--specialties", type=int, default=None, metavar="S",
-                    help=f"hidden specialties in the data (default: {DEFAULTS['n_specialties']})")
+                    help=f"hidden specialties in the data (default: {DEFAULTS['n_specialties']}; at most "
+                         f"{MAX_SPECIALTIES}: each has its own rule to draw and a column in the referral "
+                         f"figure, and with {DEFAULTS['n_symptoms']} symptoms many specialties overlap)")
     ap.add_argument("--out", default="minimoe_demo", metavar="DIR",
                     help="directory for the figures and results (default: ./minimoe_demo)")
     ap.add_argument("--quick", action="store_true",
@@ -197,47 +239,66 @@ def _parser():
     return ap
 
 
-def main(argv=None):
-    ap = _parser()
-    args = ap.parse_args(argv)
+def _check_args(ap, args):
+    """Every argument, before any work: the run's config, or ``ap.error`` (exit 2) naming the option."""
     cfg = dict(QUICK if args.quick else DEFAULTS)
     for seed in args.seed:
         if seed < 0:
             ap.error(f"--seed must be >= 0, got {seed}")
-    for opt, key, low in (("--n-train", "n_train", 10), ("--epochs", "epochs", 1),
-                          ("--specialties", "n_specialties", 1)):
-        value = getattr(args, key if key != "n_specialties" else "specialties")
+        if args.seed.count(seed) > 1:
+            ap.error(f"--seed {seed} is given twice: each seed is one run, and a repeated one would count "
+                     f"twice in the mean ± std")
+    too_many = {"n_train": "the data take about 200 MB and an epoch of the four clinics about a minute "
+                           "per million patients",
+                "n_specialties": f"each specialty has its own rule to draw, about 12 ms each, and a column in "
+                                 f"the referral figure; with {cfg['n_symptoms']} symptoms, many more overlap too "
+                                 f"much to tell apart"}
+    for opt, key, low, high in (("--n-train", "n_train", 10, MAX_N_TRAIN), ("--epochs", "epochs", 1, None),
+                                ("--specialties", "n_specialties", 1, MAX_SPECIALTIES)):
+        value = getattr(args, opt[2:].replace("-", "_"))
         if value is not None:
             if value < low:
                 ap.error(f"{opt} must be >= {low}, got {value}")
+            if high is not None and value > high:
+                ap.error(f"{opt} must be <= {high}, got {value}: {too_many[key]}")
             cfg[key] = value
     if not args.no_figures:
         try:                        # before any training: a bad --out must not cost a whole run
             check_out_dir("--out", args.out)
+            check_out_files("--out", args.out, OUTPUTS)
         except (TypeError, ValueError) as err:
             ap.error(str(err))
-    progress = False if args.no_progress else None
+    return cfg
 
-    t0 = time.perf_counter()
-    print(f"The clinic: {cfg['n_train']} training patients, {cfg['n_specialties']} hidden specialties, "
-          f"{cfg['n_classes']} diagnoses, {100 * cfg['noise']:.0f}% label noise "
-          f"(best possible accuracy {bayes_accuracy(cfg['noise'], cfg['n_classes']):.3f}).")
-    res = run_demo(cfg, seeds=args.seed, progress=progress)
-    print()
-    print(format_table(res["rows"]))
-    print()
-    for r in res["rows"]:
-        print(f"  {r['title']:<24} {r['desc']}")
-    g = next(r for r in res["rows"] if r["kind"] == "generalist")
-    print(f"Compute is matched on FLOPs per patient: the generalist's width is the smallest whose FFN "
-          f"costs at least the GP clinic's router + {cfg['k']} experts + combine ({g['flops']:,} FLOPs "
-          f"in all, embedding and readout included).")
-    print("Load CV: std/mean of the referrals each expert received on the test set (0 = perfectly even).")
-    if not args.no_figures:
-        paths = write_outputs(res, args.out, log=print)
-        print(f"\nWrote {len(paths)} files to {os.path.abspath(args.out)}/: "
-              + ", ".join(os.path.basename(q) for q in paths))
-    print(f"Done in {time.perf_counter() - t0:.1f} s.")
+
+def main(argv=None):
+    """Entry point of ``python -m minimoe``; returns 0. Ctrl-C ends it with one line and exit 130."""
+    with exit_cleanly():
+        ap = _parser()
+        args = ap.parse_args(argv)
+        cfg = _check_args(ap, args)
+        progress = False if args.no_progress else None
+
+        t0 = time.perf_counter()
+        print(f"The clinic: {cfg['n_train']} training patients, {cfg['n_specialties']} hidden specialties, "
+              f"{cfg['n_classes']} diagnoses, {100 * cfg['noise']:.0f}% label noise "
+              f"(best possible accuracy {bayes_accuracy(cfg['noise'], cfg['n_classes']):.3f}).")
+        res = run_demo(cfg, seeds=args.seed, progress=progress)
+        print()
+        print(format_table(res["rows"]))
+        print()
+        for r in res["rows"]:
+            print(f"  {r['title']:<24} {r['desc']}")
+        g = next(r for r in res["rows"] if r["kind"] == "generalist")
+        print(f"Compute is matched on FLOPs per patient: the generalist's width is the smallest whose FFN "
+              f"costs at least the GP clinic's router + {cfg['k']} experts + combine ({g['flops']:,} FLOPs "
+              f"in all, embedding and readout included).")
+        print("Load CV: std/mean of the referrals each expert received on the test set (0 = perfectly even).")
+        if not args.no_figures:
+            paths = write_outputs(res, args.out, log=print)
+            print(f"\nWrote {len(paths)} files to {os.path.abspath(args.out)}/: "
+                  + ", ".join(os.path.basename(q) for q in paths))
+        print(f"Done in {time.perf_counter() - t0:.1f} s.")
     return 0
 
 

@@ -69,8 +69,8 @@ import warnings
 
 import numpy as np
 
-from .core.moe import MoELayer
-from .validate import atomic_write_text, check_out_dir
+from .core.moe import MAX_CAPACITY_FACTOR, MoELayer
+from .validate import arg_int, atomic_write_text, check_out_file, exit_cleanly
 
 __all__ = ["FULL", "QUICK", "TARGETS", "make_moe_step", "make_ceiling_step", "make_grouped_ceiling_step",
            "time_interleaved",
@@ -330,25 +330,20 @@ def _target_lines(targets):
 
 
 # --------------------------------------------------------------------------- command line
-def _positive_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
-    return value
+_positive_int = arg_int(low=1)
 
 
 def _capacity(text):
-    if text.lower() == "none":
+    """``--capacity-factor``: a number in (0, MAX_CAPACITY_FACTOR] (the layer's own bound), or 'none'."""
+    if text.strip().lower() == "none":
         return None
     try:
         value = float(text)
     except ValueError:
         value = float("nan")
-    if not np.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0 or 'none', got {text!r}")
+    if not np.isfinite(value) or value <= 0 or value > MAX_CAPACITY_FACTOR:
+        raise argparse.ArgumentTypeError(f"expected a number > 0 or 'none', and at most {MAX_CAPACITY_FACTOR:g} "
+                                         f"(the layer's limit), got {text!r}")
     return value
 
 
@@ -382,7 +377,17 @@ def _parser():
 
 
 def main(argv=None):
-    """Entry point of ``python -m minimoe.bench``; returns the result dict."""
+    """Entry point of ``python -m minimoe.bench``; returns the result dict.
+
+    Every argument is checked before any timing (bad ones exit 2 naming the option); Ctrl-C
+    ends it with one line, ``interrupted``, and exit status 130, and leaves any --json file
+    as it was.
+    """
+    with exit_cleanly():
+        return _main(argv)
+
+
+def _main(argv):
     parser = _parser()
     args = parser.parse_args(argv)
     cfg = dict(QUICK if args.quick else FULL)
@@ -391,13 +396,10 @@ def main(argv=None):
     if args.warmup is not None:
         cfg["warmup"] = args.warmup
     if args.json is not None:
-        folder = os.path.dirname(os.path.abspath(args.json))
-        if not os.path.isdir(folder):
-            parser.error(f"--json: folder {folder!r} does not exist")
-        if os.path.isdir(args.json):
-            parser.error(f"--json {args.json!r} is a directory; give a file name")
-        try:                        # before the run: an unwritable folder must not cost a whole benchmark
-            check_out_dir("--json: folder", folder, create=False)
+        # Before the run: a path that cannot be written must not cost a whole benchmark. A folder
+        # that does not exist is an error, not created: it is more often a typo than a wish.
+        try:
+            check_out_file("--json", args.json)
         except ValueError as err:
             parser.error(str(err))
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -601,6 +603,10 @@ def _main_parallel(args, cfg, parser):
         parser.error("--parallel needs mpi4py, an MPI library and threadpoolctl: pip install mpi4py mpich "
                      "threadpoolctl, then mpiexec -n 2 python -m minimoe.bench --parallel")
     comm = MPI.COMM_WORLD
+    P = comm.Get_size()
+    if cfg["T"] % P or any(E % P for E in cfg["experts"]):
+        parser.error(f"--parallel needs T={cfg['T']} and every E in {cfg['experts']} divisible by the number "
+                     f"of ranks, mpiexec -n {P}: use -n 2, 4 or 8")
     result = run_parallel_bench(cfg, comm, args.capacity_factor, progress=not args.no_progress)
     if comm.Get_rank() == 0:
         print(format_parallel_report(result))

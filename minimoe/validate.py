@@ -7,6 +7,7 @@ minimoe calls these helpers on its inputs; the tests check the messages.
 """
 from __future__ import annotations
 
+import contextlib
 import numbers
 
 import numpy as np
@@ -331,3 +332,129 @@ def atomic_write_text(path, text):
     with atomic_open(path, "w") as f:
         f.write(text)
     return path
+
+
+# --------------------------------------------------------------------------- command lines
+__all__ += ["check_out_file", "check_out_files", "arg_int", "exit_cleanly"]
+
+
+def check_out_file(name, path):
+    """Check, *before* any long computation, that a file can be written at ``path``.
+
+    Its folder must exist and be writable (it is not created: a mistyped folder is an
+    error, not a new folder), and ``path`` itself must not be a directory. Nothing is
+    created or changed.
+
+    Args:
+        name: how the caller names the argument in messages (e.g. ``"--json"``).
+        path: a file path (str or os.PathLike); a bare name means the current folder.
+
+    Returns:
+        ``path`` as a str.
+
+    Raises:
+        TypeError: ``path`` is not a str or path.
+        ValueError: ``path`` is empty, ends with a slash, is a directory, or its folder
+            does not exist, is a file or is not writable.
+    """
+    import os
+
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"{name} must be a file path, got {type(path).__name__}")
+    path = os.fspath(path)
+    if not path.strip():
+        raise ValueError(f"{name} is empty: give a file name, e.g. {name} result.json")
+    if path.endswith(tuple(s for s in (os.sep, os.altsep) if s)):
+        # "newdir/" names a folder, not a file: writing it would fail only at the very end.
+        raise ValueError(f"{name} {path!r} ends with a slash: give a file name, e.g. {path}result.json")
+    if os.path.isdir(path):
+        raise ValueError(f"{name} {path!r} is a directory; give a file name")
+    folder = os.path.dirname(path) or os.curdir
+    check_out_dir(f"{name}: folder", folder, create=False)
+    return path
+
+
+def check_out_files(name, folder, filenames):
+    """Check that none of ``filenames`` inside ``folder`` is a directory (or a link to one).
+
+    A run that writes several files into a folder calls this (after :func:`check_out_dir`)
+    before its long computation: a directory where one of its files goes would otherwise
+    stop it at the very end, after some of the files were already replaced.
+
+    Returns:
+        ``folder`` as a str.
+
+    Raises:
+        ValueError: naming the folder and the first file that is a directory.
+    """
+    import os
+
+    folder = os.fspath(folder)
+    for fname in filenames:
+        if os.path.isdir(os.path.join(folder, fname)):
+            raise ValueError(f"{name} {folder!r}: {fname} there is a directory; move it aside or choose "
+                             f"another {name}")
+    return folder
+
+
+def arg_int(low=None, high=None, why=""):
+    """An ``argparse`` ``type=`` for a whole number in ``[low, high]`` (either bound optional).
+
+    Bad text fails inside argparse, so the message names the option and the text given:
+    ``argument --repeats: expected a whole number >= 1, got '0'``. ``why``, if given, is
+    added in brackets.
+    """
+    import argparse
+
+    if low is not None and high is not None:
+        want = f" from {low} to {high}"
+    else:
+        want = f" >= {low}" if low is not None else (f" <= {high}" if high is not None else "")
+    note = f" ({why})" if why else ""
+
+    def whole_number(text):
+        try:
+            value = int(text)
+        except (TypeError, ValueError):
+            value = None
+        if value is None or (low is not None and value < low) or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"expected a whole number{want}, got {text!r}{note}")
+        return value
+    return whole_number
+
+
+@contextlib.contextmanager
+def exit_cleanly():
+    """``with exit_cleanly(): ...`` around a command line's work: Ctrl-C and a closed pipe end it
+    as a shell tool ends, without a traceback.
+
+    * ``KeyboardInterrupt`` (Ctrl-C) prints one line, ``interrupted``, on stderr and exits
+      with status 130 (128 + SIGINT). What the command was writing is left as it was, since
+      minimoe writes its outputs atomically (:func:`atomic_open`, or a staging folder).
+    * ``BrokenPipeError`` (``python -m minimoe.checks | head -1``: the reader went away)
+      exits with status 141 (128 + SIGPIPE), silently.
+
+    Every other exception passes through. stdout is flushed inside the block, so a closed
+    pipe is noticed here and not at interpreter exit.
+    """
+    import os
+    import sys
+
+    try:
+        yield
+        sys.stdout.flush()
+    except KeyboardInterrupt:
+        if sys.stderr.isatty():
+            sys.stderr.write("\r\x1b[K")     # a progress bar may hold the line: clear it first
+        print("interrupted", file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
+    except BrokenPipeError:
+        # Point stdout at /dev/null, so that Python's last flush at exit does not fail again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError):      # stdout is not a real file (a test's capture)
+            pass
+        finally:
+            os.close(devnull)
+        raise SystemExit(141) from None

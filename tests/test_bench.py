@@ -273,6 +273,43 @@ def test_json_is_written_atomically_over_an_old_one(tmp_path, monkeypatch):
             raise KeyboardInterrupt
 
     monkeypatch.setattr(bench, "atomic_write_text", interrupted)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit) as exc:                 # Ctrl-C: one line and exit 130 (issue 21)
         bench.main(["--quick", "--no-progress", "--json", str(path)])
+    assert exc.value.code == 130
     assert json.loads(path.read_text()) == {"rows": [1, 2]} and os.listdir(tmp_path) == ["bench.json"]
+
+
+# --------------------------------------------------------------------------- issue 21: every argument before any timing
+@pytest.mark.parametrize("argv, msg", [
+    (["--capacity-factor", "1e10"],
+     f"argument --capacity-factor: expected a number > 0 or 'none', and at most {bench.MAX_CAPACITY_FACTOR:g} "
+     f"(the layer's limit), got '1e10'"),
+    (["--capacity-factor", "inf"], "argument --capacity-factor: expected a number > 0"),
+    (["--json", ""], "--json is empty: give a file name"),
+    (["--json", "NEW/"], "--json 'NEW/' ends with a slash: give a file name"),
+    (["--json", "FILE/out.json"], "exists and is not a directory"),
+    (["--repeats", "0"], "argument --repeats: expected a whole number >= 1, got '0'"),
+    (["--repeats", "1.5"], "argument --repeats: expected a whole number >= 1, got '1.5'"),
+    (["--warmup", "0"], "argument --warmup: expected a whole number >= 1, got '0'"),
+    (["--threads", "-1"], "argument --threads: expected a whole number >= 1, got '-1'"),
+])
+def test_bad_arguments_are_refused_before_any_timing(tmp_path, capsys, monkeypatch, argv, msg):
+    (tmp_path / "a_file").write_text("x")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(bench, "run_bench", _no_run)
+    with pytest.raises(SystemExit) as exc:
+        bench.main([a.replace("FILE", "a_file") for a in argv] + ["--quick", "--no-progress"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert msg in err and "Traceback" not in err
+    assert os.listdir(tmp_path) == ["a_file"]             # and nothing was made: no NEW/ folder
+
+
+def test_the_largest_capacity_factor_the_layer_takes_is_accepted(monkeypatch):
+    seen = []
+    monkeypatch.setattr(bench, "run_bench", lambda cfg, cf, progress: seen.append(cf) or _no_run())
+    with pytest.raises(_Stop):
+        bench.main(["--quick", "--no-progress", "--capacity-factor", repr(bench.MAX_CAPACITY_FACTOR)])
+    assert seen == [bench.MAX_CAPACITY_FACTOR]
+    from minimoe.core import moe
+    assert bench.MAX_CAPACITY_FACTOR is moe.MAX_CAPACITY_FACTOR     # one number, owned by the layer

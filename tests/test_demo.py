@@ -195,3 +195,110 @@ def test_figures_command_checks_out_before_building(tmp_path, capsys, monkeypatc
     with pytest.raises(SystemExit) as exc:
         figures.main(["--out", out.replace("FILE", str(f))])
     assert exc.value.code == 2 and msg in capsys.readouterr().err and ran == []
+
+
+# --------------------------------------------------------------------------- issue 21: every argument up front
+@pytest.mark.parametrize("name", ["results.json", "clinic_summary.png", "results.md"])
+def test_an_output_that_is_a_folder_is_rejected_before_training(tmp_path, capsys, no_training, name):
+    out = tmp_path / "out"
+    out.mkdir()
+    for n in demo.OUTPUTS:                                   # an earlier run's files ...
+        (out / n).write_text(f"old {n}")
+    (out / name).unlink()
+    (out / name).mkdir()                                     # ... and a folder where one of them goes
+    before = sorted(os.listdir(out)), {n: (out / n).read_text() for n in demo.OUTPUTS if n != name}
+    with pytest.raises(SystemExit) as exc:
+        main(["--quick", "--no-progress", "--out", str(out)])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert f"--out {str(out)!r}: {name} there is a directory" in err and "Traceback" not in err
+    assert (sorted(os.listdir(out)), {n: (out / n).read_text() for n in demo.OUTPUTS if n != name}) == before
+
+
+def test_write_outputs_checks_every_target_before_drawing(tmp_path, tiny_res, monkeypatch):
+    from minimoe.course import viz
+    out = tmp_path / "out"
+    (out / "expert_load.png").mkdir(parents=True)
+    drawn = []
+    monkeypatch.setattr(viz, "plot_clinic_summary", lambda *a, **kw: drawn.append(a))
+    with pytest.raises(ValueError, match=r"out_dir .*: expert_load.png there is a directory"):
+        demo.write_outputs(tiny_res, str(out), log=lambda *a: None)
+    assert drawn == [] and os.listdir(out) == ["expert_load.png"]
+
+
+@pytest.mark.parametrize("failure", [OSError("disk gone"), KeyboardInterrupt()])
+def test_a_failure_while_moving_the_files_in_puts_the_old_run_back(tmp_path, tiny_res, monkeypatch, failure):
+    out = tmp_path / "out"
+    out.mkdir()
+    for n in demo.OUTPUTS[1:]:                       # an earlier run (not the same bytes as this one) ...
+        (out / n).write_text(f"old {n}")
+    (out / "notes.txt").write_text("mine")           # ... and a file of the user's
+    before = {n: (out / n).read_bytes() for n in os.listdir(out)}
+    real, moved = os.replace, []
+
+    def replace(src, dst):                       # the 4th file moved into out/ fails
+        if os.path.dirname(os.fspath(dst)) == str(out) and not os.path.basename(os.fspath(src)).startswith("."):
+            moved.append(dst)
+            if len(moved) == 4:
+                raise failure
+        return real(src, dst)
+
+    monkeypatch.setattr(demo.os, "replace", replace)
+    with pytest.raises(type(failure)):
+        demo.write_outputs(tiny_res, str(out), log=lambda *a: None)
+    monkeypatch.setattr(demo.os, "replace", real)
+    assert len(moved) >= 4                         # it did get that far
+    assert {n: (out / n).read_bytes() for n in os.listdir(out)} == before   # the old run, whole; nothing left over
+
+
+@pytest.mark.parametrize("argv, msg", [
+    (["--specialties", "5000"], f"--specialties must be <= {demo.MAX_SPECIALTIES}, got 5000"),
+    (["--n-train", "100000000"], f"--n-train must be <= {demo.MAX_N_TRAIN}, got 100000000"),
+    (["--epochs", "-3"], "--epochs must be >= 1, got -3"),
+    (["--n-train", "0"], "--n-train must be >= 10, got 0"),
+    (["--seed", "0", "-1"], "--seed must be >= 0, got -1"),
+    (["--seed", "1", "2", "1"], "--seed 1 is given twice"),
+    (["--epochs", "2.5"], "argument --epochs: invalid int value: '2.5'"),
+])
+def test_every_argument_is_checked_before_any_work(argv, msg, capsys, no_training, tmp_path):
+    with pytest.raises(SystemExit) as exc:
+        main(argv + ["--no-progress", "--out", str(tmp_path / "out")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert msg in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()              # a bad argument creates no folder either
+
+
+def test_the_largest_allowed_specialties_and_n_train_pass_the_checks(monkeypatch, tmp_path, capsys):
+    seen = {}
+
+    def run_demo(cfg, seeds, progress=None, log=print):
+        seen.update(cfg, progress=progress)
+        raise KeyboardInterrupt                      # stop before any work (and see how it ends)
+
+    monkeypatch.setattr(demo, "run_demo", run_demo)
+    with pytest.raises(SystemExit) as exc:
+        main(["--specialties", str(demo.MAX_SPECIALTIES), "--n-train", str(demo.MAX_N_TRAIN), "--no-progress",
+              "--out", str(tmp_path)])
+    assert exc.value.code == 130
+    assert seen["n_specialties"] == demo.MAX_SPECIALTIES and seen["n_train"] == demo.MAX_N_TRAIN
+    assert seen["progress"] is False
+
+
+def test_help_gives_the_bounds_and_why():
+    text = " ".join(demo._parser().format_help().split())
+    assert f"at most {demo.MAX_SPECIALTIES}" in text and f"at most {demo.MAX_N_TRAIN:,}" in text
+
+
+def test_run_demo_hands_progress_to_the_data(monkeypatch):
+    seen = []
+
+    def make_clinic(*a, progress=None, **kw):
+        seen.append(progress)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(demo, "make_clinic", make_clinic)
+    for progress in (False, None, True):
+        with pytest.raises(KeyboardInterrupt):
+            demo.run_demo(dict(QUICK), progress=progress, log=lambda *a: None)
+    assert seen == [False, None, True]

@@ -42,6 +42,7 @@ arguments give the same data, bit for bit.
 """
 from __future__ import annotations
 
+import sys
 from typing import NamedTuple
 
 import numpy as np
@@ -49,6 +50,10 @@ import numpy as np
 from ..validate import check_dtype, check_int, check_positive_float
 
 __all__ = ["Split", "Rules", "ClinicData", "make_clinic", "diagnose", "bayes_accuracy"]
+
+# Drawing the rules costs about 12 ms per specialty (2 cores): a progress bar, when asked for,
+# appears only once the draw has taken this many seconds, so the usual few specialties stay quiet.
+PROGRESS_DELAY_S = 2.0
 
 
 class _SplitFields(NamedTuple):
@@ -134,8 +139,11 @@ def _scores(z, s, teacher):
     return np.tanh(z @ teacher.A[s] + teacher.c[s]) @ teacher.B[s] - teacher.o[s]
 
 
-def _make_teacher(n_specialties, n_symptoms, n_classes, rule_width, rng):
-    """One random two-layer tanh network per specialty, classes balanced on a reference sample."""
+def _make_teacher(n_specialties, n_symptoms, n_classes, rule_width, rng, bar=None):
+    """One random two-layer tanh network per specialty, classes balanced on a reference sample.
+
+    ``bar``: a tqdm bar advanced once per specialty (the balancing below is the slow part), or None.
+    """
     S, d, m, C = n_specialties, n_symptoms, rule_width, n_classes
     # Weights N(0, 2/d): pre-activations of size ~1.4, so the tanh units bend
     # (they are neither linear nor saturated) over the typical patient.
@@ -152,7 +160,21 @@ def _make_teacher(n_specialties, n_symptoms, n_classes, rule_width, rng):
             counts = np.bincount(np.argmax(_scores(z_ref, s, teacher), axis=1), minlength=C)
             freq = (counts + 1.0) / (counts.sum() + C)
             teacher.o[s] += 0.5 * np.log(freq * C)
+        if bar is not None:
+            bar.update(1)
     return teacher
+
+
+def _progress_bar(progress, total):
+    """A tqdm bar over the specialties' rules (``None``: only on a terminal), shown only after
+    :data:`PROGRESS_DELAY_S` seconds; or None for no bar."""
+    if progress is None:
+        progress = sys.stderr.isatty()
+    if not progress:
+        return None
+    from tqdm.auto import tqdm
+    return tqdm(total=total, desc="drawing the specialties' rules", unit="specialty", leave=False,
+                delay=PROGRESS_DELAY_S, file=sys.stderr)
 
 
 def _sample(n, centers, teacher, noise, n_classes, rng):
@@ -170,7 +192,7 @@ def _sample(n, centers, teacher, noise, n_classes, rng):
 
 
 def make_clinic(n_train=16000, n_val=2000, n_test=4000, *, n_symptoms=8, n_specialties=8,
-                n_classes=4, rule_width=6, noise=0.05, overlap=0.0, seed=0, dtype=np.float64):
+                n_classes=4, rule_width=6, noise=0.05, overlap=0.0, seed=0, dtype=np.float64, progress=None):
     """Draw the clinic data set.
 
     Args:
@@ -185,6 +207,9 @@ def make_clinic(n_train=16000, n_val=2000, n_test=4000, *, n_symptoms=8, n_speci
             (0: far apart, a linear GP can refer perfectly; 1: indistinguishable).
         seed: integer seed; the same arguments give the same data.
         dtype: float dtype of the symptoms.
+        progress: a tqdm progress bar over the specialties' rules if the draw takes more than
+            ``PROGRESS_DELAY_S`` seconds (about 12 ms per specialty, so a few hundred):
+            True, False, or None (only when stderr is a terminal). It changes no number.
 
     Returns:
         :class:`ClinicData` with ``train``/``val``/``test`` :class:`Split` s.
@@ -210,10 +235,17 @@ def make_clinic(n_train=16000, n_val=2000, n_test=4000, *, n_symptoms=8, n_speci
                          f"got {overlap!r}")
     seed = check_int("seed", seed, low=0)
     dtype = check_dtype("dtype", dtype)
+    if not (progress is None or isinstance(progress, (bool, np.bool_))):
+        raise TypeError(f"progress must be True, False or None, got {progress!r}")
 
     rng = np.random.default_rng(seed)
     centers = _centers(S, d, 5.0 * (1.0 - overlap), rng)
-    teacher = _make_teacher(S, d, C, m, rng)
+    bar = _progress_bar(progress, S)
+    try:
+        teacher = _make_teacher(S, d, C, m, rng, bar)
+    finally:
+        if bar is not None:
+            bar.close()
     splits = []
     for n in (n_train, n_val, n_test):
         x, y, s = _sample(n, centers, teacher, noise, C, rng)

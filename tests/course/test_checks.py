@@ -2,6 +2,7 @@
 its targeted hint — for every exercise of lessons 00–04 — plus the framework around them
 (verdicts, strict mode, progress, the lesson build)."""
 import json
+import os
 
 import nbformat
 import numpy as np
@@ -635,3 +636,117 @@ def test_nbgrader_course_directory(tmp_path):
         assert "BEGIN SOLUTION" in json.dumps(nb), "nbgrader's source notebooks carry the solutions"
     config = (tmp_path / "nbgrader_config.py").read_text()
     assert "c.Execute.timeout = 900" in config and 'course_id = "minimoe"' in config
+
+
+# ----------------------------------------------------------------------------- issue 21: arguments up front
+@pytest.mark.parametrize("where, msg", [
+    ("", "argument DIR: is empty: give a folder, e.g. my-lessons"),
+    ("   ", "argument DIR: is empty"),
+    ("FILE/sub", "DIR 'FILE/sub' is inside 'FILE', a file"),
+    ("FILE", "DIR 'FILE' exists and is not a directory"),
+    ("/proc/minimoe-lessons", "DIR '/proc/minimoe-lessons' cannot be created"),
+])
+def test_start_refuses_a_folder_it_cannot_use_and_copies_nothing(tmp_path, monkeypatch, capsys, where, msg):
+    from minimoe.course.checks.__main__ import main
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a_file").write_text("x")
+    where, msg = (s.replace("FILE", str(tmp_path / "a_file")) for s in (where, msg))
+    with pytest.raises(SystemExit) as exc:
+        main(["start", where])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert msg in err and "Traceback" not in err and "python -m minimoe.checks start: error:" in err
+    assert os.listdir(tmp_path) == ["a_file"]                    # nothing copied anywhere
+
+
+def test_start_leaves_no_half_written_notebook(tmp_path, monkeypatch):
+    from minimoe.course.checks import workspace
+    real = os.fdopen
+
+    def failing_fdopen(fd, *a, **kw):                # the disk fills up in the middle of the 3rd notebook
+        f = real(fd, *a, **kw)
+        failing_fdopen.n += 1
+        if failing_fdopen.n == 3:
+            f.write = lambda text: (_ for _ in ()).throw(OSError(28, "No space left on device"))
+        return f
+    failing_fdopen.n = 0
+    monkeypatch.setattr(workspace.os, "fdopen", failing_fdopen)
+    with pytest.raises(OSError, match="No space left"):
+        workspace.start(tmp_path / "mine")
+    names = sorted(p.name for p in (tmp_path / "mine").iterdir())
+    assert len(names) == 2 and all(n[:2].isdigit() for n in names)    # two whole ones, no partial, no temp
+    monkeypatch.setattr(workspace.os, "fdopen", real)
+    copied, kept = workspace.start(tmp_path / "mine")                  # a rerun completes the set
+    assert len(kept) == 2 and len(copied) >= 9
+
+
+def test_start_never_writes_over_a_file_that_appears_meanwhile(tmp_path):
+    from minimoe.course.checks import workspace
+    target = tmp_path / "00_x.ipynb"
+    assert workspace._write_new(target, "fresh") is True and target.read_text() == "fresh"
+    assert workspace._write_new(target, "other") is False            # e.g. made by a second `start` in a race
+    assert target.read_text() == "fresh" and os.listdir(tmp_path) == ["00_x.ipynb"]
+
+
+@pytest.mark.parametrize("timeout", ["0", "-5", "1.5", "soon"])
+def test_nbgrader_timeout_must_be_a_positive_whole_number(tmp_path, capsys, timeout):
+    from minimoe.course.checks.__main__ import main
+    with pytest.raises(SystemExit) as exc:
+        main(["nbgrader", str(tmp_path / "course"), "--timeout", timeout])
+    assert exc.value.code == 2
+    assert f"argument --timeout: expected a whole number >= 1, got '{timeout}'" in capsys.readouterr().err
+    assert not (tmp_path / "course").exists()
+
+
+def test_write_course_checks_the_timeout_too(tmp_path):
+    from minimoe.course.checks.nbgrader_course import write_course
+    for bad, err in ((0, ValueError), (-1, ValueError), (2.5, TypeError), (True, TypeError)):
+        with pytest.raises(err, match="timeout"):
+            write_course(tmp_path / "course", timeout=bad)
+    assert not (tmp_path / "course").exists()
+
+
+@pytest.mark.parametrize("where, msg", [
+    ("", "argument DIR: is empty: give a folder"),
+    ("FILE/sub", "DIR 'FILE/sub' is inside 'FILE', a file"),
+])
+def test_nbgrader_refuses_a_folder_it_cannot_use(tmp_path, capsys, where, msg):
+    from minimoe.course.checks.__main__ import main
+    (tmp_path / "a_file").write_text("x")
+    where, msg = (s.replace("FILE", str(tmp_path / "a_file")) for s in (where, msg))
+    with pytest.raises(SystemExit) as exc:
+        main(["nbgrader", where])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert msg in err and "Traceback" not in err
+
+
+def test_build_refuses_an_empty_lessons_folder_name(capsys):
+    from minimoe.course.checks.__main__ import main
+    with pytest.raises(SystemExit) as exc:
+        main(["build", "--check", "--lessons", ""])
+    assert exc.value.code == 2 and "argument --lessons: is empty" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bad", [{"lesson": "04", "passed": True, "message": ""},             # no exercise
+                                 {"lesson": "04", "exercise": "topk_margin", "message": ""},   # no verdict
+                                 "not a dict"])
+def test_a_verdict_without_its_fields_is_skipped_and_named(tmp_path, capsys, bad):
+    from minimoe.course.checks.__main__ import main
+    nb = _nb_with([{"lesson": "04", "exercise": "softplus", "passed": True, "message": ""}, bad])
+    nbformat.write(nb, tmp_path / "04_a_noisy_gp.ipynb")
+    lesson, rows = progress.summarize("04_a_noisy_gp.ipynb", nb)
+    assert lesson.number == "04" and [n for n, _ in rows] == list(lesson04.LESSON.exercises)
+    assert [p for n, p in rows] == [n == "softplus" or None for n, _ in rows]   # the readable one counts
+    assert progress.unreadable_verdicts(nb) == 1
+    assert main([str(tmp_path)]) == 0                        # the notebook itself is fine
+    out = capsys.readouterr().out
+    assert "04 A noisy GP" in out and "1/4" in out and "truncated" not in out
+    assert "04_a_noisy_gp.ipynb: 1 saved verdict could not be read (no exercise name or result) and was skipped" in out
+
+
+def test_a_mistyped_command_gets_a_hint(tmp_path, monkeypatch, capsys):
+    from minimoe.course.checks.__main__ import main
+    monkeypatch.chdir(tmp_path)
+    assert main(["strat"]) == 1
+    assert "did you mean `python -m minimoe.checks start`?" in capsys.readouterr().out

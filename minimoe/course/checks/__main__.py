@@ -19,8 +19,11 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import sys
 from pathlib import Path
+
+from ...validate import arg_int, check_out_dir, exit_cleanly
 
 COMMANDS = """\
 commands:
@@ -57,13 +60,33 @@ def _notebooks(paths):
     return found, problems
 
 
+def _folder(example):
+    """An argparse ``type=`` for a folder name: an empty one would silently mean the current folder."""
+    def folder(text):
+        if not text.strip():
+            raise argparse.ArgumentTypeError(f"is empty: give a folder, e.g. {example}")
+        return text
+    return folder
+
+
+def _usable_folder(ap, path):
+    """Create ``path`` if needed and check it is a writable folder, or ``ap.error`` naming it (exit 2)."""
+    try:
+        check_out_dir("DIR", path)
+    except ValueError as err:
+        ap.error(str(err))
+
+
 def _start(argv):
-    from .workspace import DEFAULT_DIR, start
+    from .workspace import DEFAULT_DIR, start, student_notebooks
     ap = argparse.ArgumentParser(prog="python -m minimoe.checks start",
                                  description="Copy the student notebooks into a folder of your own, "
                                              "never overwriting a file that is already there.")
-    ap.add_argument("dir", nargs="?", default=DEFAULT_DIR, help=f"where (default: ./{DEFAULT_DIR})")
+    ap.add_argument("dir", nargs="?", default=DEFAULT_DIR, metavar="DIR", type=_folder(DEFAULT_DIR),
+                    help=f"where (default: ./{DEFAULT_DIR})")
     args = ap.parse_args(argv)
+    student_notebooks()                 # no lessons to copy (a wheel without them): say so before making DIR
+    _usable_folder(ap, args.dir)
     copied, kept = start(args.dir)
     for p in copied:
         print(f"copied {p}")
@@ -80,7 +103,8 @@ def _build(argv):
     ap = argparse.ArgumentParser(prog="python -m minimoe.checks build",
                                  description="Build the lesson notebooks from lessons/src/ (in a clone).")
     ap.add_argument("--check", action="store_true", help="only check that they are up to date")
-    ap.add_argument("--lessons", default=None, help="the lessons folder (default: the clone's lessons/)")
+    ap.add_argument("--lessons", default=None, type=_folder("lessons"),
+                    help="the lessons folder (default: the clone's lessons/)")
     args = ap.parse_args(argv)
     try:
         stale = build(args.lessons, check=args.check)
@@ -98,15 +122,21 @@ def _build(argv):
 
 
 def _nbgrader(argv):
+    from .build import default_lessons_dir
     from .nbgrader_course import write_course
     ap = argparse.ArgumentParser(prog="python -m minimoe.checks nbgrader",
                                  description="Write an nbgrader course directory with every lesson "
                                              "(source/<lesson>/<lesson>.ipynb and nbgrader_config.py).")
-    ap.add_argument("dir", help="the course directory to write (created if needed)")
-    ap.add_argument("--lessons", default=None, help="the lessons folder (default: the clone's lessons/)")
-    ap.add_argument("--timeout", type=int, default=900, help="nbgrader's seconds per cell (default 900)")
+    ap.add_argument("dir", metavar="DIR", type=_folder("course"),
+                    help="the course directory to write (created if needed)")
+    ap.add_argument("--lessons", default=None, type=_folder("lessons"),
+                    help="the lessons folder (default: the clone's lessons/)")
+    ap.add_argument("--timeout", type=arg_int(low=1), default=900, metavar="SECONDS",
+                    help="nbgrader's seconds per cell, >= 1 (default 900; nbgrader would read 0 as no limit)")
     args = ap.parse_args(argv)
-    written = write_course(args.dir, args.lessons, timeout=args.timeout)
+    lessons = args.lessons or default_lessons_dir("python -m minimoe.checks nbgrader")   # a clone? before DIR
+    _usable_folder(ap, args.dir)
+    written = write_course(args.dir, lessons, timeout=args.timeout)
     print(f"wrote {len(written)} assignments into {Path(args.dir) / 'source'} and "
           f"{Path(args.dir) / 'nbgrader_config.py'}")
     print(f"then, in {args.dir}:  nbgrader generate_assignment {written[0].parent.name}")
@@ -117,21 +147,23 @@ def _progress(argv):
     ap = argparse.ArgumentParser(prog="python -m minimoe.checks",
                                  description="Report your progress through the minimoe lessons.",
                                  epilog=COMMANDS, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("paths", nargs="*", help="notebooks or folders (default: ./my-lessons if it exists, "
-                                             "else the clone's lessons/)")
+    ap.add_argument("paths", nargs="*", type=_folder("my-lessons"),
+                    help="notebooks or folders (default: ./my-lessons if it exists, else the clone's lessons/)")
     ap.add_argument("--run", action="store_true",
                     help="execute a copy of each notebook instead of reading its saved outputs")
     args = ap.parse_args(argv)
     import nbformat
-    from .progress import execute_notebook, format_report, summarize
+    from .progress import execute_notebook, format_report, summarize, unreadable_verdicts
     notebooks, problems = _notebooks(args.paths)
-    summaries = []
+    problems = [(p, msg + _did_you_mean(p)) for p, msg in problems]
+    summaries, notes = [], []
     for path in notebooks:
         if args.run:
             print(f"running {path} …", file=sys.stderr)
         try:
             nb = execute_notebook(path) if args.run else nbformat.read(path, as_version=4)
             lesson, rows = summarize(path, nb)
+            skipped = unreadable_verdicts(nb)
         except Exception as err:    # a corrupt or truncated file must not hide the others
             problems.append((path, f"could not {'run' if args.run else 'read'} this notebook "
                                    f"({type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''}); "
@@ -139,24 +171,45 @@ def _progress(argv):
                                    f"aside and `python -m minimoe.checks start` copies a fresh one"))
             continue
         summaries.append((path, lesson, rows))
+        if skipped:
+            notes.append((path, f"{skipped} saved verdict{'s' if skipped > 1 else ''} could not be read (no "
+                                f"exercise name or result) and {'were' if skipped > 1 else 'was'} skipped; "
+                                f"run that exercise's check again and save"))
     if not summaries and not problems:
         print("no lesson notebooks (NN_name.ipynb) found in " + ", ".join(map(str, args.paths or ["."])))
         return 1
-    print(format_report(summaries, problems))
+    print(format_report(summaries, problems, notes))
     return 1 if problems else 0
 
 
+COMMAND_NAMES = ("start", "build", "nbgrader")
+
+
+def _did_you_mean(path):
+    """`` did you mean ...`` when a path that does not exist looks like a mistyped command."""
+    if Path(path).exists():
+        return ""
+    close = difflib.get_close_matches(str(path), COMMAND_NAMES, n=1)
+    return f"; did you mean `python -m minimoe.checks {close[0]}`?" if close else ""
+
+
 def main(argv=None):
+    """Entry point of ``python -m minimoe.checks``; returns the exit status.
+
+    Bad arguments exit 2 with a message naming them, before anything is copied or written;
+    Ctrl-C ends it with one line, ``interrupted``, and exit status 130.
+    """
     from .build import NeedsCheckout
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"start": _start, "build": _build, "nbgrader": _nbgrader}
-    try:
-        if argv[:1] and argv[0] in commands:
-            return commands[argv[0]](argv[1:])
-        return _progress(argv)
-    except (NeedsCheckout, NotADirectoryError, FileNotFoundError, RuntimeError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    commands = dict(zip(COMMAND_NAMES, (_start, _build, _nbgrader)))
+    with exit_cleanly():
+        try:
+            if argv[:1] and argv[0] in commands:
+                return commands[argv[0]](argv[1:])
+            return _progress(argv)
+        except (NeedsCheckout, NotADirectoryError, FileNotFoundError, RuntimeError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
 
 
 if __name__ == "__main__":

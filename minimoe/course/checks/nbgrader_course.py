@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ...validate import check_int
 from .build import build_notebook, default_lessons_dir, lesson_sources, notebook_text
 
 __all__ = ["CONFIG", "write_course"]
@@ -56,7 +57,11 @@ def write_course(dest, lessons_dir=None, timeout=900):
 
     Existing source notebooks and config are replaced (they are generated files);
     nothing else in ``dest`` (gradebook, submissions, feedback) is touched.
+
+    ``timeout``: nbgrader's seconds per cell, a whole number >= 1 (nbclient reads 0 or a
+    negative number as *no limit*, so a hung cell would block grading forever).
     """
+    timeout = check_int("timeout", timeout, low=1)
     lessons_dir = Path(lessons_dir or default_lessons_dir("python -m minimoe.checks nbgrader"))
     sources = lesson_sources(lessons_dir)
     if not sources:
@@ -72,6 +77,6 @@ def write_course(dest, lessons_dir=None, timeout=900):
         target.write_text(notebook_text(build_notebook(src, "solution")), encoding="utf-8")
         written.append(target)
     assignments = ", ".join(s.stem for s in sources)
-    (dest / "nbgrader_config.py").write_text(CONFIG.format(assignments=assignments, timeout=int(timeout)),
+    (dest / "nbgrader_config.py").write_text(CONFIG.format(assignments=assignments, timeout=timeout),
                                              encoding="utf-8")
     return written

@@ -15,12 +15,13 @@ import html
 import importlib
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 
 from .grading import LESSONS, METADATA_KEY
 
-__all__ = ["format_table", "html_table", "notebook_results", "lesson_for",
-           "execute_notebook", "summarize", "format_report"]
+__all__ = ["format_table", "html_table", "notebook_results", "readable_verdict", "unreadable_verdicts",
+           "lesson_for", "execute_notebook", "summarize", "format_report"]
 
 _MARK = {True: "✔", False: "✘", None: "·"}
 _WORD = {True: "passed", False: "not yet", None: "not run"}
@@ -48,14 +49,33 @@ def html_table(title, rows):
 
 
 def notebook_results(nb):
-    """Every verdict recorded in a notebook's outputs, in document order (dicts)."""
+    """Every verdict recorded in a notebook's outputs, in document order (dicts).
+
+    A verdict whose metadata is not a mapping (a hand-edited or damaged file) comes back as an
+    empty dict, so it is counted by :func:`unreadable_verdicts` rather than stopping the report.
+    """
     found = []
     for cell in nb.get("cells", []):
         for out in cell.get("outputs", []) or []:
             meta = out.get("metadata", {}) or {}
             if METADATA_KEY in meta:
-                found.append(dict(meta[METADATA_KEY]))
+                v = meta[METADATA_KEY]
+                found.append(dict(v) if isinstance(v, Mapping) else {})
     return found
+
+
+def readable_verdict(r):
+    """True when a saved verdict has what the report needs: an ``exercise`` name and a bool ``passed``.
+
+    The grader always writes both (:class:`~minimoe.course.checks.grading.Result`); one without
+    them was edited or damaged, and is skipped, not taken for a broken notebook.
+    """
+    return isinstance(r.get("exercise"), str) and isinstance(r.get("passed"), bool)
+
+
+def unreadable_verdicts(nb):
+    """How many of a notebook's saved verdicts lack an exercise name or a result (skipped in reports)."""
+    return sum(not readable_verdict(r) for r in notebook_results(nb))
 
 
 def lesson_for(path):
@@ -92,18 +112,20 @@ def summarize(path, nb):
     lesson = lesson_for(path)
     latest = {}
     for r in notebook_results(nb):
-        latest[r["exercise"]] = bool(r["passed"])
+        if readable_verdict(r):
+            latest[r["exercise"]] = r["passed"]
     if lesson is None:
         return None, sorted(latest.items())
     return lesson, [(name, latest.get(name)) for name in lesson.exercises]
 
 
-def format_report(summaries, problems=()):
+def format_report(summaries, problems=(), notes=()):
     """The course table: one line per notebook file and a total over lessons.
 
     ``summaries``: ``[(path, lesson, rows), ...]`` as from :func:`summarize`;
     ``problems``: ``[(path, message), ...]`` for notebooks that could not be read or
-    run (each is named, and the others are still reported). Each line names its
+    run (each is named, and the others are still reported); ``notes``: ``[(path, message), ...]``
+    for what is worth knowing but not wrong (a verdict that was skipped). Each line names its
     file. When one lesson has several copies (``01_the_specialist.ipynb`` and
     ``01_the_specialist-Copy1.ipynb``), each is listed and the total counts the
     copy with the most exercises passed, once.
@@ -126,6 +148,8 @@ def format_report(summaries, problems=()):
             best[key] = (passed, len(rows), path)
     for path, message in problems:
         lines.append(f"  ✘ {Path(path).name}: {message}")
+    for path, message in notes:
+        lines.append(f"  note: {Path(path).name}: {message}")
     done = sum(b[0] for b in best.values())
     total = sum(b[1] for b in best.values())
     lines += ["", f"  {done}/{total} exercises passed"]

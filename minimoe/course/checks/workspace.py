@@ -14,8 +14,11 @@ puts them there when the wheel is built). Solution notebooks are never copied.
 """
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
+from ...validate import check_out_dir
 from .build import BEGIN, repository_root
 
 __all__ = ["DEFAULT_DIR", "PACKAGED", "student_notebooks", "start"]
@@ -36,32 +39,56 @@ def student_notebooks():
     return found
 
 
+def _write_new(target, text):
+    """Write ``text`` into the new file ``target``, whole or not at all, never over an existing file.
+
+    The text goes to a temporary file beside it first, hard-linked to ``target`` only when
+    complete (a link, unlike a rename, refuses an existing target), so a full disk or a
+    Ctrl-C never leaves a truncated notebook, which a later ``start`` would keep.
+    Returns False (writing nothing) if ``target`` already exists.
+    """
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)              # mkstemp makes 0600; open() would not
+        try:
+            os.link(tmp, target)
+        except FileExistsError:
+            return False
+        except OSError:                            # a file system without hard links
+            if target.exists():
+                return False
+            os.replace(tmp, target)
+        return True
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def start(dest=DEFAULT_DIR):
     """Copy every student notebook into ``dest`` (created if needed), keeping existing files.
 
     Returns:
         ``(copied, kept)``: the paths written and the paths that already existed
         (left exactly as they were).
+
+    Raises:
+        ValueError: ``dest`` is empty (which would mean the current folder), is a file or
+            lies under one, cannot be created or is not writable; nothing is copied.
     """
-    dest = Path(dest)
-    if dest.exists() and not dest.is_dir():
-        raise NotADirectoryError(f"{dest} exists and is not a folder; choose another DIR")
     notebooks = student_notebooks()
-    dest.mkdir(parents=True, exist_ok=True)
+    dest = Path(check_out_dir("dest", dest))       # created here, once it is known to be possible
     copied, kept = [], []
     for nb in notebooks:
         target = dest / nb.name
         text = nb.read_text(encoding="utf-8")
         if BEGIN in text:       # a guard: a learner's copy never carries the solutions
             raise RuntimeError(f"{nb} contains solution markers; it is not a student notebook")
-        if target.exists():
+        if target.exists() or not _write_new(target, text):    # never overwrite, even in a race
             kept.append(target)
-            continue
-        try:
-            with open(target, "x", encoding="utf-8") as f:     # "x": never overwrite, even in a race
-                f.write(text)
-        except FileExistsError:
-            kept.append(target)
-            continue
-        copied.append(target)
+        else:
+            copied.append(target)
     return copied, kept
