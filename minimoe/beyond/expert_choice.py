@@ -190,7 +190,7 @@ class ExpertChoiceMoELayer(MoEBase):
         """
         if noise is not None:
             raise ValueError("noise must be None: expert-choice routing uses clean affinities")
-        x2, shape = self._start_forward(x)
+        x2, shape = self._start_forward(x, train)
         T, E = x2.shape[0], self.n_experts
         C = expert_choice_capacity(T, E, self.k, self.capacity_factor)
         p = self.params

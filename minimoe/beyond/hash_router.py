@@ -163,7 +163,7 @@ class HashMoELayer(MoEBase):
         """
         if noise is not None:
             raise ValueError("noise must be None: hash routing has no router scores to perturb")
-        x2, shape = self._start_forward(x)
+        x2, shape = self._start_forward(x, train)
         T, E, k = x2.shape[0], self.n_experts, self.k
         if ids is None:
             keys = content_ids(x2)

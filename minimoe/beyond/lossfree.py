@@ -148,6 +148,11 @@ def normalize_gates_forward(s_sel):
         g (T, k), each row summing to 1, and the cache.
     """
     total = s_sel.sum(axis=1, keepdims=True)
+    if not np.all(total > 0):
+        t = int(np.argmin(total[:, 0]))
+        raise FloatingPointError(f"the chosen experts' scores of token {t} sum to {total[t, 0]:g}, so they cannot "
+                                 "be normalised: sigmoid scores underflow to 0 for logits below about "
+                                 f"{np.log(np.finfo(s_sel.dtype).tiny):.0f} ({s_sel.dtype}); scale x or W_gate down")
     g = s_sel / total
     return g, NormalizeCache(g, total)
 
@@ -267,7 +272,7 @@ class LossFreeMoELayer(MoEBase):
         """
         if noise is not None:
             raise ValueError("noise must be None: the loss-free router has no noise term")
-        x2, shape = self._start_forward(x)
+        x2, shape = self._start_forward(x, train)
         T, E, k, p = x2.shape[0], self.n_experts, self.k, self.params
         L, lcache = router_logits_forward(x2, p["W_gate"])
         s, scache = scores_forward(L, self.score)
@@ -280,9 +285,9 @@ class LossFreeMoELayer(MoEBase):
         y, dcache = dispatch_combine_forward(x2, idx, gates, p["W1"], p["b1"], p["W2"], p["b2"], **self._glu_params(),
                                              capacity=C, activation=self.activation)
         stats = self._routing_stats(idx, gates, dcache.plan, s, bias=self.bias.copy())
-        self._finish_forward(LossFreeCache(shape, train, lcache, scache, tcache, ncache, dcache), stats)
-        if train:                       # eval forwards leave a pending training load alone
-            self.pending_load = stats["requested"]
+        # eval forwards leave a pending training load alone
+        pending = {"pending_load": stats["requested"]} if train else {}
+        self._finish_forward(LossFreeCache(shape, train, lcache, scache, tcache, ncache, dcache), stats, **pending)
         return y.reshape(shape)
 
     def backward(self, dy):
@@ -301,9 +306,12 @@ class LossFreeMoELayer(MoEBase):
         dx_router, rgrads = router_logits_backward(dL, c.logits)
         dx += dx_router
         grads.update(rgrads)
-        self._store_grads(grads)
-        if self.auto_update and c.train:     # an eval forward has no load to balance
-            self.update_bias()
+        # An eval forward has no load to balance, and a batch's load is used once: a second
+        # backward of the same forward (a gradient check, say) leaves the bias alone.
+        step = {}
+        if self.auto_update and c.train and self.pending_load is not None:
+            step = dict(bias=bias_update(self.bias, self.pending_load, self.bias_update_rate), pending_load=None)
+        self._store_grads(grads, **step)            # grads and bias change together, or neither
         return dx.reshape(c.shape)
 
     def update_bias(self, load=None):
@@ -320,6 +328,7 @@ class LossFreeMoELayer(MoEBase):
             if self.pending_load is None:
                 raise RuntimeError("update_bias needs a training forward first (forward(x, train=True)), "
                                    "or an explicit load")
-            load, self.pending_load = self.pending_load, None
-        self.bias = bias_update(self.bias, load, self.bias_update_rate)
+            load = self.pending_load
+        bias = bias_update(self.bias, load, self.bias_update_rate)         # raises before any change
+        vars(self).update(bias=bias, **({"pending_load": None} if load is self.pending_load else {}))
         return self.bias

@@ -330,20 +330,23 @@ class MoEBase:
         self.aux_loss, self.stats, self._cache = 0.0, {}, None
 
     # ------------------------------------------------------------------ forward / backward
-    def _start_forward(self, x):
-        """Check x (the layer is not touched): returns ``(x2, shape)``, x as (T, d) tokens of
-        the layer's dtype (a copy, so the cache never depends on the caller's x), and x's shape."""
+    def _start_forward(self, x, train=True):
+        """Check x and train (the layer is not touched): returns ``(x2, shape)``, x as (T, d)
+        tokens of the layer's dtype (a copy, so the cache never depends on the caller's x),
+        and x's shape."""
+        check_bool("train", train)
         return check_tokens_copy(x, self.cfg)
 
-    def _finish_forward(self, cache, stats, aux_loss=0.0):
-        """Keep this batch's cache, stats and aux loss, all at once, once all were computed.
+    def _finish_forward(self, cache, stats, aux_loss=0.0, **more):
+        """Keep this batch's cache, stats and aux loss (and ``more`` attributes), all at once,
+        once all were computed.
 
         Speed: the last batch's cache is freed here, after the new one exists: freed earlier,
         its (N, h) arrays would go back to the operating system just before this batch asks
         for arrays of the same size, which then arrive page by page (at T=4096, E=64 that was
         ~3,000 page faults and ~9 ms of a 104 ms float32 step, python -m minimoe.bench).
         """
-        vars(self).update(_cache=cache, stats=stats, aux_loss=aux_loss)     # one step: all three or none
+        vars(self).update(_cache=cache, stats=stats, aux_loss=aux_loss, **more)     # one step: all or none
 
     def _start_backward(self, dy):
         """The cache guard, then dy checked against the output: returns (cache, dy as (T, d))."""
@@ -351,13 +354,16 @@ class MoEBase:
             raise RuntimeError("call forward before backward")
         return self._cache, check_dy(dy, self._cache.shape, self.cfg)
 
-    def _store_grads(self, grads):
-        """Put the gradient of every parameter into ``self.grads`` (fresh arrays), after all were
-        computed: ``self.grads`` stays the same dict, so an optimizer holding it sees the new ones."""
+    def _store_grads(self, grads, **more):
+        """Put the gradient of every parameter into ``self.grads`` (fresh arrays), and ``more``
+        attributes, after all were computed: ``self.grads`` stays the same dict, so an
+        optimizer holding it sees the new ones."""
         missing = [name for name in self.params if name not in grads]
         if missing:
             raise RuntimeError(f"backward computed no gradient for {', '.join(missing)}")
-        self.grads.update({name: grads[name] for name in self.params})
+        new = {name: grads[name] for name in self.params}
+        self.grads.update(new)
+        vars(self).update(more)
 
     def _routing_stats(self, idx, gates, plan, probs=None, **extra):
         """The ``stats`` dict of a token-choice forward through ``dispatch.py`` (the beyond classes)."""

@@ -264,3 +264,27 @@ def test_bad_input_is_rejected(rng):
         layer.update_bias(load=np.ones(3))
     with pytest.raises(ValueError, match=r"bias must have shape \(4,\)"):
         biased_topk_forward(np.zeros((2, 4)), np.zeros((2, 4)), np.zeros(3), 1)
+
+
+def test_a_second_backward_of_one_forward_gives_the_same_grads_and_updates_the_bias_once():
+    """Issue 21, finding 3: with auto_update=True a second backward changed the grads, then
+    raised (the batch's load had been used)."""
+    layer = LossFreeMoELayer(4, 6, 4, k=2, auto_update=True, bias_update_rate=0.1, rng=0)
+    x = np.random.default_rng(0).standard_normal((9, 4))
+    y = layer.forward(x)
+    layer.backward(np.ones_like(y))
+    first, bias = {k: v.copy() for k, v in layer.grads.items()}, layer.bias.copy()
+    assert np.any(bias != 0)
+    layer.backward(np.ones_like(y))
+    np.testing.assert_array_equal(layer.bias, bias)
+    for name in first:
+        np.testing.assert_array_equal(layer.grads[name], first[name])
+
+
+def test_underflowed_sigmoid_scores_are_named_not_gates():
+    """Issue 21, finding 6: scores that underflow to 0 were reported as "gates contains NaN or
+    inf", though gates is no argument."""
+    layer = LossFreeMoELayer(2, 3, 4, k=2, score="sigmoid", rng=0)
+    layer.params["W_gate"][...] = -1e3
+    with pytest.raises(FloatingPointError, match="sigmoid scores underflow to 0"):
+        layer.forward(np.ones((3, 2)))

@@ -89,10 +89,10 @@ def test_a_fault_anywhere_in_forward_or_backward_changes_nothing(kw):
     for what, call in (("forward", lambda: layer.forward(x2, noise=noise2)), ("backward", lambda: layer.backward(dy2))):
         n_calls = calls_inside(call)
         assert n_calls > 20, (what, n_calls)             # the tracer does see the inner functions
-        layer.forward(x, noise=noise)                   # the state that must survive each fault
-        layer.backward(dy)
         for n in range(1, n_calls + 1):
-            before = layer_state(layer)
+            layer.forward(x, noise=noise)               # the state that must survive each fault
+            layer.backward(dy)                          # (anew each time: a fault must not hide
+            before = layer_state(layer)                 #  behind the last fault's leftovers)
             with pytest.raises(Injected):
                 raise_at_call(call, n)
             assert_same_state(before, layer, f"{what}, fault at call {n} of {n_calls}")
@@ -231,3 +231,48 @@ def test_a_transposed_or_foreign_weight_is_named():
             with pytest.raises(ValueError, match=rf"{name} must have shape \(3, 4\)"):
                 layer.forward(x)
             layer.params[name] = keep
+
+
+# --------------------------------------------------------------------------- the beyond classes too
+from minimoe import ExpertChoiceMoELayer, HashMoELayer, LossFreeMoELayer, SharedExpertMoELayer  # noqa: E402
+
+BEYOND = {
+    "hash": lambda: HashMoELayer(3, 4, 4, k=2, rng=0, capacity_factor=0.75),
+    "expert_choice": lambda: ExpertChoiceMoELayer(3, 4, 4, k=2, rng=0),
+    "lossfree": lambda: LossFreeMoELayer(3, 4, 4, k=2, rng=0, auto_update=True, score="sigmoid"),
+    "shared": lambda: SharedExpertMoELayer(3, 4, 4, k=2, n_shared=1, rng=0, balance="importance+load",
+                                           activation="swiglu"),
+}
+
+
+@pytest.mark.parametrize("kind", list(BEYOND))
+def test_a_fault_anywhere_changes_nothing_in_the_beyond_classes(kind):
+    layer = BEYOND[kind]()
+    rng = np.random.default_rng(9)
+    for p in layer.params.values():
+        p[...] = rng.standard_normal(p.shape)
+    x, dy = rng.standard_normal((2, 4, 3)), rng.standard_normal((2, 4, 3))
+    kw = {"noise": rng.standard_normal((2, 4, 4))} if kind == "shared" else {}
+    for what, call in (("forward", lambda: layer.forward(2 * x, **kw)), ("backward", lambda: layer.backward(3 * dy))):
+        layer.forward(x, **kw)
+        layer.backward(dy)
+        layer.forward(x, **kw)                          # a pending load for lossfree's auto_update
+        n_calls = calls_inside(call)
+        assert n_calls > 10, (what, n_calls)
+        for n in range(1, n_calls + 1):
+            layer.forward(x, **kw)                      # a clean state anew before each fault
+            layer.backward(dy)
+            layer.forward(x, **kw)
+            before = layer_state(layer)
+            with pytest.raises(Injected):
+                raise_at_call(call, n)
+            assert_same_state(before, layer, f"{kind} {what}, fault at call {n} of {n_calls}")
+
+
+@pytest.mark.parametrize("kind", list(BEYOND))
+def test_train_must_be_a_bool_in_every_class(kind):
+    layer = BEYOND[kind]()
+    before = layer_state(layer)
+    with pytest.raises(TypeError, match="train must be True or False"):
+        layer.forward(np.ones((4, 3)), train="False")
+    assert_same_state(before, layer)
