@@ -79,7 +79,10 @@ def experts_forward_fast(x, offsets, W1, b1, W2, b2, activation="relu", *, W3=No
     dtype = np.result_type(x, W1)
     z = _first_layer(x, offsets, W1, b1, h, dtype)
     if activation == "swiglu":              # silu(z1) ⊙ z3, one vectorized call for all groups
-        a, inner = swiglu_forward(z, _first_layer(x, offsets, W3, b3, h, dtype))
+        z3 = _first_layer(x, offsets, W3, b3, h, dtype)
+        check_output_finite(z, W1=W1, b1=b1)   # swiglu_forward would blame z1/z3: name the weight
+        check_output_finite(z3, W3=W3, b3=b3)
+        a, inner = swiglu_forward(z, z3)
         act_cache = ActivationCache("swiglu", inner)
     else:
         a, act_cache = _activation_forward_inplace(z, activation)   # one vectorized call for all groups

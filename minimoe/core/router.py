@@ -136,7 +136,8 @@ def topk_indices(H, k):
     k = check_int("k", k, low=1, high=H.shape[-1])
     if k <= 8 and np.issubdtype(H.dtype, np.floating) and np.isfinite(H).all():
         # Speed: k passes of argmax cost O(k·E) per row; a row-wise stable sort costs
-        # O(E log E) and is slow in NumPy (15 ms against 0.2 ms at T=4096, E=64, k=2).
+        # O(E log E) and is slow in NumPy (re-measured 2026-12-05, float64, T=4096, E=64, k=2:
+        # 1.0 ms against 10.4 ms; the sort below is the plain rule both follow).
         # argmax returns the *first* maximum, so ties still go to the lower expert index;
         # each winner is then set to −∞, below every (finite) score left in its row.
         rest, rows = H.copy(), np.arange(H.shape[0])

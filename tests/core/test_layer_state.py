@@ -276,3 +276,13 @@ def test_train_must_be_a_bool_in_every_class(kind):
     with pytest.raises(TypeError, match="train must be True or False"):
         layer.forward(np.ones((4, 3)), train="False")
     assert_same_state(before, layer)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+@pytest.mark.parametrize("name", ["W1", "b1", "W3", "b3", "W2", "b2"])
+def test_nan_in_a_swiglu_weight_is_named(fast, name):
+    """Issue 21, finding 6: NaN in SwiGLU weights was reported as z1/z3 on the fast path."""
+    layer = MoELayer(3, 4, 4, activation="swiglu", fast=fast, rng=0)
+    layer.params[name][...] = np.nan
+    with pytest.raises(ValueError, match=f"^{name} contains NaN or inf"):
+        layer.forward(np.ones((5, 3)))
