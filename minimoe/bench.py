@@ -69,6 +69,7 @@ import warnings
 
 import numpy as np
 
+from .core.config import BALANCES, MoEConfig
 from .core.moe import MAX_CAPACITY_FACTOR, MoELayer
 from .validate import arg_int, atomic_write_text, check_out_file, exit_cleanly
 
@@ -80,7 +81,14 @@ __all__ = ["FULL", "QUICK", "TARGETS", "make_moe_step", "make_ceiling_step", "ma
 # The issue-5 configuration, and a small one that only shows the benchmark runs.
 FULL = dict(T=4096, d=128, h=512, k=2, experts=(8, 64), dtypes=("float64", "float32"), repeats=15, warmup=3)
 QUICK = dict(FULL, T=128, repeats=2, warmup=1)
-LAYER = dict(gate="topk", noisy=True, balance="switch", activation="relu")
+LAYER = dict(gate="topk", noisy=True, balance="switch", activation="relu")   # --balance changes balance
+
+
+def layer_config(cfg, E, dtype, capacity_factor=None):
+    """The benchmarked layer's :class:`~minimoe.core.config.MoEConfig` (the options every layer
+    class shares): :data:`LAYER`, with ``cfg["balance"]`` if the command line chose one."""
+    options = {**LAYER, **{key: cfg[key] for key in ("balance",) if key in cfg}}
+    return MoEConfig(cfg["d"], cfg["h"], E, cfg["k"], capacity_factor=capacity_factor, dtype=dtype, **options)
 # What issue 5 asks of the full configuration: ceiling/moe at least 0.65 in float64 at
 # E=8, and E64/E8 at most 1.25 in every dtype.
 TARGETS = {"ceiling/moe": 0.65, "E64/E8": 1.25}
@@ -93,8 +101,7 @@ def make_moe_step(E, dtype, cfg, capacity_factor=None, seed=0):
     Returns ``(step, layer)``.
     """
     rng = np.random.default_rng(seed)
-    layer = MoELayer(cfg["d"], cfg["h"], E, cfg["k"], capacity_factor=capacity_factor, dtype=dtype,
-                     rng=rng, **LAYER)
+    layer = MoELayer.from_config(layer_config(cfg, E, dtype, capacity_factor), rng=rng)
     d = cfg["d"]
     # As after some training: a nonzero noise scale (W_noise = 0 makes softplus(0) a special case).
     layer.params["W_noise"][...] = rng.standard_normal((d, E)) * np.sqrt(0.1 / d)
@@ -258,7 +265,9 @@ def run_bench(cfg, capacity_factor=None, progress=True):
                          "grouped_ms_all": [round(1e3 * t, 3) for t in times[f"grouped E={E}"]]})
     if bar is not None:
         bar.close()
-    return {"bench": "minimoe.bench", "config": {**cfg, **LAYER, "capacity_factor": capacity_factor},
+    options = {k: v for k, v in layer_config(cfg, 8, np.float64, capacity_factor).options().items()
+               if k not in ("d_model", "d_hidden", "n_experts", "k", "dtype")}
+    return {"bench": "minimoe.bench", "config": {**cfg, **options},
             "machine": machine_info(), "results": rows, "ceiling_ms": ceilings, "targets": _targets(cfg, rows)}
 
 
@@ -368,6 +377,9 @@ def _parser():
     p.add_argument("--threads", type=_positive_int, default=None, metavar="N",
                    help="limit the BLAS to N threads (needs threadpoolctl; more than the cores warns); "
                         "default: as configured")
+    p.add_argument("--balance", choices=[str(b).lower() for b in BALANCES], default=None,
+                   help=f"the layer's balancing loss (default {LAYER['balance']!r}; 'none' for none): "
+                        "'load' times the smooth load estimator and its Φ")
     p.add_argument("--json", metavar="PATH", default=None, help="also write the JSON result to PATH")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.add_argument("--parallel", action="store_true",
@@ -395,6 +407,8 @@ def _main(argv):
         cfg["repeats"] = args.repeats
     if args.warmup is not None:
         cfg["warmup"] = args.warmup
+    if args.balance is not None:
+        cfg["balance"] = None if args.balance == "none" else args.balance
     if args.json is not None:
         # Before the run: a path that cannot be written must not cost a whole benchmark. A folder
         # that does not exist is an error, not created: it is more often a typo than a wish.

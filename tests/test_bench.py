@@ -69,7 +69,8 @@ def test_help_documents_every_option():
     proc = subprocess.run([sys.executable, "-m", "minimoe.bench", "--help"], capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0
-    for option in ("--quick", "--repeats", "--warmup", "--capacity-factor", "--threads", "--json", "--no-progress"):
+    for option in ("--quick", "--repeats", "--warmup", "--capacity-factor", "--balance", "--threads", "--json",
+                   "--no-progress"):
         assert option in proc.stdout, option
 
 
@@ -88,6 +89,21 @@ def test_bad_arguments_fail_clearly(argv, msg, capsys):
         bench.main(argv + ["--quick", "--no-progress"])
     assert exc.value.code == 2
     assert msg in capsys.readouterr().err
+
+
+def test_balance_option_reaches_the_layer_through_its_config(capsys, monkeypatch):
+    """--balance picks the layer's balancing loss; the layer is built from one MoEConfig, whose
+    options are what the JSON reports."""
+    built = []
+    real = bench.MoELayer.from_config
+    monkeypatch.setattr(bench.MoELayer, "from_config", classmethod(lambda cls, cfg, rng=None: built.append(cfg)
+                                                                   or real.__func__(cls, cfg, rng=rng)))
+    result = bench.main(["--quick", "--no-progress", "--threads", "1", "--repeats", "1", "--balance", "load"])
+    assert built and all(cfg.balance == "load" for cfg in built)
+    assert result["config"]["balance"] == "load" and result["config"]["switch_fraction"] == "first"
+    assert "balance='load'" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        bench.main(["--quick", "--balance", "loads"])
 
 
 def test_capacity_factor_option_reaches_the_layer(capsys):
