@@ -12,13 +12,17 @@ Read the files in this order; each is short enough to finish in one sitting.
     router.py     the GP: logits, learned Gaussian noise, top-k, and the dense / top-k / Switch
                   gates — with the k=1 trap (a renormalised top-1 gate gives the router no gradient)
     losses.py     keeping specialists from being overworked: importance (CV²), the smooth load
-                  estimator with Φ and its gradient, the Switch loss (first choices, GShard; or
-                  every choice, Mixtral), per-sequence groups (DeepSeek-V3), the router z-loss
+                  estimator with Φ and its gradient, the Switch loss (first choices, GShard; every
+                  choice, HF Mixtral; every choice over k, Megatron-core), the router z-loss
+    balance.py    the same losses from per-expert sums over a group of tokens: per-sequence
+                  balancing (DeepSeek-V3) is sums per sequence, expert parallelism one all-reduce
+                  of the sums
     dispatch.py   appointment books: the capacity C, the drop rule (which patients are turned
                   away, in which order), one sort to group tokens by expert, the combine back
-    moe.py        ``MoEBase`` (what every MoE layer class shares: checks, weights, counting, the
-                  cache guard, stats, repr) and ``MoELayer``: router + dispatch + experts + losses
+    config.py     ``MoEConfig``: every option of a layer, checked once, shared by every class
+    moe.py        the whole layer as one pair, ``moe_forward``/``moe_backward``, composed from the
+                  pairs above; ``MoEBase`` (what every MoE layer class holds) and ``MoELayer``
     fast.py       the same dispatch and expert bank with every speed trick (workspaces, ``out=``,
-                  in-place ReLU, reused gradient buffers); MoELayer's default, ``fast=False`` for the
-                  textbook; tests/core/test_fast.py shows both agree
+                  in-place ReLU), under ``*_fast`` names; MoELayer's default, ``fast=False`` for
+                  the textbook; tests/core/test_fast.py shows both agree
 """
