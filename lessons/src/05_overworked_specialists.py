@@ -329,28 +329,31 @@ def switch_loss(probs, first_choice):
 check.switch_loss(switch_loss)
 
 # %% [markdown]
-# ### Two conventions for $k > 1$: which choices does $f$ count?
+# ### Three conventions for $k > 1$: which choices does $f$ count?
 #
-# With top-2 routing each token makes two choices, and the field counts them in two ways:
+# With top-2 routing each token makes two choices, and the field counts them in three ways:
 #
 # * **First choices only** (GShard, Lepikhin et al. 2020; minimoe's default,
 #   `MoELayer(balance="switch", switch_fraction="first")`): what you just wrote. $f$ sums to 1,
 #   and at perfect balance the loss is exactly **1**.
-# * **Every choice** (Mixtral, as Hugging Face transformers' `load_balancing_loss_func`
-#   computes it on one layer's router logits; flaxformer and Megatron too;
+# * **Every choice** (Hugging Face transformers' `load_balancing_loss_func`, which Mixtral's
+#   model uses, on one layer's router logits; flaxformer's `_load_balancing_loss` per group;
 #   `switch_fraction="all"`): $f_e$ is the number of tokens that put $e$ among their $k$
 #   choices, divided by $T$. Each token adds $k$ choices, so $f$ **sums to $k$**; at perfect
 #   balance $f_e = k/E$ and $P_e = 1/E$, so $E\sum_e f_e P_e = E\cdot E\cdot\frac{k}{E}\cdot\frac1E = k$.
-#   Mixtral's loss is **k** at balance.
+#   This loss is **k** at balance.
+# * **Every choice, over $k$** (Megatron-core's `switch_load_balancing_loss_func`,
+#   `switch_fraction="all/k"`): every choice counted, but divided by $T\cdot k$, so $f$ sums to 1
+#   again and the loss is **1** at balance — the "every choice" curve below, divided by $k$.
 #
-# Neither is wrong, but the same coefficient $\alpha$ weighs the second $k$ times more, and a
-# number copied from a Mixtral log is not comparable with one from a GShard-style log.
+# None is wrong, but the same coefficient $\alpha$ weighs the second $k$ times more than the
+# others, and a number copied from one framework's log is not comparable with another's.
 #
-# In code the two differ by one index: with `idx` $(T, k)$ the chosen experts,
-# `np.bincount(idx[:, 0], minlength=E) / T` is GShard's $f$ and
-# `np.bincount(idx.ravel(), minlength=E) / T` is Mixtral's.
+# In code they differ by one index and one divisor: with `idx` $(T, k)$ the chosen experts,
+# `np.bincount(idx[:, 0], minlength=E) / T` is GShard's $f$,
+# `np.bincount(idx.ravel(), minlength=E) / T` is Mixtral's, and Megatron's divides that by $k$.
 #
-# Both conventions on the same router, from a balanced batch to one where every token's
+# The first two conventions on the same router, from a balanced batch to one where every token's
 # favourite is expert 0 ($E = 8$, $k = 2$, $T = 64$; minimoe's `losses.switch_loss_forward` takes
 # the first choices $(T,)$ or all choices $(T, k)$):
 
