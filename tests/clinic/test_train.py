@@ -193,3 +193,33 @@ def test_a_layer_finding_nan_weights_mid_training_is_a_divergence_naming_lr():
         raise_if_diverged(err, 7, 0.5)
     assert info.value.__cause__ is err
     raise_if_diverged(ValueError("x must have shape (?, 4), got (5, 3)"), 7, 0.5)   # other errors: not ours
+
+
+def test_training_steps_run_in_train_mode_and_evaluation_in_eval_mode(data):
+    """Issue 26: a training loop whose forward ran in eval mode (no router noise while
+    training) survived the clinic chapter's tests. Every MoE forward of a training step (the
+    forward of forward_loss, before backward) must be a training forward; every forward of
+    an evaluation, an eval forward."""
+    model = small_moe()
+    modes, in_step = [], []
+    real_forward, real_loss = model.block.forward, model.forward_loss
+
+    def block_spy(x, train=True, noise=None):
+        modes.append((bool(in_step), train))
+        return real_forward(x, train=train, noise=noise)
+
+    def loss_spy(*args, **kwargs):
+        in_step.append(1)
+        try:
+            return real_loss(*args, **kwargs)
+        finally:
+            in_step.pop()
+
+    model.block.forward, model.forward_loss = block_spy, loss_spy
+    train(model, data.train, data.val, epochs=1, batch_size=128, seed=0, progress=False)
+    n_steps = -(-len(data.train.y) // 128)
+    assert [mode for step, mode in modes if step] == [True] * n_steps
+    assert [mode for step, mode in modes if not step] and not any(mode for step, mode in modes if not step)
+    modes.clear()
+    evaluate(model, data.val)
+    assert modes and not any(mode for _, mode in modes)

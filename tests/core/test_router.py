@@ -217,3 +217,31 @@ def test_init_gate_weights_has_the_switch_scale_and_dtype():
     W = init_gate_weights(64, 512, np.random.default_rng(0), np.float32)
     assert W.shape == (64, 512) and W.dtype == np.float32
     assert abs(W.std() / np.sqrt(0.1 / 64) - 1) < 0.02      # N(0, 0.1/d), 32k draws
+
+
+# --------------------------------------------------------------------------- issue 26: both paths of top-k
+def _topk_reference(H, k):
+    """The k largest of each row, best first, ties to the lower index: one row at a time."""
+    out = []
+    for row in H:
+        order = sorted(range(len(row)), key=lambda e: (-row[e], e))
+        out.append(order[:k])
+    return np.array(out)
+
+
+@pytest.mark.parametrize("k", [1, 2, 8, 9, 12])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_topk_indices_both_paths_against_a_row_by_row_reference(k, dtype):
+    """k ≤ 8 with finite scores takes the argmax passes, k > 8 the sort: both must be the k
+    best, best first (issue 26: the sort path sorting ascending survived chapter 1's tests)."""
+    rng = np.random.default_rng(k)
+    H = rng.standard_normal((20, 12)).astype(dtype)
+    H[3, 5] = H[3, 7] = H[3].max() + 1        # a tie at the top: the lower index first
+    np.testing.assert_array_equal(router.topk_indices(H, k), _topk_reference(H, k))
+
+
+def test_topk_indices_with_non_finite_scores_uses_the_sort_and_is_right():
+    H = np.array([[0.5, np.inf, -1.0, 2.0], [-np.inf, 0.0, 3.0, 1.0], [np.nan, 1.0, 2.0, 0.0]])
+    got = router.topk_indices(H, 2)
+    np.testing.assert_array_equal(got[:2], [[1, 3], [2, 3]])
+    assert got[2].tolist() == [2, 1] or np.isnan(H[2, got[2][0]])   # NaN has no place in an order
