@@ -165,8 +165,10 @@ def softplus(z):
 
     Written out as ``max(z, 0) + log1p(e^−|z|)``, the very formula ``logaddexp``
     evaluates (the exponent is never positive, and log1p keeps the tiny tail
-    e^z exact). Speed: NumPy's logaddexp is not vectorised; exp and log1p are,
-    which makes this about 10× faster on a (T, E) array.
+    e^z exact). Speed: NumPy's logaddexp has no SIMD loop; exp and log1p do. Measured
+    2026-12-05 on a (4096, 64) array (NumPy 2.4, 2 shared cores, median of 11 interleaved
+    rounds): 2.3 ms against 7.4 ms in float64 (about 3×), 0.55 ms against 4.9 ms in float32
+    (about 9×). The ratio depends on the machine: issue 21 saw 1.5× in float64 elsewhere.
     """
     return np.maximum(z, 0) + np.log1p(np.exp(-np.abs(z)))
 
