@@ -8,7 +8,8 @@ its density φ. Both come from one function, the complementary error function
 
 NumPy has no erfc, and calling ``math.erfc`` once per element hides a Python loop over
 tokens. This file computes it with array operations only, to a relative error below 1e-14
-everywhere (``tests/core/test_normal.py`` shows it against ``math.erfc``), in three regions:
+everywhere (``tests/core/test_normal.py`` holds it to that against ``math.erfc`` and a decimal
+reference; the worst seen on a dense grid is 9e-16), in three regions:
 
 1. **|x| < ½ — the Maclaurin series of erf**, then ``erfc = 1 − erf``:
 
@@ -25,11 +26,13 @@ everywhere (``tests/core/test_normal.py`` shows it against ``math.erfc``), in th
        g(x) = (2x/√π) / (2x²+1 − 1·2/(2x²+5 − 3·4/(2x²+9 − 5·6/(2x²+13 − …))))
 
    which converges quickly for large x (20 levels are exact to rounding for x ≥ 3) and
-   slowly near ½ (about 700 levels). So on [½, 3] g is replaced by its **Chebyshev
-   interpolant** g(x) ≈ Σₖ cₖ Tₖ(y), y = (2x − 7/2)/(5/2), 25 coefficients summed by
-   Clenshaw's recurrence; the coefficients (a table below, computed once in decimal
-   arithmetic and re-derived by the tests) make the fraction's slow convergence a one-off
-   cost. Beyond 3 the fraction itself is used; beyond 27.3, erfc(x) < 2⁻¹⁰⁷⁵ rounds to 0.
+   slowly near ½ (about 700 levels). So on [½, 3] g is replaced by a polynomial: its
+   **Chebyshev interpolant** of degree 24 in y = (2x − 7/2)/(5/2) ∈ [−1, 1], computed once
+   in decimal arithmetic (a table below; the tests re-derive it bit for bit). It is stored in
+   powers of y, Σₖ aₖ yᵏ, and summed by Horner's rule like the series above: the aₖ shrink
+   about 2× per degree and Σ|aₖ| = g(½), so the power form loses nothing to Clenshaw's sum
+   of the Chebyshev form and costs two operations a term instead of three. Beyond 3 the
+   fraction itself is used.
 
 3. **x ≤ −½ — the reflection** ``erfc(x) = 2 − erfc(−x)``, with no cancellation (erfc(−x) ≤ 0.48).
 
@@ -59,8 +62,8 @@ __all__ = ["erfc", "normal_cdf", "normal_pdf"]
 
 _SQRT_PI = math.sqrt(math.pi)
 _SERIES_END = 0.5       # |x| below: the Maclaurin series of erf
-_CHEB_END = 3.0         # [½, 3): the Chebyshev interpolant of g; above: the continued fraction
-_ZERO_FROM = 27.3       # erfc(27.3) ≈ 4.4e-326 < 2⁻¹⁰⁷⁵ (half the smallest subnormal): rounds to 0
+_CHEB_END = 3.0         # [½, 3]: the Chebyshev interpolant of g; above: the continued fraction
+_ZERO_FROM = 27.3       # e^(−27.3²) ≈ 2e-324 < 2⁻¹⁰⁷⁵ (half the smallest subnormal) rounds to 0: so does erfc
 _FRACTION_LEVELS = 20   # levels of the continued fraction for x ≥ 3
 
 
@@ -98,48 +101,34 @@ def _g_fraction(x, levels):
     return 2 * x / (_SQRT_PI * r)
 
 
-# g's Chebyshev coefficients on [½, 3], c₀ … c₂₄: the interpolant of g at the 32 Chebyshev nodes
-# xⱼ = 7/4 + (5/4) cos θⱼ, θⱼ = π(2j + 1)/64, whose coefficients are
+# g on [½, 3] as a polynomial in y = (2x − 7/2)/(5/2): a₀ … a₂₄ with g(x) ≈ Σₖ aₖ yᵏ. The polynomial
+# is the Chebyshev interpolant of g at the 32 nodes yⱼ = cos θⱼ, θⱼ = π(2j + 1)/64, i.e.
 #
-#     cₖ = (2/32) Σⱼ g(xⱼ) cos(k θⱼ)        (c₀ halved),
+#     Σₖ cₖ Tₖ(y),   cₖ = (2/32) Σⱼ g(xⱼ) cos(k θⱼ)  (c₀ halved),   cut after c₂₄,
 #
-# computed once in 60-digit decimal arithmetic (tests/core/test_normal.py recomputes them and
-# checks every bit; the 7 left out add up to less than 1/64 of an ulp of g). Computed in float64
-# they would carry rounding errors worth 4e-15 of g near x = 3, where g is smallest.
-_G_CHEB = np.array([
-    0.33767541291270314, -0.20312682790325262, 0.05601206585758028, -0.01438262762999641,
-    0.003476176464883474, -0.000797047504515357, 0.00017441800602994393, -3.659991630824056e-05,
-    7.392931593578561e-06, -1.4420459716985372e-06, 2.723495693817734e-07, -4.9917046522406555e-08,
-    8.896114998695782e-09, -1.5442843904355806e-09, 2.615090322874548e-10, -4.325755961517945e-11,
-    6.998013807470039e-12, -1.1083940801779287e-12, 1.720460124641083e-13, -2.6194604491111088e-14,
-    3.9151483738948075e-15, -5.748795015093624e-16, 8.298412151640403e-17, -1.178358387989759e-17,
-    1.6469426303684516e-18,
+# (the 7 left out add up to less than 1/64 of an ulp of g), written out in powers of y. Both
+# steps were done once in 60-digit decimal arithmetic; tests/core/test_normal.py repeats them
+# and checks every bit. (Computed in float64, the coefficients would carry rounding errors
+# worth 4e-15 of g near x = 3, where g is smallest.)
+_G_POLY = np.array([
+    0.2849722347374364, -0.1637204318931065, 0.08713067201107384, -0.043476553205837154,
+    0.020518357439768264, -0.009219282993833447, 0.0039642506501834365, -0.0016380946804196831,
+    0.0006527023821574869, -0.0002514969929114618, 9.393955814757682e-05, -3.408569509886257e-05,
+    1.2036358247777057e-05, -4.142946790689153e-06, 1.3919934437178524e-06,
+    -4.5718640107407134e-07, 1.4690641336040698e-07, -4.613082593136095e-08, 1.423223994253057e-08,
+    -4.41250198370148e-09, 1.313093579380762e-09, -3.186172334143887e-10, 9.113697965847073e-11,
+    -4.9423933001789984e-11, 1.3815556124649836e-11,
 ])
 
 
-def _g_chebyshev(x):
-    """g(x) on [½, 3] from its Chebyshev coefficients, by Clenshaw's recurrence
-
-        y = (2x − 7/2) / (5/2)     (maps [½, 3] onto [−1, 1])
-        bₖ = 2y bₖ₊₁ − bₖ₊₂ + cₖ,     g ≈ y b₁ − b₂ + c₀
-
-    (the stable way to sum Σ cₖ Tₖ(y) without forming any Tₖ). The recurrence runs in place
-    over three arrays: a fresh array per step would cost more than the arithmetic.
-    """
+def _g_polynomial(x):
+    """g(x) for ½ ≤ x ≤ 3: Σₖ aₖ yᵏ with y = (2x − 7/2)/(5/2), by Horner's rule (in place)."""
     y = (2 * x - (_SERIES_END + _CHEB_END)) / (_CHEB_END - _SERIES_END)
-    two_y = 2 * y
-    b1 = np.full_like(x, _G_CHEB[-1])         # b₂₄ = c₂₄ (b₂₅ = b₂₆ = 0)
-    b2 = np.zeros_like(x)
-    b0 = np.empty_like(x)
-    for c in _G_CHEB[-2:0:-1]:               # k = 23 … 1: a loop over coefficients, not over elements
-        np.multiply(two_y, b1, out=b0)       # b0 = 2y bₖ₊₁ − bₖ₊₂ + cₖ
-        b0 -= b2
-        b0 += c
-        b0, b1, b2 = b2, b0, b1              # shift: (bₖ, bₖ₊₁) become the next (bₖ₊₁, bₖ₊₂)
-    b1 *= y                                  # g = y b₁ − b₂ + c₀
-    b1 -= b2
-    b1 += _G_CHEB[0]
-    return b1
+    s = np.full_like(y, _G_POLY[-1])
+    for a in _G_POLY[-2::-1]:               # a loop over coefficients, not over elements
+        s *= y                              # s ← s·y + aₖ
+        s += a
+    return s
 
 
 _SPLIT = 1.5 * 2.0**32   # floats near it are spaced 2⁻²⁰ apart: (w + _SPLIT) − _SPLIT rounds w to that grid
@@ -186,13 +175,13 @@ def _erfc(x, w, s):
     out[near] = np.subtract(1.0, erf, out=erf)
 
     # erfc(|x|) = g(|x|) e^(−x²) for |x| ≥ ½ (±∞ included), then the reflection for x ≤ −½.
+    # Beyond 27.3 (and at ∞) e^(−x²) is 0, so any finite g will do there: the fraction gets
+    # at most 27.3.
     far = np.flatnonzero(is_far)
     af = a[far]
-    tail = np.zeros_like(af)                   # g stays 0 from 27.3 on, where erfc rounds to 0
-    cheb = np.flatnonzero(af < _CHEB_END)
-    tail[cheb] = _g_chebyshev(af[cheb])
-    frac = np.flatnonzero((af >= _CHEB_END) & (af < _ZERO_FROM))
-    tail[frac] = _g_fraction(af[frac], _FRACTION_LEVELS)
+    tail = _g_polynomial(np.minimum(af, _CHEB_END))        # g on [½, 3]; beyond 3, replaced next
+    beyond = np.flatnonzero(af > _CHEB_END)
+    tail[beyond] = _g_fraction(np.minimum(af[beyond], _ZERO_FROM), _FRACTION_LEVELS)
     tail = _times_exp_minus_square(tail, w[far], s)     # g·e^(−x²) = erfc(|x|)
     np.subtract(2.0, tail, out=tail, where=x[far] < 0)
     out[far] = tail

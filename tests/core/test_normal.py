@@ -111,7 +111,7 @@ def test_erfc_on_a_dense_grid_through_both_tails():
 
 
 def test_erfc_right_at_the_region_boundaries():
-    # ½ (series | Chebyshev), 3 (Chebyshev | continued fraction), 27.3 (→ 0), on both sides, by ulps.
+    # ½ (series | polynomial), 3 (polynomial | continued fraction), 27.3 (→ 0), on both sides, by ulps.
     edges = []
     for b in (0.5, 3.0, 26.5, 27.3):
         for sign in (1, -1):
@@ -241,13 +241,41 @@ def dec_chebyshev_coefficients(n=32):
         return c
 
 
-def test_the_chebyshev_table_is_the_interpolant_of_g_to_the_last_bit():
+def _chebyshev_polynomials_in_powers(n):
+    """The integer coefficients of T₀ … Tₙ₋₁ in powers of y: T₀ = 1, T₁ = y, Tₖ₊₁ = 2y Tₖ − Tₖ₋₁."""
+    T = [[1], [0, 1]]
+    while len(T) < n:
+        nxt = [0] + [2 * v for v in T[-1]]
+        for i, v in enumerate(T[-2]):
+            nxt[i] -= v
+        T.append(nxt)
+    return T[:n]
+
+
+def test_the_polynomial_table_is_the_chebyshev_interpolant_of_g_to_the_last_bit():
     exact = dec_chebyshev_coefficients()
-    table = normal._G_CHEB
-    assert [float(c) for c in exact[:len(table)]] == list(table)
-    # the coefficients left out add up to less than 1/64 of an ulp of g's smallest value, g(3) ≈ 0.179
-    assert float(sum(abs(c) for c in exact[len(table):])) < np.spacing(0.179) / 64
-    assert float(sum(abs(c) for c in exact[len(table) - 1:])) > np.spacing(0.179) / 64   # and no fewer would
+    n = len(normal._G_POLY)
+    # the Chebyshev coefficients left out add up to less than 1/64 of an ulp of g's smallest
+    # value, g(3) ≈ 0.179, and one fewer would not
+    assert float(sum(abs(c) for c in exact[n:])) < np.spacing(0.179) / 64
+    assert float(sum(abs(c) for c in exact[n - 1:])) > np.spacing(0.179) / 64
+    T = _chebyshev_polynomials_in_powers(n)
+    with localcontext() as ctx:
+        ctx.prec = DIGITS + 10
+        powers = [sum(exact[j] * T[j][k] for j in range(k, n)) for k in range(n)]
+    assert [float(a) for a in powers] == list(normal._G_POLY)
+
+
+def test_horner_on_the_power_form_is_as_accurate_as_the_interpolant():
+    # The power form's coefficients shrink and their absolute values add up to g(½), so summing
+    # them in float64 costs no more than an ulp or two of g anywhere on [½, 3].
+    a = np.abs(normal._G_POLY)
+    assert np.all(a[1:] < a[:-1] * 0.75) and math.isclose(a.sum(), float(dec_erfc(0.5)) * math.exp(0.25), rel_tol=1e-12)
+    x = np.linspace(0.5, 3.0, 501)
+    with localcontext() as ctx:
+        ctx.prec = DIGITS
+        ref = [dec_erfc(v) * (Decimal(v) * Decimal(v)).exp() for v in x]
+    assert _rel_error(normal._g_polynomial(x), ref).max() <= 1e-15
 
 
 def test_twenty_levels_of_the_continued_fraction_suffice_from_3_on():
