@@ -25,6 +25,32 @@ from ..validate import all_finite, check_positive_float
 __all__ = ["global_norm", "clip_grad_norm", "Optimizer", "SGD", "Adam", "make_optimizer"]
 
 
+def _check_param(name, p):
+    """A parameter must be a writable floating array: the optimizer updates it in place."""
+    if not isinstance(p, np.ndarray) or not np.issubdtype(p.dtype, np.floating):
+        got = f"an array of dtype {p.dtype}" if isinstance(p, np.ndarray) else type(p).__name__
+        raise TypeError(f"parameter {name!r} must be a floating numpy array, got {got}")
+    if not p.flags.writeable:
+        raise ValueError(f"parameter {name!r} is read-only; an optimizer updates parameters in place")
+
+
+def _check_grad(name, g, shape=None, clip=False, finite=True):
+    """A gradient must be a floating array (of its parameter's ``shape``, when given), finite
+    (when ``finite``), and writable when ``clip`` will scale it in place."""
+    if not isinstance(g, np.ndarray):
+        raise TypeError(f"gradient {name!r} must be a numpy array, got {type(g).__name__}; "
+                        f"run backward() before step()")
+    if shape is not None and g.shape != shape:
+        raise ValueError(f"gradient {name!r} has shape {g.shape} but the parameter has {shape}")
+    if not np.issubdtype(g.dtype, np.floating):
+        raise TypeError(f"gradient {name!r} must have a floating dtype, got {g.dtype}")
+    if clip and not g.flags.writeable:
+        raise ValueError(f"gradient {name!r} is read-only, and clip scales gradients in place")
+    if finite and not all_finite(g):
+        raise ValueError(f"gradient {name!r} contains NaN or inf; lower the learning rate or "
+                         f"check the backward pass")
+
+
 def _check_target(target):
     params = getattr(target, "params", None)
     grads = getattr(target, "grads", None)
@@ -35,8 +61,7 @@ def _check_target(target):
         raise ValueError(f"params and grads must have the same keys; params has {sorted(params)}, "
                          f"grads has {sorted(grads)}")
     for k, p in params.items():
-        if not isinstance(p, np.ndarray) or not np.issubdtype(p.dtype, np.floating):
-            raise TypeError(f"parameter {k!r} must be a floating numpy array, got {type(p).__name__}")
+        _check_param(k, p)
     return target
 
 
@@ -52,13 +77,16 @@ def clip_grad_norm(grads, max_norm):
     all arrays shrink by the same factor.
 
     Args:
-        grads: ``{name: array}``, modified in place.
+        grads: ``{name: floating array}``, modified in place. Every one is checked (an
+            array, floating, writable) before any is scaled, so a bad one leaves all as they were.
         max_norm: the largest allowed global norm (> 0).
 
     Returns:
         The global norm **before** clipping (handy for logging).
     """
     max_norm = check_positive_float("max_norm", max_norm)
+    for name, g in grads.items():             # all of them, before any is scaled (NaN and inf: by the norm)
+        _check_grad(name, g, clip=True, finite=False)
     norm = global_norm(grads)
     if not np.isfinite(norm):
         raise ValueError("gradient norm is NaN or inf; lower the learning rate or check the backward pass")
@@ -72,8 +100,14 @@ def clip_grad_norm(grads, max_norm):
 class Optimizer:
     """Base class: holds the target, the learning rate and optional clipping.
 
-    Subclasses implement ``_update(name, p, g)``; :meth:`step` clips, then
-    updates every parameter in place.
+    Subclasses implement ``_update(name, p, g)``; :meth:`step` checks everything, clips,
+    then updates every parameter in place.
+
+    An optimizer trains the parameters its target had when it was made, in the shapes they
+    had: its state (velocity, moments, Adam's step count) belongs to them. A parameter added
+    to ``target.params`` later, or one replaced by an array of another shape, is refused by
+    :meth:`step` with a message that says to make a new optimizer; one removed is no longer
+    trained.
     """
 
     def __init__(self, target, lr, clip=None):
@@ -82,25 +116,41 @@ class Optimizer:
         self.clip = None if clip is None else check_positive_float("clip", clip)
         self.t = 0               # number of steps taken
         self.last_grad_norm = None
+        self.shapes = {k: p.shape for k, p in self.target.params.items()}   # what this optimizer trains
+
+    def _checked_grads(self):
+        """Check every parameter and every gradient; return the gradients of the parameters.
+
+        A parameter: a writable floating array, known to this optimizer and of the shape it
+        had, finite. Its gradient: a finite floating array of the parameter's shape (writable
+        when clipping, which scales it in place). Any other dtype of float is cast on update.
+        """
+        params, grads = self.target.params, self.target.grads
+        if not isinstance(params, dict):
+            raise TypeError(f"target.params must be a dict, got {type(params).__name__}")
+        for name, p in params.items():
+            _check_param(name, p)
+            if name not in self.shapes:
+                raise ValueError(f"parameter {name!r} is new: the optimizer was made for {sorted(self.shapes)}; "
+                                 f"make a new optimizer to train it")
+            if p.shape != self.shapes[name]:
+                raise ValueError(f"parameter {name!r} has shape {p.shape} but had {self.shapes[name]} when the "
+                                 f"optimizer was made; make a new optimizer for the new shape")
+            if not all_finite(p):
+                raise ValueError(f"parameter {name!r} contains NaN or inf; the model has diverged "
+                                 f"(lower the learning rate, or clip)")
+            _check_grad(name, grads.get(name) if isinstance(grads, dict) else None, p.shape,
+                        clip=self.clip is not None)
+        return {name: grads[name] for name in params}
 
     def step(self):
-        """Check every gradient, then clip (if asked), then update every parameter in place.
+        """Check every parameter and gradient, then clip (if asked), then update every parameter in place.
 
-        All gradients are checked (present, an array of the parameter's shape, finite)
-        *before* anything changes: a bad one raises and leaves the parameters, the
-        gradients, the optimizer state and ``t`` exactly as they were.
+        Everything is checked (see :meth:`_checked_grads`) *before* anything changes: a bad
+        parameter or gradient raises, naming it, and leaves the parameters, the gradients, the
+        optimizer state and ``t`` exactly as they were.
         """
-        grads = self.target.grads
-        for name, p in self.target.params.items():
-            g = grads.get(name) if isinstance(grads, dict) else None
-            if not isinstance(g, np.ndarray):
-                raise TypeError(f"gradient {name!r} must be a numpy array, got {type(g).__name__}; "
-                                f"run backward() before step()")
-            if g.shape != p.shape:
-                raise ValueError(f"gradient {name!r} has shape {g.shape} but the parameter has {p.shape}")
-            if not all_finite(g):
-                raise ValueError(f"gradient {name!r} contains NaN or inf; lower the learning rate or "
-                                 f"check the backward pass")
+        grads = self._checked_grads()
         if self.clip is not None:
             self.last_grad_norm = clip_grad_norm(grads, self.clip)
         self.t += 1

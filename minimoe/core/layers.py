@@ -114,6 +114,17 @@ class GeluCache(NamedTuple):
 
 
 _GELU_C = math.sqrt(2.0 / math.pi)
+# Beyond |x| = 10, u > 43 and tanh u is ±1 to the last bit (1 − tanh 43 ≈ 1e-37, below float32's
+# and float64's ulp). The cubic is evaluated at x clipped to ±10: nothing changes where tanh is
+# not saturated, and x³ (or x² in backward) cannot overflow where it is (x³ does from 5.6e102
+# in float64, 7e12 in float32, which made gelu_backward's slope 0·∞ = NaN).
+_GELU_SATURATED = 10.0
+
+
+def _gelu_cubic(x):
+    """u = √(2/π) (x + 0.044715 x³) at x clipped to ±10 (see ``_GELU_SATURATED``)."""
+    xc = np.clip(x, -_GELU_SATURATED, _GELU_SATURATED)
+    return _GELU_C * (xc + 0.044715 * xc**3)
 
 
 def gelu_forward(x):
@@ -123,11 +134,11 @@ def gelu_forward(x):
 
     The tanh form is smooth and needs no erf; it differs from the exact
     ``x Φ(x)`` by less than 5e-4 everywhere (the largest gap is near x ≈ −2.7).
-    Returns out (same shape as x) and the cache.
+    For |x| ≥ 10, tanh u = ±1 exactly, so gelu(x) = x or 0 (u is computed at x clipped
+    to ±10, so x³ never overflows). Returns out (same shape as x) and the cache.
     """
     check_array("x", x)
-    u = _GELU_C * (x + 0.044715 * x**3)
-    t = np.tanh(u)
+    t = np.tanh(_gelu_cubic(x))
     return 0.5 * x * (1.0 + t), GeluCache(x, t)
 
 
@@ -135,10 +146,15 @@ def gelu_backward(dout, cache):
     """Product rule on ``½ x (1 + tanh u)``, with ``d tanh(u)/du = 1 − tanh²u``:
 
         d gelu/dx = ½ (1 + t) + ½ x (1 − t²) · √(2/π) (1 + 3·0.044715 x²)
+
+    Where tanh saturates (|x| ≥ 10) 1 − t² = 0 exactly, and du/dx is taken at x clipped to
+    ±10 so that it stays finite: the slope is exactly 1 (x > 0) or 0 (x < 0), as it should,
+    instead of 0·∞ = NaN once x² overflows.
     """
     x, t = cache
     check_array("dout", dout, shape=x.shape, finite=False)
-    du_dx = _GELU_C * (1.0 + 3 * 0.044715 * x**2)
+    xc = np.clip(x, -_GELU_SATURATED, _GELU_SATURATED)
+    du_dx = _GELU_C * (1.0 + 3 * 0.044715 * xc**2)
     return dout * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t**2) * du_dx), {}
 
 
@@ -149,8 +165,10 @@ def softplus(z):
 
     Written out as ``max(z, 0) + log1p(e^−|z|)``, the very formula ``logaddexp``
     evaluates (the exponent is never positive, and log1p keeps the tiny tail
-    e^z exact). Speed: NumPy's logaddexp is not vectorised; exp and log1p are,
-    which makes this about 10× faster on a (T, E) array.
+    e^z exact). Speed: NumPy's logaddexp has no SIMD loop; exp and log1p do. Measured
+    2026-12-05 on a (4096, 64) array (NumPy 2.4, 2 shared cores, median of 11 interleaved
+    rounds): 2.3 ms against 7.4 ms in float64 (about 3×), 0.55 ms against 4.9 ms in float32
+    (about 9×). The ratio depends on the machine: issue 21 saw 1.5× in float64 elsewhere.
     """
     return np.maximum(z, 0) + np.log1p(np.exp(-np.abs(z)))
 

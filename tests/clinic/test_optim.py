@@ -204,3 +204,131 @@ def test_a_bad_second_gradient_leaves_everything_unchanged(make, bad):
     with pytest.raises((ValueError, TypeError), match=msg):
         opt.step()
     _assert_unchanged(opt, before)
+
+
+# --------------------------------------------------------------------------- issue 21: every parameter checked first
+MAKERS = {"sgd": lambda b: SGD(b, lr=0.1, clip=0.5),
+          "sgd-momentum": lambda b: SGD(b, lr=0.1, momentum=0.9, clip=0.5),
+          "adam": lambda b: Adam(b, lr=0.1, clip=0.5)}
+
+
+def _spoil(box, bad):
+    """Make parameter 'b' (or a new 'c') bad in one way; 'a', checked first, stays fine."""
+    p = box.params
+    if bad == "read-only":
+        p["b"].flags.writeable = False
+    elif bad == "read-only view":
+        p["b"] = np.broadcast_to(np.array(3.0), (2,))
+    elif bad == "integer":
+        p["b"] = np.array([3, 4])
+    elif bad == "list":
+        p["b"] = [3.0, 4.0]
+    elif bad == "reshaped":                      # parameter and gradient both (2, 1): consistent, but not the (2,) it was
+        p["b"] = p["b"].reshape(2, 1)
+        box.grads["b"] = box.grads["b"].reshape(2, 1)
+    elif bad == "reshaped parameter":            # only the parameter: its gradient no longer fits
+        p["b"] = p["b"].reshape(1, 2)
+    elif bad == "nan parameter":
+        p["b"][0] = np.nan
+    elif bad == "complex gradient":
+        box.grads["b"] = np.array([1.0 + 1j, 1.0])
+    elif bad == "integer gradient":
+        box.grads["b"] = np.array([1, 1])
+    elif bad == "read-only gradient":            # clip scales gradients in place
+        box.grads["b"].flags.writeable = False
+    elif bad == "late":
+        p["c"] = np.array([5.0])
+        box.grads["c"] = np.array([1.0])
+    elif bad == "late, no gradient":
+        p["c"] = np.array([5.0])
+
+
+BAD = {
+    "read-only": "parameter 'b' is read-only",
+    "read-only view": "parameter 'b' is read-only",
+    "integer": "parameter 'b' must be a floating numpy array, got an array of dtype int64",
+    "list": "parameter 'b' must be a floating numpy array, got list",
+    "reshaped": r"parameter 'b' has shape \(2, 1\) but had \(2,\) when the optimizer was made",
+    "reshaped parameter": r"parameter 'b' has shape \(1, 2\) but had \(2,\) when the optimizer was made",
+    "nan parameter": "parameter 'b' contains NaN or inf",
+    "complex gradient": "gradient 'b' must have a floating dtype, got complex128",
+    "integer gradient": "gradient 'b' must have a floating dtype, got int64",
+    "read-only gradient": "gradient 'b' is read-only, and clip scales gradients in place",
+    "late": r"parameter 'c' is new: the optimizer was made for \['a', 'b'\]; make a new optimizer to train it",
+    "late, no gradient": r"parameter 'c' is new: the optimizer was made for \['a', 'b'\]",
+}
+
+
+@pytest.mark.parametrize("make", MAKERS.values(), ids=MAKERS.keys())
+@pytest.mark.parametrize("bad", BAD)
+def test_a_bad_second_parameter_fails_before_anything_changes(make, bad):
+    box = Box(a=[1.0, 2.0], b=[3.0, 4.0])
+    opt = make(box)
+    box.grads = {"a": np.array([10.0, -10.0]), "b": np.array([1.0, 1.0])}
+    opt.step()                                    # one good step, so the moments are non-zero
+    box.grads = {"a": np.array([10.0, -10.0]), "b": np.array([1.0, 1.0])}   # 'a' fine, big: clipping would scale it
+    _spoil(box, bad)
+    before = _state(opt)
+    with pytest.raises((ValueError, TypeError), match=BAD[bad]):
+        opt.step()
+    _assert_unchanged(opt, before)
+
+
+@pytest.mark.parametrize("make", MAKERS.values(), ids=MAKERS.keys())
+def test_after_a_refused_step_the_fixed_model_steps_as_if_nothing_happened(make):
+    # The refused step left no trace: fixing the parameter and stepping again gives exactly the
+    # parameters of a twin optimizer that never saw the bad step.
+    boxes = [Box(a=[1.0, 2.0], b=[3.0, 4.0]) for _ in range(2)]
+    opts = [make(b) for b in boxes]
+    for box, opt in zip(boxes, opts):
+        box.grads = {"a": np.array([10.0, -10.0]), "b": np.array([1.0, 1.0])}
+        opt.step()
+        box.grads = {"a": np.array([3.0, -1.0]), "b": np.array([0.5, 2.0])}
+    boxes[0].params["b"].flags.writeable = False
+    with pytest.raises(ValueError, match="read-only"):
+        opts[0].step()
+    boxes[0].params["b"].flags.writeable = True
+    for opt in opts:
+        opt.step()
+    for k in "ab":
+        np.testing.assert_array_equal(boxes[0].params[k], boxes[1].params[k])
+
+
+def test_a_float32_parameter_takes_a_float64_gradient():
+    # Gradients of another float dtype are cast (same kind), not refused.
+    box = Box(w=[1.0, 2.0])
+    box.params["w"] = box.params["w"].astype(np.float32)
+    box.grads["w"] = np.array([1.0, -1.0])
+    SGD(box, lr=0.5).step()
+    assert box.params["w"].dtype == np.float32
+    np.testing.assert_array_equal(box.params["w"], np.array([0.5, 2.5], np.float32))
+
+
+def test_a_read_only_parameter_is_refused_when_the_optimizer_is_made():
+    box = Box(w=[1.0, 2.0])
+    box.params["w"].flags.writeable = False
+    for make in MAKERS.values():
+        with pytest.raises(ValueError, match="parameter 'w' is read-only; an optimizer updates parameters in place"):
+            make(box)
+
+
+def test_a_removed_parameter_is_simply_no_longer_trained():
+    box = Box(a=[1.0], b=[2.0])
+    opt = Adam(box, lr=0.1)
+    b = box.params.pop("b")
+    del box.grads["b"]
+    box.grads["a"][...] = 1.0
+    opt.step()
+    assert box.params["a"][0] == pytest.approx(0.9) and b[0] == 2.0
+
+
+def test_clip_grad_norm_checks_every_gradient_before_scaling_any():
+    grads = {"a": np.array([30.0, 40.0]), "b": np.array([1.0, 1.0])}
+    grads["b"].flags.writeable = False
+    with pytest.raises(ValueError, match="gradient 'b' is read-only, and clip scales gradients in place"):
+        clip_grad_norm(grads, 1.0)
+    np.testing.assert_array_equal(grads["a"], [30.0, 40.0])
+    grads = {"a": np.array([30.0, 40.0]), "b": np.array([1, 1])}
+    with pytest.raises(TypeError, match="gradient 'b' must have a floating dtype, got int64"):
+        clip_grad_norm(grads, 1.0)
+    np.testing.assert_array_equal(grads["a"], [30.0, 40.0])

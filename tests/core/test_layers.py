@@ -94,6 +94,65 @@ def test_gelu_known_values():
     np.testing.assert_allclose(out, [0.0, 20.0, 0.0], atol=1e-12)
 
 
+# Issue 21: at huge |x| the true values are finite (gelu(x) = x or 0, slope 1 or 0), so no NaN
+# and no overflow warning. Underflow (e^(−1000) → 0) is the right answer and stays allowed.
+RAISE_ON_OVERFLOW = dict(over="raise", invalid="raise", divide="raise")
+HUGE = {np.float64: [1e300, 1.4e154, 1e154, 6e102, 1e20, 1e3],   # x² overflows from 1.3e154, x³ from 5.6e102
+        np.float32: [3e38, 1.9e19, 1.8e19, 7e12, 1e10, 1e3]}     # x² overflows from 1.8e19, x³ from 7e12
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_gelu_at_huge_inputs_is_x_or_0_with_slope_1_or_0(dtype):
+    # For x ≥ 10, u = √(2/π)(x + 0.044715 x³) > 43 and 1 − tanh u < 1e-37: gelu(x) = x and its
+    # slope is 1 to every bit of float32 and float64; gelu(−x) = −x e^(−2u)·… underflows to 0, slope 0.
+    big = np.array(HUGE[dtype], dtype)
+    x = np.concatenate([big, -big])
+    with np.errstate(**RAISE_ON_OVERFLOW):
+        out, cache = layers.gelu_forward(x)
+        dx, _ = layers.gelu_backward(np.ones_like(x), cache)
+    assert out.dtype == dx.dtype == dtype
+    np.testing.assert_array_equal(out, np.concatenate([big, np.zeros_like(big)]))
+    np.testing.assert_array_equal(dx, np.concatenate([np.ones_like(big), np.zeros_like(big)]))
+
+
+def _gelu_slope_by_hand(v):
+    """d gelu/dx of the tanh form at one Python float, with math's tanh (test code only)."""
+    c = math.sqrt(2 / math.pi)
+    t = math.tanh(c * (v + 0.044715 * v**3))
+    return 0.5 * (1 + t) + 0.5 * v * (1 - t * t) * c * (1 + 3 * 0.044715 * v * v)
+
+
+def test_gelu_backward_agrees_with_the_formula_through_the_saturation():
+    # Whatever the fix does where tanh saturates, it must not change the slope where it does not.
+    # (An absolute tolerance: 1 + tanh u and 1 − tanh²u cancel for x < 0, and their rounding, a few
+    # ulps, is multiplied by ½x·du/dx ≈ 0.05x³; a slope changed by the fix would be off by 1e-9 or more.)
+    x = np.concatenate([np.linspace(-14.0, 14.0, 2241), [-10.0, 10.0, np.nextafter(10.0, 11), -np.nextafter(10.0, 11)]])
+    dx, _ = layers.gelu_backward(np.ones_like(x), layers.gelu_forward(x)[1])
+    np.testing.assert_allclose(dx, [_gelu_slope_by_hand(v) for v in x], rtol=1e-14, atol=1e-13)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_softplus_sigmoid_silu_swiglu_at_huge_inputs(dtype):
+    big = np.array(HUGE[dtype], dtype)
+    x = np.concatenate([big, -big])
+    ones, zeros = np.ones_like(big), np.zeros_like(big)
+    with np.errstate(**RAISE_ON_OVERFLOW):
+        sp, sg = layers.softplus(x), layers.sigmoid(x)
+        out, cache = layers.silu_forward(x)
+        dx, _ = layers.silu_backward(np.ones_like(x), cache)
+        a, gcache = layers.swiglu_forward(x, np.full_like(x, 0.5))
+        dz1, dz3, _ = layers.swiglu_backward(np.ones_like(x), gcache)
+    assert sp.dtype == sg.dtype == out.dtype == dx.dtype == a.dtype == dtype
+    # softplus(z) = z + log1p(e^−z) and e^−1000 is far below half an ulp of z: exactly z, or 0.
+    np.testing.assert_array_equal(sp, np.concatenate([big, zeros]))
+    np.testing.assert_array_equal(sg, np.concatenate([ones, zeros]))
+    np.testing.assert_array_equal(out, np.concatenate([big, zeros]))       # silu = x σ(x)
+    np.testing.assert_array_equal(dx, np.concatenate([ones, zeros]))       # σ(1 + x(1 − σ))
+    np.testing.assert_array_equal(a, np.concatenate([big / 2, zeros]))     # silu(z1) z3
+    np.testing.assert_array_equal(dz1, np.concatenate([ones / 2, zeros]))
+    np.testing.assert_array_equal(dz3, np.concatenate([big, zeros]))
+
+
 @pytest.mark.parametrize("name", ["relu", "gelu"])
 def test_activation_dispatch_matches_the_named_function(rng, name):
     x = rng.standard_normal((3, 4))
