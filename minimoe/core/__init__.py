@@ -11,6 +11,7 @@ Read the files in this order; each is short enough to finish in one sitting.
     experts.py    the specialist (an FFN expert) and a bank of E of them, a plain loop over experts
     router.py     the GP: logits, learned Gaussian noise, top-k, and the dense / top-k / Switch
                   gates — with the k=1 trap (a renormalised top-1 gate gives the router no gradient)
+    normal.py     the standard normal's Φ and φ in NumPy (erfc to float64 precision, no loop)
     losses.py     keeping specialists from being overworked: importance (CV²), the smooth load
                   estimator with Φ and its gradient, the Switch loss (first choices, GShard; every
                   choice, HF Mixtral; every choice over k, Megatron-core), the router z-loss

@@ -17,13 +17,13 @@ Shapes: T tokens, E experts, k experts per token.
 """
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import numpy as np
 
 from .config import SWITCH_FRACTIONS  # noqa: F401  ("first", "all", "all/k"; the layer's option)
 from .layers import softmax
+from .normal import normal_cdf, normal_pdf  # noqa: F401  (Φ and φ in NumPy, no loop: see normal.py)
 from .router import topk_indices
 from ..validate import check_array, check_int, check_shapes
 
@@ -113,22 +113,7 @@ def importance_loss_backward(dloss, cache):
 
 
 # --------------------------------------------------------------------------- smooth load
-_erfc = np.frompyfunc(math.erfc, 1, 1)
-_Z_CLIP = 40.0   # Φ(±40) is exactly 0 or 1 in float64; clipping here keeps the far tails NaN-free
-
-
-def normal_cdf(z):
-    """Standard normal CDF ``Φ(z) = ½ erfc(−z/√2)``, with ``math.erfc`` applied elementwise.
-
-    Exact to float64 precision in both tails (``1 − ½ erfc`` would not be).
-    """
-    z = np.asarray(z, dtype=np.float64)
-    return 0.5 * _erfc(-z / math.sqrt(2.0)).astype(np.float64)
-
-
-def normal_pdf(z):
-    """Standard normal density ``φ(z) = exp(−z²/2) / √(2π)`` — the derivative of Φ."""
-    return np.exp(-0.5 * np.asarray(z) ** 2) / math.sqrt(2.0 * math.pi)
+_Z_CLIP = 40.0   # Φ(±40) is exactly 0 or 1 in float64: beyond it Φ is flat, and its gradient is taken as 0
 
 
 class LoadProbsCache(NamedTuple):
