@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from minimoe.validate import check_array, check_choice, check_dtype, check_int, check_positive_float, check_rng
+from minimoe import validate
 
 
 # --------------------------------------------------------------------------- check_array
@@ -193,3 +194,48 @@ def test_check_shapes_messages():
     check_shapes(x=(np.array([np.nan]), ("T",)), y=(np.ones(1), ("T",)), finite=("y",))
     with pytest.raises(TypeError, match="x must be a numpy array, got list"):
         check_shapes(x=([1.0], ("T",)))
+
+
+# --------------------------------------------------------------------------- issue 26: every bound, at and beside it
+@pytest.mark.parametrize("low, high", [(1, 5), (-3, 0), (0, None), (None, 7)])
+def test_check_int_accepts_its_bounds_and_refuses_one_past(low, high):
+    """At the bound is accepted, one past it refused, with the bound in the message (issue 26:
+    check_int rejecting the bound itself survived the validate tests)."""
+    for b in (low, high):
+        if b is not None:
+            assert validate.check_int("n", b, low=low, high=high) == b
+    if low is not None:
+        assert validate.check_int("n", low + 1, low=low, high=high) == low + 1 or high == low
+        with pytest.raises(ValueError, match=f"n must be >= {low}, got {low - 1}"):
+            validate.check_int("n", low - 1, low=low, high=high)
+    if high is not None:
+        with pytest.raises(ValueError, match=f"n must be <= {high}, got {high + 1}"):
+            validate.check_int("n", high + 1, low=low, high=high)
+
+
+@pytest.mark.parametrize("allow_zero", [False, True])
+def test_check_positive_float_at_zero_and_beside_it(allow_zero):
+    tiny = np.nextafter(0.0, 1.0)
+    assert validate.check_positive_float("w", tiny, allow_zero=allow_zero) == tiny
+    if allow_zero:
+        assert validate.check_positive_float("w", 0.0, allow_zero=True) == 0.0
+    else:
+        with pytest.raises(ValueError, match="w must be a finite number > 0, got 0.0"):
+            validate.check_positive_float("w", 0.0)
+    with pytest.raises(ValueError, match="w must be a finite number"):
+        validate.check_positive_float("w", -tiny, allow_zero=allow_zero)
+    for bad in (np.inf, np.nan):
+        with pytest.raises(ValueError, match="finite"):
+            validate.check_positive_float("w", bad, allow_zero=allow_zero)
+
+
+@pytest.mark.parametrize("low, high", [(1, 5), (1, None), (None, 3)])
+def test_arg_int_at_and_beside_its_bounds(low, high):
+    import argparse
+    parse = validate.arg_int(low, high)
+    for b in (low, high):
+        if b is not None:
+            assert parse(str(b)) == b
+    for past in ([low - 1] if low is not None else []) + ([high + 1] if high is not None else []):
+        with pytest.raises(argparse.ArgumentTypeError, match=f"got '{past}'"):
+            parse(str(past))
