@@ -1,33 +1,115 @@
-"""P ranks in one process: an MPI communicator played by threads, for lessons and tests.
+"""Ranks that never wait forever: the meetings of a collective call, and P ranks in one process.
 
-:func:`run_ranks` runs ``fn(comm)`` once per rank, each in its own thread, and hands each a
-:class:`LocalComm` with the few calls of mpi4py's communicator that ``parallel.py`` uses
-(``Get_size``, ``Get_rank``, ``allgather``, ``allreduce``, ``Alltoallv``, ``Allreduce``), with
-MPI's meaning: the n-th collective of every rank meets the n-th of every other, and what
-travels is a copy.
+Under MPI, a rank that raises leaves the others waiting forever in their next collective.
+Two tools here keep that from happening, and show that it does not.
 
-It behaves like MPI where it matters most, when something goes wrong. A rank that raises
-(or returns) simply stops taking part, as a dead MPI process would; the others run on. Under
-MPI, a rank waiting in a collective that a gone rank never reaches waits forever; here it
-raises :class:`RankSkipped`, naming that rank and what became of it::
+**Meetings.** A :class:`Call` is one collective call on one rank (a layer's forward, say).
+Before every collective of the call, the ranks *meet* (:meth:`Call.meet`): one small
+allgather of each rank's tag (the call and the meeting's number), what the ranks must
+agree on, and its error if it failed. Every rank reads the same list, so either all go on
+to the collective or all raise the same error, naming the rank(s) and the cause::
+
+    ValueError: rank 1 failed: ValueError: dy must have shape (15, 6), got (4, 6)
+
+A rank that fails anywhere in the call calls :meth:`Call.fail`: while the call still owes
+a collective, it takes part in exactly one meeting, the one the other ranks are heading
+for, carrying its error. After the call's last collective a failure is its rank's alone.
+
+**Simulated ranks.** :func:`run_ranks` runs ``fn(comm)`` once per rank, each in its own
+thread, with a :class:`LocalComm`: the few calls of mpi4py's communicator that
+``parallel.py`` uses (``Get_size``, ``Get_rank``, ``allgather``, ``allreduce``,
+``Alltoallv``, ``Allreduce``), with MPI's meaning: the n-th collective of every rank meets
+the n-th of every other, and what travels is a copy. A rank that raises (or returns)
+simply stops taking part, as a dead MPI process would; a rank waiting in a collective that
+a gone rank never reaches raises :class:`RankSkipped`, naming that rank and what became of it::
 
     rank 1 never reached collective #3 (allgather): it raised ValueError: x must ...
 
 at once if the missing rank has finished (it can never come), or after ``timeout`` seconds
 if it is still running. So a test on simulated ranks sees every hang the real job would
-have. ``run_ranks`` then raises the first *real* error (not a ``RankSkipped``), with the
-other ranks' errors in its notes.
+have. ``run_ranks`` then raises the first *real* error, with the others' in its notes.
 """
 from __future__ import annotations
 
+import builtins
 import pickle
 import threading
 import time
 
 import numpy as np
 
-__all__ = ["LocalComm", "run_ranks", "RankSkipped"]
+__all__ = ["Call", "LocalComm", "run_ranks", "RankSkipped"]
 
+
+# --------------------------------------------------------------------------- the meetings
+class Call:
+    """One collective call on one rank, and the meetings before its collectives.
+
+    ``kind`` names the call ("forward"); ``about``, None or ``(value, what)``: what the call
+    works on, which ranks in the same kind of call must agree on (e.g. which forward a
+    backward goes through); ``hint`` ends the message when the ranks disagree on ``agree``.
+    ``open`` is True until the call's last collective has run (its owner sets it False then).
+    """
+
+    def __init__(self, comm, kind, about=None, hint=""):
+        self.comm, self.kind, self.about, self.hint = comm, kind, about, hint
+        self.count, self.open = 0, True
+
+    def meet(self, agree=None, data=None, error=None):
+        """Every rank's ``(tag, error, data)``, in rank order, once all checked that no rank
+        failed and all agree (``agree``: a dict of plain values); else every rank raises."""
+        self.count += 1
+        mine = (self.kind, self.count, self.about, agree)
+        everyone = self.comm.allgather((mine, error, data))
+        ok = True
+        for theirs, err, _ in everyone:   # no call here: nothing may fail between a meeting and its collective
+            ok = ok and err is None and theirs == everyone[0][0]
+        if not ok:
+            self.open = False             # every rank read the same list: nobody meets again in this call
+            raise _call_error(everyone, self.hint)
+        return everyone
+
+    def fail(self, err):
+        """This rank failed: bring ``err`` to the meeting the others are heading for, where every
+        rank raises the one error naming it; after the call's last collective, raise it here alone."""
+        if not self.open:
+            raise err
+        try:
+            self.meet(error=(type(err).__name__, str(err)))
+        except Exception as everyone:     # noqa: BLE001 - the ranks' error, always raised here
+            raise everyone from err
+
+
+def _call_error(everyone, hint):
+    """The one error every rank raises after a meeting that went wrong (from the list all ranks saw)."""
+    failed = {}
+    for r, (_, error, _) in enumerate(everyone):
+        if error is not None:
+            failed.setdefault(error, []).append(str(r))
+    if failed:
+        message = "; ".join(f"rank{'s' * (len(rs) > 1)} {', '.join(rs)} failed: {name}: {text}"
+                            for (name, text), rs in failed.items())
+        kind = getattr(builtins, next(iter(failed))[0], None) if len({n for n, _ in failed}) == 1 else None
+        if isinstance(kind, type) and issubclass(kind, Exception):      # the original type, where sensible
+            try:
+                return kind(message)
+            except Exception:          # noqa: BLE001 - a type that wants other arguments
+                pass
+        return RuntimeError(message)
+    first = everyone[0][0]
+    r, (kind, count, about, agree) = next((r, e[0]) for r, e in enumerate(everyone) if e[0] != first)
+    if (kind, count) != first[:2]:
+        return RuntimeError(f"the ranks are not in the same call: rank 0 is in {first[0]} (meeting {first[1]}), "
+                            f"rank {r} in {kind} (meeting {count}); every rank must make the same calls, in order")
+    if about != first[2]:
+        return RuntimeError(f"the ranks are not in the same call: rank 0 and rank {r} are in {kind} of different "
+                            f"{about[1]}")
+    name = next(n for n in first[3] if first[3][n] != agree.get(n))
+    return ValueError(f"the ranks disagree on {name}: rank 0 has {first[3][name]!r}, rank {r} has "
+                      f"{agree.get(name)!r}{hint}")
+
+
+# --------------------------------------------------------------------------- P ranks in one process
 
 class RankSkipped(RuntimeError):
     """A rank waited in a collective that another rank never reached (under MPI: a hang)."""

@@ -148,13 +148,13 @@ def bad_input_cases(comm, failures):
     expect_error("E not divisible by P",
                  lambda: ExpertParallelMoELayer(D, HID, P + 1, k=1, rng=np.random.default_rng(0), comm=comm),
                  "divisible", failures)
-    expect_error("router weights differ",
+    expect_error("disagree on the router weights",
                  lambda: ExpertParallelMoELayer.from_layer(MoELayer(D, HID, E, rng=np.random.default_rng(rank)), comm),
-                 "router weights differ", failures)
+                 "disagree on the router weights", failures)
     expect_error("options differ",
                  lambda: ExpertParallelMoELayer(D, HID, E, k=1 if rank == last else 2,
                                                 rng=np.random.default_rng(0), comm=comm),
-                 f"k differs: rank 0 has 2, rank {last} has 1", failures)
+                 f"disagree on k: rank 0 has 2, rank {last} has 1", failures)
     expect_error("a bad option on one rank only",
                  lambda: ExpertParallelMoELayer(D, HID, E, k=E + 1 if rank == last else 2,
                                                 rng=np.random.default_rng(0), comm=comm),
@@ -162,13 +162,13 @@ def bad_input_cases(comm, failures):
     expect_error("E differs",
                  lambda: ExpertParallelMoELayer(D, HID, E if rank != last else 2 * E,
                                                 rng=np.random.default_rng(0), comm=comm),
-                 "n_experts differs", failures)
+                 "disagree on n_experts", failures)
     par = ExpertParallelMoELayer(D, HID, E, k=2, rng=np.random.default_rng(0), comm=comm)
     x = np.random.default_rng(rank).standard_normal((5, D))
     y = par.forward(x)
     if rank == last:
         par.params["W_gate"][0, 0] += 1e-9             # a replica drifted after construction
-    expect_error("router drifted", lambda: par.forward(x), "router weights differ", failures)
+    expect_error("router drifted", lambda: par.forward(x), "disagree on the router weights", failures)
     if rank == last:
         par.params["W_gate"][0, 0] -= 1e-9
     expect_error("bad x on one rank",
@@ -314,15 +314,16 @@ FAILURE_CASES = [
     ("a bad noise_rng on one rank", TypeError, ["rank {last} failed: TypeError: noise_rng must be"], bad_noise_rng),
     ("a bad rng at forward on one rank", TypeError, ["rank {last} failed: TypeError: rng must be"],
      bad_rng_at_forward),
-    ("ranks disagree on train", ValueError, ["train differs: rank 0 has True, rank {last} has False"],
+    ("ranks disagree on train", ValueError, ["disagree on train: rank 0 has True, rank {last} has False"],
      train_disagrees),
-    ("ranks disagree on an option", ValueError, ["capacity_factor differs: rank 0 has 1.0, rank {last} has 0.5"],
+    ("ranks disagree on an option", ValueError, ["disagree on capacity_factor: rank 0 has 1.0, rank {last} has 0.5"],
      option_disagrees),
     ("two ranks fail differently", RuntimeError,
      ["rank 0 failed: ValueError: x must have width", "rank {last} failed: FloatingPointError: the z-loss"],
      two_ranks_fail),
     ("a forward failed after its last exchange on one rank, then backward", RuntimeError,
-     ["the ranks are not in the same call: rank 0 and rank {last} are in backward through different forwards"], fail_after_last_exchange),
+     ["the ranks are not in the same call: rank 0 and rank {last} are in backward of different forwards"],
+     fail_after_last_exchange),
     ("forward on some ranks, backward on one", RuntimeError,
      ["the ranks are not in the same call: rank 0 is in forward (meeting 1), rank {last} in backward (meeting 1)"],
      forward_here_backward_there),
