@@ -48,7 +48,21 @@ class Call:
     ``kind`` names the call ("forward"); ``about``, None or ``(value, what)``: what the call
     works on, which ranks in the same kind of call must agree on (e.g. which forward a
     backward goes through); ``hint`` ends the message when the ranks disagree on ``agree``.
-    ``open`` is True until the call's last collective has run (its owner sets it False then).
+
+    The owner of a call keeps three rules. It makes the Call inside its ``try``, so that a
+    failure even while setting up reaches a meeting::
+
+        call = None
+        try:
+            call = Call(comm, "forward")
+            ...                              # call.meet() before every collective
+        except Exception as err:
+            (Call(comm, "forward") if call is None else call).fail(err)
+
+    It sets ``call.open = False`` right after the call's last collective. And between a
+    meeting and its collective it runs nothing that could fail (not even a function call).
+    ``Exception`` is what travels: KeyboardInterrupt and SystemExit stop this process, and
+    under ``python -m mpi4py`` MPI then aborts every rank.
     """
 
     def __init__(self, comm, kind, about=None, hint=""):
@@ -104,13 +118,13 @@ def _call_error(everyone, hint):
     if about != first[2]:
         return RuntimeError(f"the ranks are not in the same call: rank 0 and rank {r} are in {kind} of different "
                             f"{about[1]}")
-    name = next(n for n in first[3] if first[3][n] != agree.get(n))
-    return ValueError(f"the ranks disagree on {name}: rank 0 has {first[3][name]!r}, rank {r} has "
-                      f"{agree.get(name)!r}{hint}")
+    ours, theirs = first[3] or {}, agree or {}
+    name = next(n for n in [*ours, *theirs] if ours.get(n) != theirs.get(n))
+    return ValueError(f"the ranks disagree on {name}: rank 0 has {ours.get(name)!r}, rank {r} has "
+                      f"{theirs.get(name)!r}{hint}")
 
 
 # --------------------------------------------------------------------------- P ranks in one process
-
 class RankSkipped(RuntimeError):
     """A rank waited in a collective that another rank never reached (under MPI: a hang)."""
 

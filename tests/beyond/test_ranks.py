@@ -1,4 +1,5 @@
-"""The simulated ranks (minimoe/beyond/ranks.py) behave like MPI: a failed rank is gone.
+"""minimoe/beyond/ranks.py: simulated ranks that behave like MPI (a failed rank is gone), and
+the meetings that keep ranks in step (ranks.Call).
 
 Issue 21, finding 1: the simulator aborted its barrier when a rank raised, so the other ranks
 were released and no test could see that under real MPI they would wait forever; a rank that
@@ -12,7 +13,7 @@ import time
 import numpy as np
 import pytest
 
-from minimoe.beyond.ranks import LocalComm, RankSkipped, run_ranks
+from minimoe.beyond.ranks import Call, LocalComm, RankSkipped, run_ranks
 
 
 def test_a_rank_that_raises_is_named_by_the_rank_waiting_for_it():
@@ -118,3 +119,86 @@ def test_results_come_back_in_rank_order_and_a_comm_is_not_built_by_hand():
     with pytest.raises(ValueError, match="timeout must be"):
         run_ranks(2, lambda comm: None, timeout=0)
     assert LocalComm.__doc__ and "run_ranks" in LocalComm.__doc__
+
+
+# ----------------------------------------------------------------------------- the meetings
+
+class Custom(Exception):
+    pass
+
+
+def meeting(P, per_rank):
+    """Each rank: ``per_rank(rank, call)`` inside the Call protocol; returns what each raised."""
+    def fn(comm):
+        call = None
+        try:
+            call = Call(comm, "forward", hint="; build them alike")
+            per_rank(comm.Get_rank(), call)
+            call.meet()                                      # the next collective's meeting
+            return None
+        except Exception as err:   # noqa: BLE001
+            try:
+                (Call(comm, "forward") if call is None else call).fail(err)
+            except Exception as everyone:   # noqa: BLE001
+                return everyone
+    return run_ranks(P, fn, timeout=10)
+
+
+def test_a_rank_that_fails_brings_its_error_to_the_meeting_and_every_rank_raises_it():
+    def per_rank(r, call):
+        if r == 1:
+            raise FloatingPointError("overflow here")
+    errors = meeting(3, per_rank)
+    assert all(type(e) is FloatingPointError and str(e) == "rank 1 failed: FloatingPointError: overflow here"
+               for e in errors), errors
+    assert isinstance(errors[1].__cause__, FloatingPointError) and errors[0].__cause__ is None
+
+
+def test_ranks_failing_alike_are_grouped_and_unlike_or_unknown_types_give_a_runtime_error():
+    errors = meeting(3, lambda r, call: (_ for _ in ()).throw(ValueError("bad x")) if r != 1 else None)
+    assert all(type(e) is ValueError and str(e) == "ranks 0, 2 failed: ValueError: bad x" for e in errors)
+
+    def mixed(r, call):
+        raise (KeyError("W9") if r == 0 else Custom("mine"))
+    errors = meeting(2, mixed)
+    assert all(type(e) is RuntimeError and str(e) == "rank 0 failed: KeyError: 'W9'; rank 1 failed: Custom: mine"
+               for e in errors), errors
+    errors = meeting(2, lambda r, call: (_ for _ in ()).throw(UnicodeDecodeError("utf-8", b"", 0, 1, "x")))
+    assert all(type(e) is RuntimeError and "UnicodeDecodeError" in str(e) for e in errors)   # needs 5 arguments
+
+
+def test_ranks_that_disagree_or_are_in_different_calls_raise_the_same_error():
+    errors = meeting(2, lambda r, call: call.meet({"k": 2, "train": r == 0}))
+    assert all(type(e) is ValueError and str(e) == "the ranks disagree on train: rank 0 has True, rank 1 has False"
+               "; build them alike" for e in errors), errors
+    errors = meeting(2, lambda r, call: call.meet({"k": 2} if r == 0 else {"k": 2, "extra": 1}))
+    assert all("disagree on extra: rank 0 has None, rank 1 has 1" in str(e) for e in errors), errors
+
+    def kind(r, call):
+        call.kind = "backward" if r == 1 else "forward"
+    errors = meeting(2, kind)
+    assert all(str(e).startswith("the ranks are not in the same call: rank 0 is in forward (meeting 1), rank 1 "
+                                 "in backward (meeting 1)") for e in errors), errors
+
+    def about(r, call):
+        call.about = (r, "forwards")
+    errors = meeting(2, about)
+    assert all(str(e) == "the ranks are not in the same call: rank 0 and rank 1 are in forward of different "
+               "forwards" for e in errors), errors
+
+
+def test_after_the_last_collective_a_failure_is_its_rank_alone():
+    def fn(comm):
+        call = Call(comm, "forward")
+        call.meet()
+        call.open = False                                    # the call's last collective has run
+        if comm.Get_rank() == 1:
+            try:
+                raise Custom("local")
+            except Custom as err:
+                try:
+                    call.fail(err)
+                except Custom as same:
+                    return same is err
+        return "no meeting"
+    assert run_ranks(2, fn) == ["no meeting", True]
