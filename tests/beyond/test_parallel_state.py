@@ -12,8 +12,8 @@ backward calls, one at a time (the n-th call raises, for every n; on simulated r
   collective — only the failing rank raised, its own error;
 * the ranks are still in step: one more forward and backward works on every rank.
 
-Functions of ``ranks.py`` are not counted: they play the MPI library, whose collectives
-do not raise Python exceptions halfway. Neither is the first call, ``forward`` or
+The simulator's functions in ``ranks.py`` are not counted: they play the MPI library, whose
+collectives do not raise Python exceptions halfway (the meetings, ``ranks.Call``, are). Neither is the first call, ``forward`` or
 ``backward`` itself: an exception there (a wrong call signature) happens before the layer runs.
 """
 import inspect
@@ -31,6 +31,7 @@ from moe_helpers import assert_same_state, layer_state
 
 PACKAGE = str(Path(minimoe.__file__).resolve().parent)
 SIMULATOR = str(Path(ranks.__file__).resolve())
+MPI_PART = ("LocalComm", "_World", "run_ranks", "_sum")      # what plays the MPI library in ranks.py
 
 
 class Injected(Exception):
@@ -38,11 +39,13 @@ class Injected(Exception):
 
 
 def _counts(frame):
-    """A call of a minimoe function, other than the simulator's (the MPI library's part) and
-    a generator's resumption (where an exception raised by a tracer is not propagated)."""
-    name = frame.f_code.co_filename
-    return (name.startswith(PACKAGE) and name != SIMULATOR
-            and not frame.f_code.co_flags & (inspect.CO_GENERATOR | inspect.CO_COROUTINE))
+    """A call of a minimoe function, other than the simulator's (the MPI library's part; the
+    meetings of ranks.Call do count) and a generator's resumption (where an exception raised
+    by a tracer is not propagated)."""
+    code = frame.f_code
+    simulator = code.co_filename == SIMULATOR and code.co_qualname.startswith(MPI_PART)
+    return (code.co_filename.startswith(PACKAGE) and not simulator
+            and not code.co_flags & (inspect.CO_GENERATOR | inspect.CO_COROUTINE))
 
 
 def traced(call, at=None):
