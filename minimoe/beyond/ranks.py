@@ -38,6 +38,8 @@ import time
 
 import numpy as np
 
+from ..validate import check_int, check_positive_float
+
 __all__ = ["Call", "LocalComm", "run_ranks", "RankSkipped"]
 
 
@@ -221,11 +223,8 @@ def run_ranks(n_ranks, fn, timeout=5.0):
     (a rank that has already returned or raised is reported at once).
     If a rank raised, the first real error is raised here (the others' in its notes).
     """
-    if not isinstance(n_ranks, int) or n_ranks < 1:
-        raise ValueError(f"n_ranks must be an integer ≥ 1, got {n_ranks!r}")
-    if not timeout > 0:
-        raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
-    world = _World(n_ranks, float(timeout))
+    n_ranks = check_int("n_ranks", n_ranks, low=1)
+    world = _World(n_ranks, check_positive_float("timeout", timeout))
     results = [None] * n_ranks
 
     def work(r):
@@ -243,7 +242,7 @@ def run_ranks(n_ranks, fn, timeout=5.0):
         t.start()
     for t in threads:
         t.join()
-    errors = [(r, e) for r, e in enumerate(world.ended) if e != "returned"]
+    errors = [(r, e) for r, e in enumerate(world.ended) if isinstance(e, BaseException)]
     if errors:
         real = [(r, e) for r, e in errors if not isinstance(e, RankSkipped)] or errors
         first = real[0][1]

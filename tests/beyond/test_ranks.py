@@ -114,10 +114,14 @@ def test_collectives_move_copies_like_mpi():
 
 def test_results_come_back_in_rank_order_and_a_comm_is_not_built_by_hand():
     assert run_ranks(4, lambda comm: (comm.Get_rank(), comm.Get_size())) == [(r, 4) for r in range(4)]
-    with pytest.raises(ValueError, match="n_ranks must be"):
+    with pytest.raises(ValueError, match="n_ranks must be >= 1, got 0"):
         run_ranks(0, lambda comm: None)
-    with pytest.raises(ValueError, match="timeout must be"):
+    with pytest.raises(TypeError, match="n_ranks must be an integer, got 2.0"):
+        run_ranks(2.0, lambda comm: None)
+    with pytest.raises(ValueError, match="timeout must be a finite number > 0, got 0"):
         run_ranks(2, lambda comm: None, timeout=0)
+    with pytest.raises(TypeError, match="timeout must be a number, got '5'"):
+        run_ranks(2, lambda comm: None, timeout="5")
     assert LocalComm.__doc__ and "run_ranks" in LocalComm.__doc__
 
 
