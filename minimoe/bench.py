@@ -467,7 +467,8 @@ def run_parallel_bench(cfg, comm, capacity_factor=None, progress=True):
     Every rank must call it. Rows (one per dtype and E) hold the same fields as
     :func:`run_bench`'s (the ceilings are per rank, run on all ranks at once), plus
     ``single_ms`` (the single-process layer on rank 0 with P BLAS threads), ``parallel/single``,
-    ``exchange_ms`` (time in the four Alltoallv of a step, slowest rank, waiting included) and
+    ``exchange_ms`` (time in the four Alltoallv of a step and the status meetings before them,
+    slowest rank, waiting included) and
     ``sent_bytes`` (all ranks together, per step). Returns the JSON-ready dict (on every rank).
     """
     from threadpoolctl import threadpool_limits
@@ -597,7 +598,8 @@ def format_parallel_report(result):
         f"  BLAS:    one thread per rank; single = the single-process MoELayer on rank 0 with {P} BLAS threads",
         f"  ceiling: the six expert matmuls on each rank's T*k/P={c['tokens_per_rank'] * c['k']} rows, "
         f"all ranks at once",
-        "  grouped: the same on each rank's E/P groups; exchange: the four Alltoallv of a step (slowest rank)",
+        "  grouped: the same on each rank's E/P groups; exchange: the four Alltoallv of a step and their "
+        "meetings (slowest rank)",
         f"  timing:  median of {c['repeats']} interleaved rounds after {c['warmup']} warm-up; "
         f"a step = the slowest rank",
         "",
