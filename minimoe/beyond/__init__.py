@@ -6,5 +6,8 @@
                        (DeepSeek-V3's sigmoid gate by default)
     shared_experts.py  shared + fine-grained experts (DeepSeekMoE's routing): a specialist on duty
                        for everyone
-    parallel.py        expert parallelism over MPI: a network of clinics, the all-to-all by hand
+    ranks.py           ranks that never wait forever: a status meeting before every collective, and
+                       P simulated ranks in one process that report a would-be hang by name
+    parallel.py        expert parallelism over MPI: a network of clinics, the all-to-all by hand —
+                       the layer's one pair, run with a team whose experts live on other ranks
 """

@@ -80,6 +80,8 @@ try:
     bench.main(["--parallel", "--quick", "--no-progress", "--json", path])
 except KeyboardInterrupt:
     pass
+except SystemExit as stop:                       # the command line ends an interrupt with status 130
+    assert stop.code == 130, stop.code
 else:
     raise SystemExit("the interrupted write was not interrupted: --parallel does not write through atomic_write_text")
 print(dumps({"after": open(path).read(), "files": sorted(os.listdir(os.path.dirname(path)))}))
