@@ -1,8 +1,9 @@
 """Random MoE layer configurations for testing the gradient checker itself (issue 21).
 
 Not a test module: ``test_gradcheck_random_layers.py`` draws from it, and run as a script it
-is the long study (``PYTHONPATH=$PWD python tests/core/gradcheck_configs.py 1000``): it checks
-N random layers with :func:`minimoe.core.gradcheck.check_layer` and counts, per outcome,
+is the long study (``PYTHONPATH=$PWD python tests/core/gradcheck_configs.py N [START] [-q] [--confirm]``):
+it checks the N random layers of seeds START.. with :func:`minimoe.core.gradcheck.check_layer`
+and counts, per outcome,
 
     pass      the checker accepted the (correct) hand-written gradients
     FAIL      GradCheckError on a correct gradient: a false failure, the bug this guards against
@@ -24,6 +25,7 @@ import numpy as np
 
 from minimoe import ExpertChoiceMoELayer, HashMoELayer, LossFreeMoELayer, MoELayer, SharedExpertMoELayer
 from minimoe.core import gradcheck as gc
+from minimoe.core.gradcheck_guards import same_selection
 
 
 class Config(NamedTuple):
@@ -134,7 +136,7 @@ def confirm(cfg, h=1e-3):
 
     def loss():
         out = layer.forward(x, **fk)
-        if not gc._same_selection(sig0, layer.routing_signature()):
+        if not same_selection(sig0, layer.routing_signature()):
             raise gc.KinkError("kink")
         return float(np.sum(out * dout)) + float(layer.aux_loss or 0.0)
 
@@ -172,10 +174,13 @@ def study(seeds, verbose=True, do_confirm=False, **check_kwargs):
 
 
 if __name__ == "__main__":
-    n = int(sys.argv[1]) if len(sys.argv) > 1 else 1000
-    t0 = time.perf_counter()
-    res = study(range(n), verbose="-q" not in sys.argv, do_confirm="--confirm" in sys.argv)
-    dt = time.perf_counter() - t0
-    print(", ".join(f"{k}: {len(v)}" for k, v in res.items()), f"of {n} configurations in {dt:.0f} s")
+    args = [a for a in sys.argv[1:] if not a.startswith("-")]
+    n = int(args[0]) if args else 1000
+    start = int(args[1]) if len(args) > 1 else 0
+    t0 = time.process_time()
+    res = study(range(start, start + n), verbose="-q" not in sys.argv, do_confirm="--confirm" in sys.argv)
+    dt = time.process_time() - t0
+    print(", ".join(f"{k}: {len(v)}" for k, v in res.items()),
+          f"of {n} configurations (seeds {start}..{start + n - 1}) in {dt:.0f} s of CPU")
     print("false failures at seeds", res["FAIL"])
     print("layer errors at seeds", res["error"])
