@@ -10,7 +10,9 @@ difference), so a GradCheckError on them is a false failure: before issue 21, 11
 beside the loss (the router's), where the finite difference's rounding error, ≈ u·Λ/h, is set by
 the whole loss and not by that gradient.
 
-The long study, 1,000 configurations: ``PYTHONPATH=$PWD python tests/core/gradcheck_configs.py 1000``.
+With the error budget (gradcheck_guards.py) none fails: 0 of the 1,000 configurations of seeds
+0..999 and 0 of seeds 1000..1999 (seven configurations hit a layer bug instead, see
+test_fast_swiglu_empty_expert.py). The long study: ``PYTHONPATH=$PWD python tests/core/gradcheck_configs.py 1000``.
 """
 import numpy as np
 import pytest
