@@ -6,8 +6,10 @@ Read the files in this order; each is short enough to finish in one sitting.
                   cross-entropy), the ``forward -> (out, cache)`` /
                   ``backward(dout, cache) -> (dx, grads)`` convention and ``PairLayer``,
                   the base of the thin classes
-    gradcheck.py  how every backward is shown right: central differences, the normwise and
-                  elementwise rule, and the kink detector for top-k ties
+    gradcheck.py  how every backward is shown right: central differences, the relative error,
+                  the pass rule (normwise and elementwise, within the finite difference's error)
+    gradcheck_guards.py  its small print: the error budget (rounding and truncation), tolerances
+                  scaled to a small loss, the refusals, and the kink guard for top-k ties
     experts.py    the specialist (an FFN expert) and a bank of E of them, a plain loop over experts
     router.py     the GP: logits, learned Gaussian noise, top-k, and the dense / top-k / Switch
                   gates — with the k=1 trap (a renormalised top-1 gate gives the router no gradient)

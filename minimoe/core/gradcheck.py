@@ -1,109 +1,75 @@
 """Gradient checking: how minimoe *shows* that every backward pass is right.
 
-Every backward pass in minimoe is written by hand. This file is how we know they
-are correct: we nudge each input and each parameter by a tiny step ``h`` in both
-directions, watch how a scalar loss moves, and compare that slope with what the
-hand-written backward says (central differences, error O(h²)):
+Every backward pass in minimoe is written by hand. To know one is right, nudge each entry
+of each input and parameter by a small step ``h``, both ways, watch a scalar loss move, and
+compare that slope with what the backward says — a central difference, error O(h²):
 
-    ∂L/∂θ_i  ≈  ( L(θ + h e_i) − L(θ − h e_i) ) / (2h)
+    ∂L/∂θ_i  ≈  n_i  =  ( L(θ + h e_i) − L(θ − h e_i) ) / 2h
 
-The scalar loss for a function with output ``out`` is ``L = Σ out ⊙ dout`` with a
-fixed random ``dout``, so ``∂L/∂out = dout`` and the backward is fed exactly that.
+For a function with output ``out`` the loss is ``L = Σ out ⊙ dout`` with a fixed random
+``dout``, so ``∂L/∂out = dout`` — exactly what the backward is fed.
 
-The pass criterion (docs/design.md §4), per parameter, with analytic ``a`` and numeric ``n``:
+**The pass rule** (docs/design.md §4), per parameter, analytic ``a`` against numeric ``n``,
+at each of two steps ``h = 1e-5`` and ``1e-6`` (a result that holds at only one is luck):
 
-* normwise relative error  ``‖a − n‖ / max(‖a‖, ‖n‖, tiny) < 1e-8``, **and**
-* elementwise              ``|a − n| ≤ 1e-7 + 1e-5·|n|`` for every entry.
+    normwise      ‖a − n‖  ≤  1e-8 · max(‖a‖, ‖n‖)  +  ‖e‖
+    elementwise   |a_i − n_i|  ≤  1e-7 + 1e-5 · |n_i|  +  e_i      for every entry
 
-The elementwise test alone is flaky where the gradient is near zero, the normwise
-one alone can hide one bad entry in a big array; together they are strict and
-stable. One refinement: when the whole gradient is smaller than the finite
-differences can resolve (both norms below ``ZERO_NORM``, e.g. a gradient that is
-exactly zero by design), the normwise ratio is noise over noise, so only the
-elementwise test decides.
+where ``e`` is the finite difference's own error, its *budget*: rounding, ``32·u·Λ/h``
+(``u = 2⁻⁵³``, ``Λ = Σ |out ⊙ dout|`` the size of the loss), plus truncation, ``|c|·h²``
+with ``c`` measured from how far ``n`` moves between the two steps. The elementwise rule
+alone is flaky where the gradient is near zero; the normwise one alone can hide one bad
+entry in a big array; together they are strict and stable.
 
-**Small gradients: the tolerances scale with the loss.** ``TOL_ABS`` and ``ZERO_NORM``
-are absolute, calibrated for a loss of ordinary size (``Λ ≳ 1``, with
-``Λ = Σ |out ⊙ dout|`` (+ ``|aux_loss|``), the size of the terms the loss adds up).
-Finite-difference noise, ``≈ ε_mach Λ / h``, and every true gradient shrink with ``Λ``;
-absolute tolerances do not, so with ``dout`` scaled by 1e-9 a backward 2× wrong
-would sit below ``ZERO_NORM`` and pass on ``TOL_ABS`` alone. Therefore:
-
-* with ``scale = min(1, Λ)``, the elementwise rule is ``|a − n| ≤ scale·TOL_ABS + TOL_REL·|n|``
-  and "too small to resolve" means both norms below ``scale·ZERO_NORM``; for ``Λ ≥ 1``
-  this is exactly the docs/design.md §4 criterion;
-* if every gradient of the check is below ``scale·ZERO_NORM`` while the backward claims
-  a non-zero one (above ``scale·ZERO_BY_DESIGN``: nothing the check could tell from
-  noise), or ``dout`` is all zero (the loss is identically 0), or ``Λ < MIN_SCALE``
-  (near float64's subnormal range), the check refuses
-  with :class:`GradientsTooSmallError` ("gradients too small to check: scale dout")
-  instead of reporting a pass. (A gradient that is zero by design, with a backward that
-  says zero, still passes: e.g. the softmax of a single entry.)
-
-:func:`check_pair` and :func:`check_layer` measure ``Λ`` themselves;
-:func:`check_gradients` cannot see the loss's terms and takes ``scale=`` (default 1: the
-§4 criterion as written); pass it for a loss that is small by construction.
-
-The checker also refuses to run what it cannot check: the loss must give the same value
-twice at the same point (a noisy router that redraws its noise on every call does not —
-fix the noise), the arrays must be non-empty, writable float64, and a backward must
-return ``(dx, grads)`` with ``grads`` a dict.
-
-Everything runs in float64 and at two step sizes (1e-5 and 1e-6): a correct
-gradient passes at both; a result that holds at only one is luck.
-
-Top-k routing is only *piecewise* smooth: if nudging a logit makes the k-th and
-(k+1)-th expert swap places, the finite difference measures a jump, not a slope.
-The checkers therefore accept a *selection signature* (e.g. the top-k indices);
-if any perturbation changes it, they raise :class:`KinkError` instead of
-reporting a bogus gradient error.
+Read on in ``gradcheck_guards.py``: the budget in full, the tolerances scaled to a small
+loss, the refusals (a loss that is not deterministic, gradients too small to judge) and the
+kink guard for top-k routing (:class:`KinkError`).
 """
 from __future__ import annotations
 
-import numbers
 from typing import NamedTuple
 
 import numpy as np
 
+from .gradcheck_guards import (MIN_SCALE, ROUNDOFF, ZERO_BY_DESIGN, ZERO_NORM, GradCheckError,  # noqa: F401
+                               GradientsTooSmallError, KinkError, analytic_from, as_steps, check_scale,
+                               checkable, deterministic_layer_output, deterministic_value, dout_for,
+                               fd_error, float64_copy, kink_guard, loss_scale, loss_size_from, pair_result,
+                               refuse_unresolvable, refuse_zero_dout, rng_from)
+
 __all__ = [
-    "TOL_NORMWISE", "TOL_ABS", "TOL_REL", "ZERO_NORM", "ZERO_BY_DESIGN", "MIN_SCALE", "STEPS",
+    "TOL_NORMWISE", "TOL_ABS", "TOL_REL", "ZERO_NORM", "ZERO_BY_DESIGN", "MIN_SCALE", "ROUNDOFF", "STEPS",
     "GradCheckError", "KinkError", "GradientsTooSmallError", "GradReport",
     "rel_error", "numerical_gradient", "compare", "format_reports",
-    "check_gradients", "check_pair", "check_layer",
+    "check_gradients", "check_pair", "check_layer", "as_pair",
 ]
 
-TOL_NORMWISE = 1e-8   # normwise relative error must be below this
-TOL_ABS = 1e-7        # elementwise: |a - n| <= TOL_ABS + TOL_REL * |n|
-TOL_REL = 1e-5
-ZERO_NORM = 1e-7      # below this norm a gradient is indistinguishable from zero
-STEPS = (1e-5, 1e-6)  # the criterion must hold at both step sizes
-MIN_SCALE = 1e-280    # a loss smaller than this is near float64's subnormals: refused
-ZERO_BY_DESIGN = 1e-10  # an analytic gradient this small (× scale) claims "exactly zero"
 
+# --------------------------------------------------------------------------- the idea
+def numerical_gradient(f, x, h=1e-5, name="x", selection0=None):
+    """Central-difference gradient of the scalar ``f()`` with respect to the array ``x``.
 
-class GradCheckError(AssertionError):
-    """The analytic gradient disagrees with finite differences."""
+    ``x`` is perturbed *in place*, one entry at a time, and restored exactly; ``f`` (no
+    arguments) reads it and returns the loss, or ``(loss, selection)``: if ``selection0`` is
+    given, a step that changes the selection raises :class:`KinkError` (gradcheck_guards.py).
 
-
-class KinkError(RuntimeError):
-    """A finite-difference step crossed a kink: the discrete selection changed."""
-
-
-class GradientsTooSmallError(ValueError):
-    """The gradients are too small for finite differences to judge: scale ``dout`` up."""
-
-
-class GradReport(NamedTuple):
-    """How one parameter's analytic gradient compares with the numerical one."""
-    name: str
-    shape: tuple
-    normwise: float        # ‖a − n‖ / max(‖a‖, ‖n‖, tiny)
-    worst_excess: float    # max over entries of |a − n| / (TOL_ABS + TOL_REL·|n|); ≤ 1 passes
-    worst_index: tuple     # where that worst entry is
-    analytic: float        # a at the worst entry
-    numeric: float         # n at the worst entry
-    h: float               # the step used
-    passed: bool
+    Returns:
+        Array of ``x.shape``: the numerical gradient.
+    """
+    checkable(name, x)
+    grad = np.zeros_like(x)
+    for i in np.ndindex(x.shape):
+        old = x[i]
+        try:
+            x[i] = old + h
+            plus = f()
+            x[i] = old - h
+            minus = f()
+        finally:
+            x[i] = old                                         # restore exactly, even if f raised
+        f_plus, f_minus = kink_guard(selection0, plus, minus, name, i, h)
+        grad[i] = (f_plus - f_minus) / (2 * h)                 # n_i = (L(θ + h e_i) − L(θ − h e_i)) / 2h
+    return grad
 
 
 def rel_error(a, n, tiny=1e-300):
@@ -113,185 +79,101 @@ def rel_error(a, n, tiny=1e-300):
     return float(np.linalg.norm(a - n) / max(np.linalg.norm(a), np.linalg.norm(n), tiny))
 
 
-def _same_selection(s0, s1):
-    """True when two selection signatures (arrays, scalars or tuples of them) are equal."""
-    if isinstance(s0, (tuple, list)):
-        return len(s0) == len(s1) and all(_same_selection(a, b) for a, b in zip(s0, s1))
-    return np.array_equal(np.asarray(s0), np.asarray(s1))
+# --------------------------------------------------------------------------- the pass rule
+STEPS = (1e-5, 1e-6)  # the rule must hold at both step sizes
+TOL_NORMWISE = 1e-8   # normwise: ‖a − n‖ ≤ TOL_NORMWISE·max(‖a‖, ‖n‖) + ‖e‖
+TOL_ABS = 1e-7        # elementwise: |a − n| ≤ TOL_ABS + TOL_REL·|n| + e
+TOL_REL = 1e-5
 
 
-def _split(result):
-    """A loss function may return ``value`` or ``(value, selection_signature)``."""
-    if isinstance(result, tuple):
-        return float(result[0]), result[1]
-    return float(result), None
+class GradReport(NamedTuple):
+    """How one parameter's analytic gradient compares with the numerical one, at one step."""
+    name: str
+    shape: tuple
+    normwise: float        # ‖a − n‖ / max(‖a‖, ‖n‖, tiny)
+    worst_excess: float    # max over entries of |a − n| / (scale·TOL_ABS + TOL_REL·|n| + e); ≤ 1 passes
+    worst_index: tuple     # where that worst entry is
+    analytic: float        # a at the worst entry
+    numeric: float         # n at the worst entry
+    h: float               # the step used
+    passed: bool
+    allowed: float = TOL_NORMWISE   # the normwise error allowed: TOL_NORMWISE + ‖e‖ / max(‖a‖, ‖n‖)
 
 
-def _check_checkable(name, x):
-    """An array the checker can perturb in place: a non-empty, writable float64 ndarray."""
-    if not isinstance(x, np.ndarray):
-        raise TypeError(f"{name} must be a numpy array (the checker perturbs it in place), "
-                        f"got {type(x).__name__}")
-    if x.dtype != np.float64:
-        raise TypeError(f"gradient checks need float64, but {name} has dtype {x.dtype}")
-    if x.size == 0:
-        raise ValueError(f"{name} is empty (shape {x.shape}): there is no gradient to check")
-    if not x.flags.writeable:
-        raise ValueError(f"{name} is read-only: the checker perturbs it in place; pass a writable "
-                         f"copy (np.array({name}))")
-    return x
-
-
-def numerical_gradient(f, x, h=1e-5, name="x", selection0=None):
-    """Central-difference gradient of the scalar function ``f()`` w.r.t. the array ``x``.
-
-    ``x`` is perturbed *in place*, one entry at a time, and restored; ``f`` reads it.
+def compare(name, analytic, numeric, h=float("nan"), scale=1.0, fd_error=0.0):
+    """Judge an analytic gradient against a numerical one with the pass rule (module docstring).
 
     Args:
-        f: callable with no arguments returning a float, or ``(float, signature)``.
-        x: float64 array, any shape.
-        h: the step.
-        name: the array's name, for error messages.
-        selection0: the unperturbed selection signature; if given, every perturbed
-            evaluation must reproduce it or :class:`KinkError` is raised.
+        name: for the report.  analytic, numeric: arrays of one shape.  h: the step, for the report.
+        scale: ``min(1, Λ)`` in (0, 1]: shrinks the absolute parts, ``TOL_ABS`` and ``ZERO_NORM``,
+            for a loss whose terms are small (gradcheck_guards.py); 1 is §4 as written.
+        fd_error: ``e``, the finite difference's error budget, per entry or one number (≥ 0);
+            0 judges by the tolerances alone.
 
     Returns:
-        Array of ``x.shape``: the numerical gradient.
-    """
-    _check_checkable(name, x)
-    grad = np.zeros_like(x)
-    it = np.nditer(x, flags=["multi_index"])
-    for _ in it:
-        i = it.multi_index
-        old = x[i]
-        try:
-            x[i] = old + h
-            fp, sp = _split(f())
-            x[i] = old - h
-            fm, sm = _split(f())
-        finally:
-            x[i] = old          # restore exactly, even if f raised
-        if selection0 is not None and not (_same_selection(selection0, sp) and _same_selection(selection0, sm)):
-            raise KinkError(
-                f"perturbing {name}{list(i)} by ±{h:g} changed the discrete selection "
-                f"(which experts are chosen, or which tokens are kept): the finite difference "
-                f"crosses a kink and means nothing there. Use a fixture whose top-k margins are "
-                f">= 1e-3, or a different seed."
-            )
-        grad[i] = (fp - fm) / (2 * h)
-    return grad
-
-
-def compare(name, analytic, numeric, h=float("nan"), scale=1.0):
-    """Compare an analytic and a numerical gradient with the docs/design.md §4 criterion.
-
-    ``scale`` (in (0, 1]) shrinks the absolute parts of the criterion, ``TOL_ABS`` and
-    ``ZERO_NORM``, for a loss whose terms are small (see the module docstring); 1 is §4 as written.
+        A :class:`GradReport`.
     """
     a = np.asarray(analytic, dtype=np.float64)
     n = np.asarray(numeric, dtype=np.float64)
     if a.shape != n.shape:
         raise GradCheckError(f"{name}: analytic gradient has shape {a.shape}, expected {n.shape}")
-    scale = float(scale)
-    if not (0 < scale <= 1):
-        raise ValueError(f"scale must be in (0, 1], got {scale!r}")
+    scale = check_scale(scale)
+    e = np.asarray(fd_error, dtype=np.float64)
+    if not (np.all(np.isfinite(e)) and np.all(e >= 0)):
+        raise ValueError(f"fd_error must be finite and >= 0, got {fd_error!r}")
+    e = np.broadcast_to(e, a.shape)
     normwise = rel_error(a, n)
+    biggest = max(np.linalg.norm(a), np.linalg.norm(n))
+    # normwise: ‖a − n‖ ≤ 1e-8·max(‖a‖, ‖n‖) + ‖e‖, i.e. normwise < allowed
+    allowed = TOL_NORMWISE + float(np.linalg.norm(e) / max(biggest, 1e-300))
     if a.size:
-        excess = np.abs(a - n) / (scale * TOL_ABS + TOL_REL * np.abs(n))
-        flat = int(np.argmax(excess))
-        worst = np.unravel_index(flat, a.shape)
-        worst_excess = float(excess[worst])
-        aw, nw = float(a[worst]), float(n[worst])
+        excess = np.abs(a - n) / (scale * TOL_ABS + TOL_REL * np.abs(n) + e)  # |a−n| ≤ 1e-7 + 1e-5|n| + e
+        worst = np.unravel_index(int(np.argmax(excess)), a.shape)
+        worst_excess, aw, nw = float(excess[worst]), float(a[worst]), float(n[worst])
     else:
         worst, worst_excess, aw, nw = (), 0.0, 0.0, 0.0
-    tiny_grad = max(np.linalg.norm(a), np.linalg.norm(n)) < scale * ZERO_NORM
-    passed = bool((normwise < TOL_NORMWISE or tiny_grad) and worst_excess <= 1.0)
-    return GradReport(name, a.shape, normwise, worst_excess, tuple(int(j) for j in worst), aw, nw, h, passed)
+    too_small_to_resolve = biggest < scale * ZERO_NORM      # the normwise ratio is noise over noise there
+    passed = bool((normwise < allowed or too_small_to_resolve) and worst_excess <= 1.0)
+    return GradReport(name, a.shape, normwise, worst_excess, tuple(int(j) for j in worst), aw, nw, h,
+                      passed, allowed)
 
 
 def format_reports(reports):
     """A readable table of :class:`GradReport` rows, one per parameter and step."""
-    lines = [f"{'param':<10} {'shape':<14} {'h':>7} {'normwise':>10} {'worst':>8} "
+    lines = [f"{'param':<10} {'shape':<14} {'h':>7} {'normwise':>10} {'allowed':>9} {'worst':>8} "
              f"{'at':<12} {'analytic':>13} {'numeric':>13}  ok"]
     for r in reports:
         lines.append(
-            f"{r.name:<10} {str(r.shape):<14} {r.h:>7.0e} {r.normwise:>10.2e} {r.worst_excess:>8.2g} "
-            f"{str(list(r.worst_index)):<12} {r.analytic:>13.6g} {r.numeric:>13.6g}  "
+            f"{r.name:<10} {str(r.shape):<14} {r.h:>7.0e} {r.normwise:>10.2e} {r.allowed:>9.1e} "
+            f"{r.worst_excess:>8.2g} {str(list(r.worst_index)):<12} {r.analytic:>13.6g} {r.numeric:>13.6g}  "
             f"{'yes' if r.passed else 'NO'}"
         )
-    lines.append(f"(pass: normwise < {TOL_NORMWISE:g} and worst <= 1, where worst = "
-                 f"max |a-n| / ({TOL_ABS:g} + {TOL_REL:g}|n|))")
+    lines.append(f"(pass: normwise < {TOL_NORMWISE:g} + ‖e‖/max(‖a‖,‖n‖) = allowed, and worst <= 1, where "
+                 f"worst = max |a-n| / ({TOL_ABS:g} + {TOL_REL:g}|n| + e); e = the finite difference's "
+                 f"error budget)")
     return "\n".join(lines)
 
 
-def _as_steps(h):
-    def is_step(s):
-        return (isinstance(s, numbers.Real) and not isinstance(s, bool)
-                and np.isfinite(float(s)) and float(s) > 0)
-    if isinstance(h, (list, tuple)):
-        steps = tuple(h)
-    else:
-        steps = (h,)
-    if not steps or not all(is_step(s) for s in steps):
-        raise ValueError(f"h must be a positive step (a number such as 1e-5) or a non-empty tuple "
-                         f"of them, got {h!r}")
-    return tuple(float(s) for s in steps)
-
-
-def _loss_scale(value):
-    """``scale = min(1, Λ)`` for a loss whose terms add up to ``Λ`` in absolute value.
-
-    ``Λ = 0`` (an output that is 0 by design) gives 1, the §4 criterion as written; a
-    ``Λ`` near the subnormal range (< ``MIN_SCALE``), where float64 loses digits, is refused.
-    """
-    lam = float(value)
-    if not np.isfinite(lam):
-        raise ValueError(f"the loss is not finite (its terms sum to {lam}); check the forward pass and the inputs")
-    if lam == 0:
-        return 1.0
-    if lam < MIN_SCALE:
-        raise GradientsTooSmallError(
-            f"gradients too small to check: scale dout (the loss's terms sum to {lam:.1e} in absolute "
-            f"value, too close to float64's subnormal range for finite differences)")
-    return min(1.0, lam)
-
-
-def _refuse_zero_dout(dout, aux=0.0):
-    """With ``dout = 0`` (and no auxiliary loss) the loss is identically 0: any backward would pass."""
-    if not np.any(dout) and not aux:
-        raise GradientsTooSmallError("gradients too small to check: scale dout (dout is all zero, so the "
-                                     "loss Σ out ⊙ dout is identically 0 and any backward would pass)")
-
-
-def _rng(rng):
-    """``rng`` as a Generator: anything ``np.random.default_rng`` takes (None means seed 0)."""
-    if rng is None:
-        return np.random.default_rng(0)
-    try:
-        return np.random.default_rng(rng)
-    except (TypeError, ValueError):
-        raise TypeError(f"rng must be an int seed, a numpy.random.SeedSequence or a numpy.random.Generator, "
-                        f"got {type(rng).__name__}") from None
-
-
-def check_gradients(loss_fn, arrays, analytic, h=STEPS, raise_on_fail=True, scale=1.0):
+# --------------------------------------------------------------------------- checking a loss, a pair, a layer
+def check_gradients(loss_fn, arrays, analytic, h=STEPS, raise_on_fail=True, scale=1.0, loss_size=None):
     """Check analytic gradients of a scalar ``loss_fn()`` against finite differences.
 
     Args:
-        loss_fn: callable with no arguments; reads the arrays in ``arrays`` (which
-            are perturbed in place) and returns the loss, or ``(loss, selection)``
-            where ``selection`` identifies the discrete choices (for kink detection).
-            It must be deterministic: two calls at the same point give the same loss.
-        arrays: ``{name: float64 array}`` — every input and parameter to check
-            (non-empty, writable).
+        loss_fn: callable with no arguments; reads the arrays in ``arrays`` (which are
+            perturbed in place) and returns the loss, or ``(loss, selection)`` where
+            ``selection`` identifies the discrete choices (for the kink guard). It must be
+            deterministic: two calls at the same point give the same loss.
+        arrays: ``{name: float64 array}`` — every input and parameter to check (non-empty, writable).
         analytic: ``{name: gradient}`` with the same keys and shapes.
-        h: one step or a tuple of steps; the criterion must hold at each.
+        h: one step or a tuple of steps; the rule must hold at each.
         raise_on_fail: raise :class:`GradCheckError` with a report if any check fails.
-        scale: ``min(1, Λ)`` for a loss whose terms add up to ``Λ`` (module docstring);
-            it shrinks the absolute tolerances. The default 1 is the §4 criterion.
+        scale: ``min(1, Λ)`` for a loss whose terms add up to ``Λ``; it shrinks the absolute
+            tolerances. The default 1 is the §4 criterion.
+        loss_size: ``Λ``, for the rounding part of the error budget; default ``|loss_fn()|``
+            (exact when the loss's terms share a sign — pass it when they cancel).
 
     Returns:
-        List of :class:`GradReport`, one per (name, step).
+        List of :class:`GradReport`, one per (step, name).
 
     Raises:
         GradientsTooSmallError: every gradient is below ``scale·ZERO_NORM`` but the backward
@@ -305,85 +187,36 @@ def check_gradients(loss_fn, arrays, analytic, h=STEPS, raise_on_fail=True, scal
     if missing:
         raise GradCheckError(f"no analytic gradient for {sorted(missing)}")
     for name, x in arrays.items():
-        _check_checkable(name, x)
-    steps = _as_steps(h)
-    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not (0 < scale <= 1):
-        raise ValueError(f"scale must be a number in (0, 1], got {scale!r}")
+        checkable(name, x)
+        if np.shape(analytic[name]) != x.shape:
+            raise GradCheckError(f"{name}: analytic gradient has shape {np.shape(analytic[name])}, "
+                                 f"expected {x.shape}")
+    steps = as_steps(h)
+    scale = check_scale(scale)
     if not arrays:
         raise ValueError("arrays is empty: there is nothing to check")
-    value0, selection0 = _split(loss_fn())
-    value1, selection1 = _split(loss_fn())
-    # A loss that moves by itself makes every finite difference meaningless: the step
-    # would measure the redraw, not the slope.
-    if not (value0 == value1 or abs(value0 - value1) <= 4 * np.finfo(np.float64).eps * abs(value0)) \
-            or not _same_selection(selection0, selection1):
-        raise ValueError(
-            f"loss_fn() is not deterministic: two calls at the same point gave {value0!r} and {value1!r}"
-            f"{'' if _same_selection(selection0, selection1) else ' and different selections'}. "
-            f"If it draws random noise (a noisy router), the noise is redrawn on every call: fix it "
-            f"(pass the noise explicitly, or use eval mode)")
-    reports, largest, largest_analytic = [], 0.0, 0.0
-    for step in steps:
-        for name, x in arrays.items():
-            num = numerical_gradient(loss_fn, x, step, name, selection0)
-            reports.append(compare(name, analytic[name], num, step, scale))
-            norm_a = float(np.linalg.norm(np.asarray(analytic[name], dtype=np.float64)))
-            largest_analytic = max(largest_analytic, norm_a)
-            largest = max(largest, norm_a, float(np.linalg.norm(num)))
-    # Every gradient below what the finite differences resolve: a pass is honest only when the
-    # backward says "zero" too (zero by design, e.g. a softmax of one entry); a backward that
-    # claims a small non-zero gradient cannot be told right from wrong here.
-    if largest < scale * ZERO_NORM and largest_analytic > scale * ZERO_BY_DESIGN:
-        raise GradientsTooSmallError(
-            f"gradients too small to check: scale dout (every gradient norm is below "
-            f"{scale * ZERO_NORM:.0e}, the largest is {largest:.1e}: finite differences cannot tell a "
-            f"right backward from a wrong one here; for check_gradients, pass scale= if the loss "
-            f"really is this small)")
+    value0, selection0 = deterministic_value(loss_fn)
+    lam = loss_size_from(loss_size, value0)
+    numeric = {step: {name: numerical_gradient(loss_fn, x, step, name, selection0) for name, x in arrays.items()}
+               for step in steps}
+    reports = [compare(name, analytic[name], numeric[step][name], step, scale, fd_error(numeric, name, step, lam))
+               for step in steps for name in arrays]
+    norms_a = [float(np.linalg.norm(analytic[k])) for k in arrays]
+    norms_n = [float(np.linalg.norm(n[k])) for n in numeric.values() for k in arrays]
+    refuse_unresolvable(max(norms_a + norms_n), max(norms_a), scale)
     if raise_on_fail and not all(r.passed for r in reports):
         bad = sorted({r.name for r in reports if not r.passed})
         raise GradCheckError(f"gradient check failed for {', '.join(bad)}:\n" + format_reports(reports))
     return reports
 
 
-def _analytic(what, grads, keys):
-    """Pick ``keys`` out of ``grads`` as float64, or say which ones the backward forgot."""
-    if not isinstance(grads, dict):
-        raise TypeError(f"{what} must give its parameter gradients as a dict {{name: array}} with the keys "
-                        f"of params {sorted(keys)}, got {type(grads).__name__}")
-    missing = [k for k in keys if k not in grads]
-    if missing:
-        raise GradCheckError(f"{what} returned no gradient for {missing} (it returned keys {sorted(grads)})")
-    return {k: np.array(grads[k], dtype=np.float64) for k in keys}
-
-
-def _float64_copy(name, x):
-    x = np.asarray(x)
-    if x.dtype != np.float64:
-        raise TypeError(f"gradient checks need float64, but {name} has dtype {x.dtype}")
-    if x.size == 0:
-        raise ValueError(f"{name} is empty (shape {x.shape}): there is no gradient to check")
-    return x.copy()      # a private, writable copy: the caller's array (even a read-only one) is never touched
-
-
-def _dout(dout, out, rng):
-    """The upstream gradient: drawn standard normal if None, else a finite array of out's shape."""
-    if dout is None:
-        return rng.standard_normal(np.shape(out))
-    dout = np.asarray(dout, dtype=np.float64)
-    if dout.shape != np.shape(out):
-        raise ValueError(f"dout must have the shape of the output {np.shape(out)}, got {dout.shape}")
-    if not np.all(np.isfinite(dout)):
-        raise ValueError("dout contains NaN or inf")
-    return dout
-
-
 def check_pair(forward, backward, x, params=None, dout=None, *, kwargs=None,
                selection=None, rng=None, h=STEPS, wrt_x=True):
     """Check a ``forward -> (out, cache)`` / ``backward(dout, cache) -> (dx, grads)`` pair.
 
-    ``forward`` is called as ``forward(x, **params, **kwargs)``; ``grads`` must be a
-    dict with the keys of ``params``. The loss is ``Σ out ⊙ dout``; its size
-    ``Λ = Σ |out ⊙ dout|`` scales the absolute tolerances (module docstring).
+    ``forward`` is called as ``forward(x, **params, **kwargs)``; ``grads`` must be a dict with
+    the keys of ``params``. The loss is ``Σ out ⊙ dout``; its size ``Λ = Σ |out ⊙ dout|`` sets
+    the error budget and scales the absolute tolerances.
 
     Args:
         forward, backward: the pair.
@@ -391,7 +224,7 @@ def check_pair(forward, backward, x, params=None, dout=None, *, kwargs=None,
         params: ``{name: float64 array}`` passed as keyword arguments and checked (copied).
         dout: upstream gradient of out's shape; drawn from ``rng`` (standard normal) if omitted.
         kwargs: extra non-differentiable keyword arguments (labels, k, noise, ...).
-        selection: optional ``selection(out, cache) -> signature`` for kink detection.
+        selection: optional ``selection(out, cache) -> signature`` for the kink guard.
         rng: anything ``np.random.default_rng`` takes (a seed or a Generator), for ``dout``;
             defaults to ``default_rng(0)``.
         h: step(s).
@@ -401,47 +234,41 @@ def check_pair(forward, backward, x, params=None, dout=None, *, kwargs=None,
         The list of :class:`GradReport` (raises :class:`GradCheckError` on failure,
         :class:`GradientsTooSmallError` when the check could not tell).
     """
-    rng = _rng(rng)
-    steps = _as_steps(h)
+    rng = rng_from(rng)
+    steps = as_steps(h)
     if params is not None and not isinstance(params, dict):
         raise TypeError(f"params must be a dict {{name: array}}, got {type(params).__name__}")
     kwargs = dict(kwargs or {})
-    x = _float64_copy("x", x)
-    params = {k: _float64_copy(k, v) for k, v in (params or {}).items()}
+    x = float64_copy("x", x)
+    params = {k: float64_copy(k, v) for k, v in (params or {}).items()}
     out, cache = forward(x, **params, **kwargs)
-    dout = _dout(dout, out, rng)
-    result = backward(dout, cache)
-    if not isinstance(result, tuple) or len(result) != 2:
-        got = (f"a {type(result).__name__} of shape {result.shape}" if isinstance(result, np.ndarray)
-               else f"a {type(result).__name__}" + (f" of length {len(result)}" if isinstance(result, tuple) else ""))
-        raise TypeError(f"backward must return a pair (dx, grads) with grads a dict of parameter "
-                        f"gradients ({{}} if there are none), got {got}")
-    dx, grads = result
-    analytic = _analytic("backward", grads, params)
+    dout = dout_for(dout, out, rng)
+    dx, grads = pair_result(backward(dout, cache))
+    analytic = analytic_from("backward", grads, params)
     arrays = dict(params)
     if wrt_x:
         if dx is None:
             raise GradCheckError("backward returned dx=None; pass wrt_x=False to skip the input")
         arrays = {"x": x, **arrays}
         analytic = {"x": np.array(dx, dtype=np.float64), **analytic}
-    _refuse_zero_dout(dout)
-    scale = _loss_scale(np.sum(np.abs(np.asarray(out, dtype=np.float64) * dout)))
+    refuse_zero_dout(dout)
+    lam = float(np.sum(np.abs(np.asarray(out, dtype=np.float64) * dout)))    # Λ = Σ |out ⊙ dout|
 
     def loss_fn():
         o, c = forward(x, **params, **kwargs)
-        value = float(np.sum(np.asarray(o) * dout))
+        value = float(np.sum(np.asarray(o) * dout))                        # L = Σ out ⊙ dout
         return (value, selection(o, c)) if selection is not None else value
 
-    return check_gradients(loss_fn, arrays, analytic, steps, scale=scale)
+    return check_gradients(loss_fn, arrays, analytic, steps, scale=loss_scale(lam), loss_size=lam)
 
 
 def check_layer(layer, x, dout=None, *, forward_kwargs=None, selection=None, rng=None,
                 h=STEPS, wrt_x=True):
     """Check a layer object with ``params``/``grads`` dicts, ``forward`` and ``backward``.
 
-    The loss is ``Σ y ⊙ dout + layer.aux_loss`` (``aux_loss`` counts as 0 if absent),
-    so auxiliary balancing losses are checked together with the task gradient; its size
-    ``Λ = Σ |y ⊙ dout| + |aux_loss|`` scales the absolute tolerances (module docstring).
+    The loss is ``Σ y ⊙ dout + layer.aux_loss`` (``aux_loss`` counts as 0 if absent), so
+    auxiliary balancing losses are checked together with the task gradient; its size
+    ``Λ = Σ |y ⊙ dout| + |aux_loss|`` sets the error budget and scales the absolute tolerances.
 
     Args:
         layer: object with ``params``, ``grads``, ``forward(x, **kw) -> y`` and
@@ -451,8 +278,8 @@ def check_layer(layer, x, dout=None, *, forward_kwargs=None, selection=None, rng
         forward_kwargs: keyword arguments for every forward call (e.g. a fixed ``noise``:
             a noisy layer in training mode must be given one, or the noise is redrawn on
             every call and the check refuses).
-        selection: ``selection(layer) -> signature`` read after each forward, for kink
-            detection; defaults to ``layer.routing_signature()`` if the layer has one.
+        selection: ``selection(layer) -> signature`` read after each forward, for the kink
+            guard; defaults to ``layer.routing_signature()`` if the layer has one.
         rng, h, wrt_x: as in :func:`check_pair`.
 
     The layer's own ``params`` arrays are perturbed in place and restored exactly.
@@ -460,29 +287,20 @@ def check_layer(layer, x, dout=None, *, forward_kwargs=None, selection=None, rng
     Returns:
         The list of :class:`GradReport` (raises :class:`GradCheckError` on failure).
     """
-    rng = _rng(rng)
-    steps = _as_steps(h)
+    rng = rng_from(rng)
+    steps = as_steps(h)
     kw = dict(forward_kwargs or {})
-    x = _float64_copy("x", x)
+    x = float64_copy("x", x)
     if not isinstance(getattr(layer, "params", None), dict):
         raise TypeError(f"layer must have a dict .params, got {type(layer).__name__}")
     for k, v in layer.params.items():
-        _check_checkable(f"parameter {k}", v)
+        checkable(f"parameter {k}", v)
     if selection is None and hasattr(layer, "routing_signature"):
         selection = lambda lay: lay.routing_signature()  # noqa: E731
-    y = layer.forward(x, **kw)
-    y = np.array(y, dtype=np.float64)            # a copy: the layer may reuse its output buffer
-    y_again = np.asarray(layer.forward(x, **kw), dtype=np.float64)
-    if not np.array_equal(y, y_again):
-        raise ValueError(
-            f"{type(layer).__name__}.forward gave different outputs for the same x on two calls: "
-            f"something in it changes on every call — a noisy router in training mode: the noise is "
-            f"redrawn on every call — so finite differences would compare different functions. Fix the "
-            f"noise: forward_kwargs={{'noise': eps}} with eps of shape (T, E), or check in eval mode "
-            f"with forward_kwargs={{'train': False}}")
-    dout = _dout(dout, y, rng)
+    y = deterministic_layer_output(layer, x, kw)
+    dout = dout_for(dout, y, rng)
     dx = layer.backward(dout)
-    analytic = _analytic("layer.backward (through layer.grads)", layer.grads, layer.params)
+    analytic = analytic_from("layer.backward (through layer.grads)", layer.grads, layer.params)
     arrays = dict(layer.params)
     if wrt_x:
         if dx is None:
@@ -490,15 +308,15 @@ def check_layer(layer, x, dout=None, *, forward_kwargs=None, selection=None, rng
         arrays = {"x": x, **arrays}
         analytic = {"x": np.array(dx, dtype=np.float64), **analytic}
     aux = abs(float(getattr(layer, "aux_loss", 0.0) or 0.0))
-    _refuse_zero_dout(dout, aux)
-    scale = _loss_scale(np.sum(np.abs(y * dout)) + aux)
+    refuse_zero_dout(dout, aux)
+    lam = float(np.sum(np.abs(y * dout))) + aux                             # Λ = Σ |y ⊙ dout| + |aux_loss|
 
     def loss_fn():
         out = layer.forward(x, **kw)
         value = float(np.sum(out * dout)) + float(getattr(layer, "aux_loss", 0.0) or 0.0)
         return (value, selection(layer)) if selection is not None else value
 
-    return check_gradients(loss_fn, arrays, analytic, steps, scale=scale)
+    return check_gradients(loss_fn, arrays, analytic, steps, scale=loss_scale(lam), loss_size=lam)
 
 
 def as_pair(backward, *input_names):
@@ -544,6 +362,3 @@ def as_pair(backward, *input_names):
 
     pair_backward.__name__ = f"as_pair({getattr(backward, '__name__', 'backward')})"
     return pair_backward
-
-
-__all__.append("as_pair")

@@ -499,3 +499,155 @@ def test_as_pair_keeps_parameter_gradients_and_refuses_a_miscount():
         gc.as_pair(_mul_backward, "b", "b")
     with pytest.raises(TypeError, match=r"\['W'\] are also parameter-gradient keys"):
         gc.as_pair(lambda d, c: (d, d, {"W": d}), "W")(np.ones(2), None)
+
+
+# --------------------------------------------------------------------------- issue 26: the surviving mutant
+def test_too_small_to_resolve_is_measured_against_the_loss_not_an_absolute_1e7():
+    # Gradients of a loss of size 1e-9 are ~1e-9: below the absolute ZERO_NORM = 1e-7, but
+    # not "too small to resolve" once that threshold is scaled by the loss (scale·ZERO_NORM).
+    # A 1e-6 relative error passes the elementwise rule, so only the normwise rule can reject
+    # it: a checker that skipped it here (threshold not scaled) would pass this error.
+    n = 1e-9 * np.random.default_rng(3).uniform(0.5, 2.0, size=(20, 10))
+    r = gc.compare("W", n * (1 + 1e-6), n, scale=1e-9)
+    assert r.worst_excess <= 1.0                          # elementwise: satisfied
+    assert np.linalg.norm(n) < gc.ZERO_NORM               # below the unscaled threshold ...
+    assert not r.passed                                   # ... and still judged, and rejected
+    assert gc.compare("W", n * (1 + 1e-10), n, scale=1e-9).passed
+
+
+def test_a_1e6_relative_error_is_caught_with_a_tiny_dout_end_to_end(rng):
+    x, params = _linear_params(rng)
+    dout = 1e-9 * rng.standard_normal((4, 2))
+
+    def slightly_off(dout, cache):
+        dx, g = layers.linear_backward(dout, cache)
+        return dx, {**g, "W": g["W"] * (1 + 1e-6)}
+
+    with pytest.raises(gc.GradCheckError, match=r"failed for W\b"):
+        gc.check_pair(layers.linear_forward, slightly_off, x, params, dout)
+
+
+# --------------------------------------------------------------------------- issue 21: the error budget
+class _BigAndSmallCache(NamedTuple):
+    x: np.ndarray
+    v: np.ndarray
+
+
+def _big_and_small_forward(x, W, v):
+    """out = x W + 1e-3 tanh(v): W's gradient is O(|x|), v's is ~1e-3, the loss O(1e3)."""
+    return x @ W + 1e-3 * np.tanh(v), _BigAndSmallCache(x, v)
+
+
+def _big_and_small_backward(dout, cache):
+    dv = 1e-3 * (1 - np.tanh(cache.v) ** 2) * dout.sum(axis=0)
+    return None, {"W": cache.x.T @ dout, "v": dv}          # dx: not checked (wrt_x=False)
+
+
+def _big_and_small(rng):
+    x = 50 * rng.standard_normal((8, 3))
+    return x, {"W": rng.standard_normal((3, 2)), "v": rng.standard_normal(2)}
+
+
+class _BigAndSmallLayer:
+    """The same as a layer object (params, grads, forward, backward), for check_layer."""
+
+    def __init__(self, params):
+        self.params, self.grads = {k: np.array(v) for k, v in params.items()}, {}
+
+    def forward(self, x):
+        out, self.cache = _big_and_small_forward(x, **self.params)
+        return out
+
+    def backward(self, dy):
+        dx, self.grads = _big_and_small_backward(dy, self.cache)
+        return dx
+
+
+def test_a_small_gradient_in_a_large_loss_is_not_failed_for_roundoff(rng):
+    # v's gradient is right, but ~1e-3 beside a loss of size Λ ~ 1e3: the rounding error of
+    # the central difference, ≈ u·Λ/h ≈ 1e-7 at h = 1e-6, is 1e-4 of it — far above 1e-8, so
+    # the normwise rule alone fails a correct gradient. The error budget allows for it.
+    x, params = _big_and_small(rng)
+    reports = gc.check_pair(_big_and_small_forward, _big_and_small_backward, x, params, wrt_x=False)
+    assert all(r.passed for r in reports)
+    v_worst = max(r.normwise for r in reports if r.name == "v")
+    assert v_worst > gc.TOL_NORMWISE            # the plain normwise rule would have failed it
+    # The budget is set by Λ = Σ|out ⊙ dout|, the size of the terms, not by |L|: with dout
+    # orthogonal to out, L = 0 at the point but its rounding error is the same.
+    out = _big_and_small_forward(x, **params)[0]
+    dout = rng.standard_normal(out.shape)
+    dout -= out * np.sum(out * dout) / np.sum(out * out)
+    assert abs(np.sum(out * dout)) < 1e-9 * np.sum(np.abs(out * dout))
+    assert all(r.passed for r in gc.check_pair(_big_and_small_forward, _big_and_small_backward, x, params, dout,
+                                               wrt_x=False))
+    layer = _BigAndSmallLayer(params)
+    assert all(r.passed for r in gc.check_layer(layer, x, dout, wrt_x=False))
+    # ... while an error in the same check is still found, in W and in v:
+    for name, factor in (("W", 1 + 1e-6), ("v", 1 + 1e-2)):
+        def wrong(dout, cache, name=name, factor=factor):
+            dx, g = _big_and_small_backward(dout, cache)
+            return dx, {**g, name: g[name] * factor}
+        with pytest.raises(gc.GradCheckError, match=rf"failed for {name}\b"):
+            gc.check_pair(_big_and_small_forward, wrong, x, params, wrt_x=False)
+
+
+def _exp_forward(x):
+    """out = exp(30 x)/30: slope exp(30x), third derivative 900 exp(30x) — a curved function."""
+    return np.exp(30 * x) / 30, x
+
+
+def _exp_backward(dout, x):
+    return dout * np.exp(30 * x), {}
+
+
+def test_a_curved_function_is_not_failed_for_truncation(rng):
+    # Central differences err by h²/6·f''' (relative 1.5e-8 here at h = 1e-5): above 1e-8.
+    # The two steps measure it (the larger step's result moves by it, the smaller one's by
+    # 1/100 of it) and the budget allows it; a 1e-6 relative error is still caught.
+    x = rng.uniform(-0.1, 0.1, size=(3, 4))
+    reports = gc.check_pair(_exp_forward, _exp_backward, x)
+    assert all(r.passed for r in reports)
+    at_1e5 = [r for r in reports if r.h == 1e-5]
+    assert at_1e5[0].normwise > gc.TOL_NORMWISE         # the plain rule fails it at h = 1e-5
+    off = lambda dout, c: (_exp_backward(dout, c)[0] * (1 + 1e-6), {})  # noqa: E731
+    with pytest.raises(gc.GradCheckError, match="failed for x"):
+        gc.check_pair(_exp_forward, off, x)
+
+
+def test_compare_allows_the_error_budget_entry_by_entry():
+    n = np.array([1.0, 0.0])
+    a = np.array([1.0, 3e-7])                     # off by 3e-7 where the gradient is 0
+    assert not gc.compare("b", a, n).passed       # beyond 1e-7 + 1e-5·|n|, and normwise
+    assert gc.compare("b", a, n, fd_error=np.array([0.0, 5e-7])).passed   # within the budget there
+    wrong_entry = gc.compare("b", a, n, fd_error=np.array([5e-7, 0.0]))  # the same ‖e‖, the wrong entry:
+    assert wrong_entry.normwise < wrong_entry.allowed and not wrong_entry.passed  # normwise ok, elementwise not
+    # The normwise allowance is 1e-8 + ‖e‖/max(‖a‖, ‖n‖):
+    m = np.random.default_rng(3).uniform(0.5, 2.0, size=(20, 10))
+    r = gc.compare("W", m * (1 + 1e-6), m, fd_error=2e-6 * np.abs(m))
+    assert r.passed and r.allowed == pytest.approx(gc.TOL_NORMWISE + 2e-6 / (1 + 1e-6))
+    assert not gc.compare("W", m * (1 + 1e-6), m, fd_error=1e-7 * np.abs(m)).passed
+    with pytest.raises(ValueError, match="fd_error must be finite and >= 0"):
+        gc.compare("W", m, m, fd_error=-1.0)
+
+
+def test_the_error_budget_is_rounding_plus_measured_truncation():
+    from minimoe.core.gradcheck_guards import U, fd_error
+    numeric = {1e-5: {"x": np.array([2.0 + 3e-10, 1.0])}, 1e-6: {"x": np.array([2.0 + 3e-12, 1.0])}}
+    c = (3e-10 - 3e-12) / (1e-10 - 1e-12)                  # n(h) = 2 + c h²: c = 3
+    for h in (1e-5, 1e-6):
+        rounding = gc.ROUNDOFF * U * 50.0 / h
+        np.testing.assert_allclose(fd_error(numeric, "x", h, 50.0), [rounding + c * h**2, rounding], rtol=1e-6)
+    one_step = {1e-5: numeric[1e-5]}                        # one step: nothing to measure c from
+    np.testing.assert_allclose(fd_error(one_step, "x", 1e-5, 50.0), gc.ROUNDOFF * U * 50.0 / 1e-5)
+
+
+def test_loss_size_is_checked_and_defaults_to_the_loss(rng):
+    x = rng.standard_normal(5)
+    loss = lambda: float(np.sum(np.exp(x)))  # noqa: E731   (positive terms: Λ = |L|)
+    r1 = gc.check_gradients(loss, {"x": x}, {"x": np.exp(x)})
+    r2 = gc.check_gradients(loss, {"x": x}, {"x": np.exp(x)}, loss_size=loss())
+    assert r1 == r2
+    with pytest.raises(ValueError, match="loss_size must be a finite number >= 0"):
+        gc.check_gradients(loss, {"x": x}, {"x": np.exp(x)}, loss_size=-1.0)
+    with pytest.raises(gc.GradCheckError, match=r"x: analytic gradient has shape \(4,\), expected \(5,\)"):
+        gc.check_gradients(loss, {"x": x}, {"x": np.exp(x[:4])})
