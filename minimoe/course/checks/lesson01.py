@@ -32,6 +32,59 @@ def _ffn_inputs(seed, T, d, h):
     return x, W1, b1, W2, b2
 
 
+# --------------------------------------------------------------------------- caches and lists
+def _frozen(v):
+    """A deep copy of the arrays inside ``v`` (tuples, NamedTuples and lists, nested)."""
+    if isinstance(v, np.ndarray):
+        return v.copy()
+    if isinstance(v, (tuple, list)):
+        return [_frozen(x) for x in v]
+    return v
+
+
+def _label(v, i, where):
+    fields = getattr(type(v), "_fields", None)
+    return f"{where}.{fields[i]}" if fields else f"{where}[{i}]"
+
+
+def _what_changed(old, new, where):
+    """Where ``new`` differs from its copy ``old`` (``"cache[1]"``, ``"d_received[0]"``), or None."""
+    if isinstance(new, np.ndarray):
+        same = isinstance(old, np.ndarray) and old.shape == new.shape and np.array_equal(old, new, equal_nan=True)
+        return None if same else where
+    if isinstance(new, (tuple, list)):
+        if len(old) != len(new):
+            return f"{where} (its length)"
+        for i, (o, n) in enumerate(zip(old, new)):
+            found = _what_changed(o, n, _label(new, i, where))
+            if found:
+                return found
+        return None
+    try:
+        return None if bool(np.all(old == new)) else where
+    except (TypeError, ValueError):
+        return None
+
+
+def call_watching(fn, *args, name, labels=(), **kwargs):
+    """:func:`~minimoe.course.checks.grading.call`, and fail if ``fn`` changed in place an array
+    inside a tuple or list argument (a cache, a list of buffers) or a list's entries — arrays
+    passed directly are ``call``'s own check. ``labels`` names the arguments (``("dy", "cache")``)."""
+    before = [_frozen(a) if isinstance(a, (tuple, list)) else None for a in args]
+    out = call(fn, *args, name=name, **kwargs)
+    for i, (old, new) in enumerate(zip(before, args)):
+        if old is None:
+            continue
+        where = _what_changed(old, new, labels[i] if i < len(labels) else f"argument {i + 1}")
+        if where:
+            kind = "a cache" if isinstance(new, tuple) else "a list"
+            raise Fail(f"{name} changed {where} in place. Its arguments belong to the caller: {kind} may be "
+                       f"used again (a backward may run twice on one cache, as in a gradient check), and "
+                       f"then it would hold different numbers. Compute into new arrays: `z = z * s`, "
+                       f"not `z *= s`; `x = x.copy()` before changing it.")
+    return out
+
+
 def _relu(z):
     return np.maximum(z, 0)
 
@@ -82,7 +135,7 @@ def ffn_backward(fn):
         dy = np.random.default_rng(30 + seed).standard_normal((T, d))
         z = x @ W1 + b1
         a = _relu(z)
-        out = call(fn, dy, (x, z, a, W1, W2), name="ffn_backward")
+        out = call_watching(fn, dy, (x, z, a, W1, W2), name="ffn_backward", labels=("dy", "cache"))
         if not isinstance(out, tuple) or len(out) != 2:
             raise Fail("ffn_backward should return a pair (dx, grads) with grads a dict "
                        "{'W1', 'b1', 'W2', 'b2'}")
@@ -279,7 +332,7 @@ def swiglu_backward(fn):
     worst = 0.0
     for seed, (T, d, h) in enumerate(_SIZES):
         x, W1, W3, W2, dy = _swiglu_inputs(60 + seed, T, d, h)
-        out = call(fn, dy, _swiglu_cache(x, W1, W3, W2), name="swiglu_backward")
+        out = call_watching(fn, dy, _swiglu_cache(x, W1, W3, W2), name="swiglu_backward", labels=("dy", "cache"))
         arrays = {"x": x.copy(), "W1": W1.copy(), "W3": W3.copy(), "W2": W2.copy()}
         num = numeric_grads(lambda: _swiglu_y(**arrays), arrays, dy)
         worst = max(worst, expect_grads(_unpack_swiglu(out), num, mistakes=_swiglu_mistakes(dy, x, W1, W3, W2),

@@ -11,6 +11,7 @@ import numpy as np
 from ...core import experts, layers, router
 from .compare import expect_array, expect_grads, numeric_grads
 from .grading import Fail, Lesson, call, no_token_loop
+from .lesson01 import call_watching
 
 LESSON = Lesson("02", "The GP")
 progress = LESSON.progress
@@ -155,7 +156,7 @@ def dense_moe_backward(fn):
         x, Wg, W1, b1, W2, b2 = _moe_inputs(90 + seed, T, d, h, E)
         dy = np.random.default_rng(95 + seed).standard_normal((T, d))
         _, cache = dense_moe_ref(x, Wg, W1, b1, W2, b2)
-        out = call(fn, dy, cache, name="dense_moe_backward")
+        out = call_watching(fn, dy, cache, name="dense_moe_backward", labels=("dy", "cache"))
         if not isinstance(out, tuple) or len(out) != 2:
             raise Fail("dense_moe_backward should return a pair (dx, grads)")
         dx, grads = out
