@@ -69,7 +69,8 @@ def out09():
 
 def _clinics(text):
     """{router name: (accuracy, load CV, share nobody saw)} from lesson 09's comparison table."""
-    rows = re.findall(r"^(\S.*?)\s+(\d\.\d{3}) ± \d\.\d{3}\s+(\d+\.\d\d)\s+(\d+\.\d)%$", text, flags=re.M)
+    rows = re.findall(r"^(\S.*?)\s+(\d\.\d{3}) (?:± \d\.\d{3}|\(n = 1\))\s+(\d+\.\d\d)\s+(\d+\.\d)%$", text,
+                      flags=re.M)
     return {name.strip(): (float(a), float(cv), float(u) / 100) for name, a, cv, u in rows}
 
 
@@ -102,6 +103,30 @@ def test_09_the_comparison_table_is_read_as_the_prose_says(out09):
     assert round(shared[0] - loss[0], 2) == 0.02
     src = _source("09_beyond_the_gp")
     assert "the worst clinic here" not in src
+
+
+def test_09_one_seed_shows_no_spread(out09):
+    """Quick mode runs one seed: the table says "(n = 1)", never "± 0.000" (issue 22)."""
+    assert "± 0.000" not in out09
+    assert len(re.findall(r"\(n = 1\)", out09)) == 7
+
+
+def test_09_sentences_about_the_next_cells_and_the_extra_parameters():
+    """ "the cells just below run it for longer"; "of the 624 extra, 384 are output biases and 240
+    the router's (31 experts to score, not 8)" """
+    import numpy as np
+    from minimoe import MoELayer
+    from minimoe.beyond.shared_experts import SharedExpertMoELayer
+    prose = _prose(_source("09_beyond_the_gp"))
+    assert "the last cell of this section runs it for longer" not in prose
+    assert "the cells just below run it for longer" in prose
+    coarse = MoELayer(16, 8, 8, k=2, rng=np.random.default_rng(0))
+    fine = SharedExpertMoELayer.fine_grained(16, 8, 8, k=2, granularity=4, n_shared=1, rng=np.random.default_rng(0))
+    extra = fine.n_params - coarse.n_params
+    router = lambda layer: sum(layer.params[n].size for n in ("W_gate", "W_noise") if n in layer.params)  # noqa: E731
+    b2 = lambda layer: sum(v.size for n, v in layer.params.items() if n.startswith("b2"))  # noqa: E731
+    assert (extra, b2(fine) - b2(coarse), router(fine) - router(coarse), fine.n_experts) == (624, 384, 240, 31)
+    assert "of the 624 extra, 384 are output biases and 240 the router's (31 experts to score, not 8)" in prose
 
 
 def test_09_the_paper_rate_is_shown_and_the_score_scale_stays_unbalanced(out09):
