@@ -152,7 +152,9 @@ plt.show()
 # Count, for each clinic, its **parameters** (every weight and bias it stores) and its
 # **FLOPs per patient**. Conventions (the usual ones, e.g. Kaplan et al. 2020):
 # a multiply-add is **2 FLOPs**, so $x W$ with $W \in \mathbb{R}^{d\times h}$ costs $2dh$;
-# count the matrix products only (biases, ReLU and softmax are a vanishing fraction).
+# count the matrix products only — $x W_1$, $a W_2$ and the GP's $x W_\text{gate}$ — and
+# leave out the biases, the ReLU, the softmax and the GP's weighted sum of the answers (a
+# vanishing fraction; `MoELayer` counts the weighted sum, and we compare with it below).
 # The second-opinion clinic has 3 doctors (your cardiologist and two more, as in the demo
 # `python -m minimoe`); the GP has $W_\text{gate}$ and no bias.
 #

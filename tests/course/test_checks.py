@@ -68,20 +68,33 @@ def rel_err(a, n):
     return np.linalg.norm(a - n) / max(np.linalg.norm(a), np.linalg.norm(n), 1e-300)
 
 
-def swiglu_bwd(dy, cache, silu_prime="full", swap=False, dx_branches=(1, 3), dW2_from="a"):
+def swiglu_bwd(dy, cache, silu_prime="full", swap=False, dx_branches=(1, 3), dW2_from="a", itself=None):
     """SwiGLU expert backward, written independently (σ through tanh); the keywords make the
-    typical mistakes: silu' as σ alone or as σ(1−σ), the branches swapped, one branch of dx,
-    dW2 from silu(z1) alone."""
+    typical mistakes: silu' as σ alone, as σ(1−σ), at z3 or with a minus inside, the branches
+    swapped, a branch multiplied by itself (``itself``: 1 or 3), one branch of dx, dW2 from
+    silu(z1) alone."""
     x, z1, z3, W1, W3, W2 = cache
     s = 0.5 * (1 + np.tanh(z1 / 2))                   # σ(z1)
-    prime = {"full": s + z1 * s * (1 - s), "sigma": s, "sigmoid": s * (1 - s)}[silu_prime]
+    s3 = 0.5 * (1 + np.tanh(z3 / 2))                  # σ(z3)
+    prime = {"full": s + z1 * s * (1 - s), "sigma": s, "sigmoid": s * (1 - s),
+             "at_z3": s3 + z3 * s3 * (1 - s3), "minus": s - z1 * s * (1 - s)}[silu_prime]
     da = dy @ W2.T
-    dz1, dz3 = da * z3 * prime, da * (z1 * s)
+    dz1, dz3 = da * (z1 if itself == 1 else z3) * prime, da * (z3 if itself == 3 else z1 * s)
     if swap:
         dz1, dz3 = dz3, dz1
     dx = sum({1: dz1 @ W1.T, 3: dz3 @ W3.T}[b] for b in dx_branches)
     a = {"a": z1 * s * z3, "silu": z1 * s}[dW2_from]
     return dx, {"W1": x.T @ dz1, "W3": x.T @ dz3, "W2": a.T @ dy}
+
+
+def ffn_bwd_token_loop(dy, cache):
+    """Right, but the weight gradients summed one token at a time."""
+    dx, grads = ffn_bwd(dy, cache)
+    x, z, a, W1, W2 = cache
+    dW2 = np.zeros_like(W2)
+    for t in range(x.shape[0]):
+        dW2 += np.outer(a[t], dy[t])
+    return dx, {**grads, "W2": dW2}
 
 
 def swiglu_bwd_token_loop(dy, cache):
@@ -145,8 +158,27 @@ def margin(H, k):
 
 
 # (grader, right answer, [(typical mistake, fragment of its hint), ...])
+def bias_variance_patient_loop(preds, truth):
+    """Right, one patient at a time."""
+    b2 = v = 0.0
+    for i in range(preds.shape[1]):
+        col = preds[:, i]
+        b2 += (col.mean() - truth[i]) ** 2 / preds.shape[1]
+        v += col.var() / preds.shape[1]
+    return b2, v
+
+
+def swiglu_bwd_in_place(dy, cache):
+    """Right gradients, but the cache's z1 overwritten on the way (issue 22: a second call differs)."""
+    out = swiglu_bwd(dy, cache)
+    z1 = cache[1]
+    z1 *= 0.5 * (1 + np.tanh(z1 / 2))                # z1 *= s
+    return out
+
+
 CASES = [
     (lesson00.bias_variance, ANSWERS["bias_variance"], [
+        (bias_variance_patient_loop, "grows with the number of"),
         (lambda P, t: (np.mean((P.mean(0) - t) ** 2), np.mean(P.var(1))), "across patients"),
         (lambda P, t: (np.mean((P.mean(0) - t) ** 2), np.mean(P.var(0, ddof=1))), "ddof=1"),
         (lambda P, t: (np.mean(P.mean(0) - t), np.mean(P.var(0))), "forgot to square"),
@@ -158,6 +190,8 @@ CASES = [
          "2 FLOPs per multiply-add"),
         (lambda d, h, E, k: {c: (v[0] - (v[0] // (2 * d * h + h + d)) * (h + d), v[1])
                              for c, v in ANSWERS["clinic_costs"](d, h, E, k).items()}, "biases"),
+        (lambda d, h, E, k: {c: (v[0], v[1] + {"referral": 2 * k * d, "every specialist": 2 * E * d}.get(c, 0))
+                             for c, v in ANSWERS["clinic_costs"](d, h, E, k).items()}, "weighted sum"),
     ]),
     (lesson00.split_params, ANSWERS["split_params"], [
         (lambda tot, act, E, k: (act - 2 * (tot - act) / E, (tot - act) / E), "E − k"),
@@ -172,6 +206,7 @@ CASES = [
         (lambda dy, c: ffn_bwd(dy, c, mask=False), "Wrong gradients for W1, b1 and x. The gradient passes "
                                                    "through the ReLU only where z > 0"),
         (lambda dy, c: ffn_bwd(dy, c, bias_mean=True), "not a mean"),
+        (ffn_bwd_token_loop, "grows with the number of tokens"),
         (lambda dy, c: (ffn_bwd(dy, c)[0], {k: v for k, v in ffn_bwd(dy, c)[1].items() if k != "b2"}),
          "missing ['b2']"),
         (lambda dy, c: (-ffn_bwd(dy, c)[0], ffn_bwd(dy, c)[1]), "dx has the wrong sign"),
@@ -193,6 +228,10 @@ CASES = [
         (lambda dy, c: swiglu_bwd(dy, c, silu_prime="sigma"), "Wrong gradients for W1 and x. silu'(z) = σ(z) "
                                                               "(1 + z (1 − σ(z))) has two terms"),
         (lambda dy, c: swiglu_bwd(dy, c, silu_prime="sigmoid"), "the sigmoid's derivative"),
+        (lambda dy, c: swiglu_bwd(dy, c, silu_prime="at_z3"), "silu'(z1), at the silu branch's own"),
+        (lambda dy, c: swiglu_bwd(dy, c, silu_prime="minus"), "1 + z (1 − σ(z))"),
+        (lambda dy, c: swiglu_bwd(dy, c, itself=1), "the *other* branch"),
+        (lambda dy, c: swiglu_bwd(dy, c, itself=3), "not its own z3"),
         (lambda dy, c: swiglu_bwd(dy, c, swap=True), "Wrong gradients for W1, W3 and x. The branches are swapped"),
         (lambda dy, c: swiglu_bwd(dy, c, dx_branches=(1,)), "Wrong gradient for x. x feeds both branches"),
         (lambda dy, c: swiglu_bwd(dy, c, dx_branches=(3,)), "x feeds both branches"),
@@ -750,3 +789,8 @@ def test_a_mistyped_command_gets_a_hint(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert main(["strat"]) == 1
     assert "did you mean `python -m minimoe.checks start`?" in capsys.readouterr().out
+
+
+def test_a_swiglu_backward_that_overwrites_its_cache_fails():
+    res = lesson01.swiglu_backward(swiglu_bwd_in_place)
+    assert_fail(res, "changed cache[1] in place", "twice")

@@ -164,8 +164,25 @@ def ffn_backward(fn):
             all_grads = {**all_grads, "x": dx}
         worst = max(worst, expect_grads(all_grads, num, mistakes=mistakes,
                                         names=["W1", "b1", "W2", "b2", "x"]))
+
+    def make(T):
+        x, W1, b1, W2, b2 = _ffn_inputs(27, T, 4, 7)
+        z = x @ W1 + b1
+        return np.random.default_rng(T).standard_normal((T, 4)), (x, z, _relu(z), W1, W2)
+
+    def check(out, dy, cache):
+        if not isinstance(out, tuple) or len(out) != 2 or not isinstance(out[1], dict):
+            raise Fail("ffn_backward should return a pair (dx, grads)")
+        x, z, a, W1, W2 = cache
+        dz = (dy @ W2.T) * (z > 0)             # the backward written out (checked by finite differences above)
+        want = {"W1": x.T @ dz, "b1": dz.sum(axis=0), "W2": a.T @ dy, "b2": dy.sum(axis=0)}
+        for n, w in want.items():
+            expect_array(f"d{n}", out[1].get(n), w)
+        expect_array("dx", out[0], dz @ W1.T)
+    no_token_loop(fn, "ffn_backward", make, check,
+                  "Every weight gradient is one matrix product over all tokens: dW2 = aᵀ dy, db2 = dy.sum(axis=0).")
     return (f"dx, dW1, db1, dW2, db2 pass the gradient check on 3 random batches "
-            f"(worst relative error {worst:.1e}, pass < 1e-8).")
+            f"(worst relative error {worst:.1e}, pass < 1e-8), with no loop over tokens.")
 
 
 @LESSON.exercise("numerical_gradient", forbid=[gradcheck.numerical_gradient])
@@ -300,15 +317,30 @@ def _swiglu_mistakes(dy, x, W1, W3, W2):
     h_swap = ("The branches are swapped: the silu branch is z1 = x W1, so dz1 = da ⊙ z3 ⊙ silu'(z1); "
               "the linear branch is z3 = x W3, so dz3 = da ⊙ silu(z1).")
     h_one = ("x feeds both branches, so dx has two terms: dx = dz1 W1ᵀ + dz3 W3ᵀ.")
+    s3 = _sig(z3)
+    at_z3 = da * z3 * s3 * (1 + z3 * (1 - s3))   # silu' taken at the linear branch's z3
+    minus = da * z3 * s * (1 - z1 * (1 - s))     # a minus inside silu'
+    self1 = da * z1 * silu_prime                 # the silu branch multiplied by its own z1
+    h_z3 = ("silu' belongs to the silu branch: dz1 = da ⊙ z3 ⊙ silu'(z1), at the silu branch's own "
+            "pre-activation z1 = x W1, not at z3.")
+    h_minus = ("silu'(z) = σ(z) (1 + z (1 − σ(z))): d/dz [z σ(z)] = σ(z) + z σ(z)(1 − σ(z)), a plus — "
+               "you have a minus inside.")
+    h_self1 = ("dz1 = da ⊙ z3 ⊙ silu'(z1): the factor beside silu'(z1) is the *other* branch, z3 = x W3 "
+               "(the product rule on silu(z1) ⊙ z3); you multiplied the silu branch by its own z1.")
+    h_self3 = ("dz3 = da ⊙ silu(z1): the linear branch's gradient is the other branch's value, not its own z3.")
     return {
-        "W1": [(x.T @ only_sigma, h_sigma), (x.T @ sigmoid_prime, h_sigmoid), (x.T @ swapped1, h_swap)],
+        "W1": [(x.T @ only_sigma, h_sigma), (x.T @ sigmoid_prime, h_sigmoid), (x.T @ swapped1, h_swap),
+               (x.T @ at_z3, h_z3), (x.T @ minus, h_minus), (x.T @ self1, h_self1)],
         "W3": [(x.T @ swapped3, h_swap), (x.T @ (da * z1), "dz3 = da ⊙ silu(z1): the gate is silu(z1) = "
-                                                         "z1 σ(z1), not z1.")],
+                                                         "z1 σ(z1), not z1."),
+               (x.T @ (da * z3), h_self3)],
         "W2": [((g).T @ dy, "dW2 = aᵀ dy with a = silu(z1) ⊙ z3, the hidden layer both branches make "
                             "(not silu(z1) alone)."),
                ((z1 * z3).T @ dy, "dW2 = aᵀ dy with a = silu(z1) ⊙ z3: you left out the silu.")],
         "x": [(only_sigma @ W1.T + dz3 @ W3.T, h_sigma), (sigmoid_prime @ W1.T + dz3 @ W3.T, h_sigmoid),
-              (swapped1 @ W1.T + swapped3 @ W3.T, h_swap), (dz1 @ W1.T, h_one), (dz3 @ W3.T, h_one)],
+              (swapped1 @ W1.T + swapped3 @ W3.T, h_swap), (dz1 @ W1.T, h_one), (dz3 @ W3.T, h_one),
+              (at_z3 @ W1.T + dz3 @ W3.T, h_z3), (minus @ W1.T + dz3 @ W3.T, h_minus),
+              (self1 @ W1.T + dz3 @ W3.T, h_self1), (dz1 @ W1.T + (da * z3) @ W3.T, h_self3)],
     }
 
 
