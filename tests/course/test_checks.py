@@ -342,6 +342,30 @@ def softmax_only_first_shape(z):
     return e / (e.sum(-1, keepdims=True) if z.shape == (5, 3) else e.sum(-1, keepdims=True)[:1])
 
 
+def row_by_row(fn):
+    """``fn`` applied one token (row) at a time to every array argument whose first axis is T:
+    the right numbers, with a Python loop over tokens."""
+    def looped(*args):
+        T = next(a.shape[0] for a in args if isinstance(a, np.ndarray) and a.ndim == 2)
+        rows = [fn(*[a[t:t + 1] if isinstance(a, np.ndarray) and a.ndim >= 1 and a.shape[0] == T else a
+                     for a in args]) for t in range(T)]
+        first = rows[0]
+        if isinstance(first, tuple):
+            return tuple(np.concatenate([r[i] for r in rows]) if isinstance(first[i], np.ndarray) else first[i]
+                         for i in range(len(first)))
+        return np.concatenate(rows)
+    return looped
+
+
+def noisy_bwd_loop(dH, cache):
+    dx, grads = noisy_bwd(dH, cache)
+    x = cache[0]
+    dWg = np.zeros_like(grads["W_gate"])
+    for t in range(x.shape[0]):                     # the outer products one token at a time
+        dWg += np.outer(x[t], dH[t])
+    return dx, {**grads, "W_gate": dWg}
+
+
 class TestGraders(GraderContract):
     LESSONS = (lesson00.LESSON, lesson01.LESSON, lesson02.LESSON, lesson03.LESSON, lesson04.LESSON)
     CASES = CASES
@@ -376,7 +400,21 @@ class TestGraders(GraderContract):
                     (layers.softmax, "you called `minimoe.core.layers.softmax`")],
         "dense_moe_forward": [(dense_fwd_token_loop, "grows with the number of tokens")],
         "dense_moe_backward": [(dense_bwd_token_loop, "grows with the number of tokens")],
+        "softmax_backward": [(row_by_row(lambda dp, p: p * (dp - (dp * p).sum(-1, keepdims=True))),
+                              "grows with the number of tokens")],
+        "keep_topk": [(row_by_row(keep_topk), "grows with the number of tokens")],
+        "renormalized_gate": [(row_by_row(lambda H, k: softmax_rows(keep_topk(H, k))), "grows with the number")],
+        "topk_gate_backward": [(row_by_row(lambda dG, G: G * (dG - (dG * G).sum(1, keepdims=True))),
+                                "grows with the number of tokens")],
+        "switch_gate_backward": [(row_by_row(lambda dG, p, m: p * (dG * m - (dG * m * p).sum(1, keepdims=True))),
+                                  "grows with the number of tokens")],
+        "softplus": [(lambda z: np.array([np.logaddexp(0, row) for row in z]) if np.ndim(z) == 2
+                      else np.logaddexp(0, z), "grows with the number of tokens")],
+        "noisy_logits_backward": [(noisy_bwd_loop, "grows with the number of tokens")],
+        "topk_margin": [(row_by_row(margin), "grows with the number of tokens")],
         "noisy_logits_forward": [
+            (lambda x, Wg, Wn, eps: (row_by_row(lambda *a: noisy_fwd(*a)[0])(x, Wg, Wn, eps),
+                                     noisy_fwd(x, Wg, Wn, eps)[1]), "grows with the number of tokens"),
             (lambda x, Wg, Wn, eps: calling(lambda *a: router.router_logits_forward(x, Wg, Wn, noise=eps),
                                             noisy_fwd)(x, Wg, Wn, eps),
              "you called `minimoe.core.router.router_logits_forward`")],
