@@ -146,13 +146,11 @@ print("same as minimoe:", np.array_equal(order, plan.order) and np.array_equal(o
 #
 # ### Exercise 2 — the vectorised dispatch plan
 #
-# The check compares your plan with minimoe's on seven cases, then counts the Python lines
-# your function runs at $T = 256$ and at $T = 4096$: the count must not grow with $T$. (Loops
-# over the $E$ experts or the $k$ choices are allowed.)
+# The check compares your plan with minimoe's on seven cases.
 #
 # *Loops (the course's rule):* no Python loop over tokens — the check runs your function at two
-# numbers of tokens and counts the Python lines it executes, which must not grow; loops over
-# experts, choices or ranks are fine.
+# numbers of tokens ($T = 256$ and $T = 4096$) and counts the Python lines it executes, which
+# must not grow; loops over experts, choices or ranks are fine.
 
 # %%
 def dispatch_plan(idx, E, C):
