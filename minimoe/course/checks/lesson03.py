@@ -76,8 +76,9 @@ def keep_topk(fn):
             raise Fail("the kept scores must be H's own values, exactly unchanged (copy them, "
                        "don't recompute them).")
     no_token_loop(fn, "keep_topk", lambda T: (scores(160 + T, T, 6), 2),
-                  lambda out, H, k: expect_array("keep_topk", np.where(np.isfinite(np.asarray(out, float)), out, -1e300),
-                                                 np.where(topk_mask(H, k), H, -1e300)),
+                  lambda out, H, k: expect_array(
+                      "keep_topk", np.where(np.isfinite(np.asarray(out, float)), out, -1e300),
+                      np.where(topk_mask(H, k), H, -1e300)),
                   "np.argsort (or np.argpartition) sorts every row in one call; np.put_along_axis writes them back.")
     return ("keeps exactly the k largest scores of each row (k = 1 to E) and sets the rest to −inf, with no "
             "loop over tokens.")
@@ -171,6 +172,7 @@ def switch_gate_backward(fn):
         dm = dG * mask
         expect_array("dH", out, p * (dm - np.sum(dm * p, axis=1, keepdims=True)))
     no_token_loop(fn, "switch_gate_backward", make_switch, check_switch,
-                  "Mask and reduce the whole (T, E) array at once: dm = dG * mask, np.sum(dm * p, axis=1, keepdims=True).")
+                  "Mask and reduce the whole (T, E) array at once: dm = dG * mask, "
+                  "np.sum(dm * p, axis=1, keepdims=True).")
     return (f"dH = p ⊙ (dG⊙mask − ⟨dG⊙mask, p⟩) passes the gradient check on 4 cases "
             f"(worst relative error {worst:.1e}) — including k = 1, where it is not zero.")
