@@ -118,6 +118,11 @@ print(bugs.gradient_matches_finite_differences(
 # **`fixed_smooth_load`**: the estimator the buggy code above should have been, with the bar
 # read in the right units (which array did the formula say?). Return only the load $(E,)$.
 #
+# In every exercise of this lesson, minimoe's own checks and answers in `minimoe.course.bugs`
+# (`load_matches_sampling`, `gradient_matches_finite_differences`, ...) are what you are
+# writing: a check or a fix that calls one of them is refused. Calling the functions a check is
+# *handed* to judge is its job.
+#
 # *Loops (the course's rule):* no Python loop over tokens in a fix — the check counts its Python
 # steps at two numbers of tokens; loops over experts, choices or layers are fine, and a check may
 # loop over the entries of its small fixture for finite differences, as
