@@ -28,6 +28,15 @@ and pytest then runs, once per exercise (ids are the exercise names):
   it and then returns the right answer gets "you called `<that function>`". A forbidden
   function whose signature is not the exercise's must get an explicit ``RULE_BREAKING``
   case whose fragment names it;
+* **in-place changes of a cache or a list argument** fail: the right answer that then
+  scribbles on every array inside a tuple argument (a cache: a backward may be called twice on
+  one cache) or on a list argument (its arrays or its entries) gets "in place"
+  (:func:`scribbling`; arrays passed directly are :func:`~minimoe.course.checks.grading.call`'s
+  own check). An exercise with no tuple or list argument is skipped, saying so;
+* **calls to minimoe.course.bugs** fail: an answer that returns what a function of
+  :mod:`minimoe.course.bugs` returns on the learner's arguments fails, for every such function
+  (:func:`assert_calls_to_bugs_fail`) unless the exercise lists it in ``ALLOWED_BUGS`` (a
+  building block the exercise offers);
 
 plus one check that every exercise of ``LESSONS`` has a case, in the lesson's order.
 ``NEAR_MISSES`` and ``RULE_BREAKING`` map an exercise name to ``[(answer, fragment or None),
@@ -36,6 +45,7 @@ plus one check that every exercise of ``LESSONS`` has a case, in the lesson's or
 import inspect
 
 import numpy as np
+import pytest
 
 from minimoe import checks
 from minimoe.course.checks.grading import qualified_name
@@ -172,6 +182,7 @@ class GraderContract:
     NEAR_MISSES = {}        # exercise name -> [(answer, fragment or None), ...]
     RULE_BREAKING = {}      # exercise name -> [(answer, fragment or None), ...]
     SINGLE_CALL = ()        # exercise names whose grader rightly calls the learner only once
+    ALLOWED_BUGS = {}       # exercise name -> names of minimoe.course.bugs functions it may call
     NO_GENERIC_NEAR_MISS = ()   # exercise names whose answers hold no float to nudge (say why)
 
     def pytest_generate_tests(self, metafunc):
@@ -242,6 +253,86 @@ class GraderContract:
             if res.passed and any(name in m for m in named):
                 continue                   # tested by an explicit case: the signatures differ
             assert_fail(res, name, "write it yourself")
+
+    def test_in_place_changes_of_a_cache_or_a_list_fail(self, grader, right, mistakes):
+        answer = scribbling(right)
+        res = grader(answer)
+        if not answer.changed:
+            pytest.skip(f"{grader.exercise_name} takes no tuple (cache) or list argument")
+        assert_fail(res, "in place")
+
+    def test_calls_to_course_bugs_fail(self, grader, right, mistakes):
+        assert_calls_to_bugs_fail(grader, right, allowed=self.ALLOWED_BUGS.get(grader.exercise_name, ()))
+
+
+def _scribble(v, seen):
+    """Change in place every array inside the tuple or list ``v`` (and a list's own entries);
+    ``seen[0]`` becomes True when something changed. Arrays NumPy will not write are skipped."""
+    if isinstance(v, list) and v and not any(isinstance(x, (np.ndarray, tuple, list)) for x in v):
+        v[0] = v[0] + 1 if isinstance(v[0], (int, float, np.number)) and not isinstance(v[0], bool) else None
+        seen[0] = True
+        return
+    for i, x in enumerate(v):
+        if isinstance(x, np.ndarray) and x.size and x.flags.writeable and np.issubdtype(x.dtype, np.number):
+            x += 1                                   # 1 more everywhere: ints and floats alike
+            seen[0] = True
+        elif isinstance(x, (tuple, list)):
+            _scribble(x, seen)
+
+
+def scribbling(right):
+    """The right answer, which then changes in place every array inside its tuple arguments
+    (caches) and its list arguments (and a list's entries). ``changed`` says whether a call
+    had any such argument to change."""
+    def answer(*args, **kwargs):
+        out = right(*args, **kwargs)
+        seen = [False]
+        for a in list(args) + list(kwargs.values()):
+            if isinstance(a, (tuple, list)):
+                _scribble(a, seen)
+        answer.changed |= seen[0]
+        return out
+    answer.changed = False
+    answer.__name__ = getattr(right, "__name__", "answer")
+    return answer
+
+
+def bug_functions():
+    """Every public function of :mod:`minimoe.course.bugs` (the buggy code, the reference checks
+    and the reference losses), by name."""
+    from minimoe.course import bugs
+    return {n: getattr(bugs, n) for n in bugs.__all__ if inspect.isfunction(getattr(bugs, n))}
+
+
+def handing_in(f, right):
+    """An answer that returns what ``f`` (a function of minimoe.course.bugs) returns on the
+    learner's arguments: ``f`` handed in as the answer, through a call."""
+    def answer(*args, **kwargs):
+        return f(*args, **kwargs)
+    answer.__name__ = getattr(right, "__name__", "answer")
+    return answer
+
+
+def assert_calls_to_bugs_fail(grade, right, allowed=(), extra=()):
+    """``grade(answer) -> Result`` fails every answer that returns what a function ``f`` of
+    :mod:`minimoe.course.bugs` returns on the learner's arguments (:func:`handing_in`), for every
+    ``f`` not in ``allowed``: the reference checks and losses there are answers of lesson 10,
+    and the buggy functions are wrong ones. Where ``f`` would give the right answer, the verdict
+    must say "you called `minimoe.course.bugs.<f>`". ``extra``: ``[(name, answer)]``, answers that
+    call ``f`` adapted to the exercise's arguments, each of which must get "you called". Returns
+    the names of the functions whose call was caught by name."""
+    caught = []
+    for name, f in bug_functions().items():
+        if name in allowed:
+            continue
+        res = grade(handing_in(f, right))
+        assert_fail(res)
+        if f"you called `minimoe.course.bugs.{name}`" in res.message:
+            caught.append(name)
+    for name, cheat in extra:
+        assert_fail(grade(cheat), f"you called `minimoe.course.bugs.{name}`")
+        caught.append(name)
+    return caught
 
 
 def _bindable_cheat(f, right):

@@ -62,6 +62,10 @@ from minimoe.checks import lesson00 as check
 # `preds` has shape `(R, n)`: row $r$ holds trial $r$'s predictions for $n$ patients; `truth`
 # has shape `(n,)`. Return `(bias2, variance)`, each averaged over the patients. Use the
 # mean over trials for $\mathbb{E}$ (and so `ddof=0` for the variance).
+#
+# *Loops (the course's rule):* no Python loop over patients or trials (here the patients are the
+# tokens) — the check runs your function on two sizes and counts the Python lines it executes,
+# which must not grow.
 
 # %%
 def bias_variance(preds, truth):
@@ -148,9 +152,14 @@ plt.show()
 # Count, for each clinic, its **parameters** (every weight and bias it stores) and its
 # **FLOPs per patient**. Conventions (the usual ones, e.g. Kaplan et al. 2020):
 # a multiply-add is **2 FLOPs**, so $x W$ with $W \in \mathbb{R}^{d\times h}$ costs $2dh$;
-# count the matrix products only (biases, ReLU and softmax are a vanishing fraction).
+# count the matrix products only — $x W_1$, $a W_2$ and the GP's $x W_\text{gate}$ — and
+# leave out the biases, the ReLU, the softmax and the GP's weighted sum of the answers (a
+# vanishing fraction; `MoELayer` counts the weighted sum, and we compare with it below).
 # The second-opinion clinic has 3 doctors (your cardiologist and two more, as in the demo
 # `python -m minimoe`); the GP has $W_\text{gate}$ and no bias.
+#
+# *Loops (the course's rule):* no Python loop over tokens; this exercise has no token axis, so a
+# loop over its few numbers is fine.
 
 # %%
 def clinic_costs(d, h, E, k):
@@ -229,6 +238,9 @@ print(f"active parameters per token: {layer.n_active_params} of {layer.n_params}
 # ### Exercise 3 — inside Mixtral
 #
 # Given the two published numbers and $E$, $k$, solve for $S$ and $P$.
+#
+# *Loops (the course's rule):* no Python loop over tokens; this exercise has no token axis, so a
+# loop over its few numbers is fine.
 
 # %%
 def split_params(total, active, E, k):

@@ -52,6 +52,10 @@ from minimoe.checks import lesson01 as check
 # backward pass will need. Here that is `(x, z, a, W1, W2)`.
 #
 # ### Exercise 1 — the specialist's forward pass
+#
+# *Loops (the course's rule):* no Python loop over tokens — the check runs your function at two
+# numbers of tokens and counts the Python lines it executes, which must not grow; loops over
+# experts, choices or ranks are fine.
 
 # %%
 def ffn_forward(x, W1, b1, W2, b2):
@@ -100,6 +104,10 @@ check.ffn_forward(ffn_forward)
 #
 # `cache` is the tuple your forward returned, `(x, z, a, W1, W2)`. (The check builds it
 # itself, so this exercise does not depend on exercise 1.)
+#
+# *Loops (the course's rule):* no Python loop over tokens — the check runs your function at two
+# numbers of tokens and counts the Python lines it executes, which must not grow; loops over
+# experts, choices or ranks are fine.
 
 # %%
 def ffn_backward(dy, cache):
@@ -150,6 +158,10 @@ check.ffn_backward(ffn_backward)
 #
 # `f` takes no arguments and reads `x`, so you perturb `x` **in place**: change one entry,
 # call `f()`, and put the entry back exactly as it was. `x` may have any shape.
+#
+# *Loops (the course's rule):* no Python loop over tokens — with one exception, this exercise: a
+# finite-difference checker perturbs one entry of x at a time, so its loop over the entries of x is
+# the point (that is why gradient checks run on small arrays).
 
 # %%
 def numerical_gradient(f, x, h=1e-5):
@@ -197,6 +209,9 @@ check.numerical_gradient(numerical_gradient)
 # entry within $|a_i - n_i| \le 10^{-7} + 10^{-5} |n_i|$.
 #
 # ### Exercise 4 — relative error
+#
+# *Loops (the course's rule):* no Python loop over tokens; this exercise has no token axis, so a
+# loop over its few numbers is fine.
 
 # %%
 def rel_error(a, n):
@@ -324,6 +339,10 @@ plt.show()
 # Write `swiglu_backward(dy, cache)` for the forward below. Vectorised over the tokens, without
 # minimoe's `silu_backward`, `swiglu_backward` or `ffn_backward` (you may compute $\sigma$
 # however you like).
+#
+# *Loops (the course's rule):* no Python loop over tokens — the check runs your function at two
+# numbers of tokens and counts the Python lines it executes, which must not grow; loops over
+# experts, choices or ranks are fine.
 
 # %%
 def swiglu_forward(x, W1, W3, W2):

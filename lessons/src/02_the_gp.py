@@ -52,6 +52,10 @@ from minimoe.checks import lesson02 as check
 # overflows, and at least one term of the sum is 1, so nothing divides by zero either.
 #
 # ### Exercise 1 — a stable softmax, row by row
+#
+# *Loops (the course's rule):* no Python loop over tokens — the check runs your function at two
+# numbers of tokens and counts the Python lines it executes, which must not grow; loops over
+# experts, choices or ranks are fine.
 
 # %%
 def softmax(z):
@@ -89,6 +93,10 @@ check.softmax(softmax)
 # ### Exercise 2 — softmax backward
 #
 # Given $dp$ $(T,E)$ and the forward output $p$ $(T,E)$, return $dz$ $(T,E)$.
+#
+# *Loops (the course's rule):* no Python loop over tokens — the check runs your function at two
+# numbers of tokens and counts the Python lines it executes, which must not grow; loops over
+# experts, choices or ranks are fine.
 
 # %%
 def softmax_backward(dp, p):
@@ -161,6 +169,10 @@ print(f"\nat τ = {tau}: the GP is >99% sure for {sure.mean():.0%} of the plane;
 # ### Exercise 3 — the dense mixture, forward
 #
 # Return `y` and the cache `(x, W_gate, G, Y, ffn_caches)` (a list of the $E$ expert caches).
+#
+# *Loops (the course's rule):* no Python loop over tokens — the check runs your function at two
+# numbers of tokens and counts the Python lines it executes, which must not grow; loops over
+# experts, choices or ranks are fine.
 
 # %%
 def dense_moe_forward(x, W_gate, W1, b1, W2, b2):
@@ -204,6 +216,10 @@ check.dense_moe_forward(dense_moe_forward)
 #
 # Return `dx` and a dict with `"W_gate"`, and the stacked `"W1"`, `"b1"`, `"W2"`, `"b2"`
 # (same shapes as the parameters).
+#
+# *Loops (the course's rule):* no Python loop over tokens — the check runs your function at two
+# numbers of tokens and counts the Python lines it executes, which must not grow; loops over
+# experts, choices or ranks are fine.
 
 # %%
 def dense_moe_backward(dy, cache):

@@ -47,6 +47,10 @@ from minimoe.checks import lesson03 as check
 # with fancy indexing `mask[np.arange(T)[:, None], idx] = True` puts them back.
 #
 # ### Exercise 1 — KeepTopK
+#
+# *Loops (the course's rule):* no Python loop over tokens — the check runs your function at two
+# numbers of tokens and counts the Python lines it executes, which must not grow; loops over
+# experts, choices or ranks are fine.
 
 # %%
 def keep_topk(H, k):
@@ -88,6 +92,10 @@ check.keep_topk(keep_topk)
 # Return the **dense** gate matrix $G$ $(T,E)$: the renormalised shares at each token's
 # top $k$, and 0 elsewhere. (You may use `layers.softmax`.) The check compares it with
 # `softmax(KeepTopK(H, k))`.
+#
+# *Loops (the course's rule):* no Python loop over tokens — the check runs your function at two
+# numbers of tokens and counts the Python lines it executes, which must not grow; loops over
+# experts, choices or ranks are fine.
 
 # %%
 def renormalized_gate(H, k):
@@ -161,6 +169,10 @@ plt.show()
 # ### Exercise 3 — top-k gate backward
 #
 # `dG` and `G` are dense $(T,E)$ matrices; return $dH$ $(T,E)$.
+#
+# *Loops (the course's rule):* no Python loop over tokens — the check runs your function at two
+# numbers of tokens and counts the Python lines it executes, which must not grow; loops over
+# experts, choices or ranks are fine.
 
 # %%
 def topk_gate_backward(dG, G):
@@ -249,6 +261,10 @@ plt.show()
 # $$dH = p \odot \big(dG\odot m - \langle dG\odot m,\ p\rangle\big).$$
 #
 # ### Exercise 4 — Switch gate backward
+#
+# *Loops (the course's rule):* no Python loop over tokens — the check runs your function at two
+# numbers of tokens and counts the Python lines it executes, which must not grow; loops over
+# experts, choices or ranks are fine.
 
 # %%
 def switch_gate_backward(dG, p, mask):

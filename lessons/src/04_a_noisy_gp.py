@@ -49,6 +49,10 @@ from minimoe.checks import lesson04 as check
 # `np.logaddexp(0, z)` $= \log(e^0 + e^z)$ avoids both.
 #
 # ### Exercise 1 — softplus
+#
+# *Loops (the course's rule):* no Python loop over tokens — the check runs your function at two
+# numbers of tokens and counts the Python lines it executes, which must not grow; loops over
+# experts, choices or ranks are fine.
 
 # %%
 def softplus(z):
@@ -67,6 +71,10 @@ check.softplus(softplus)
 # The noise $\varepsilon$ is passed in (minimoe never reads hidden global random state, so
 # the same $\varepsilon$ gives the same $H$). Return $H$ and the cache
 # `(x, W_gate, W_noise, eps, z)` with $z = x W_\text{noise}$ before the softplus.
+#
+# *Loops (the course's rule):* no Python loop over tokens — the check runs your function at two
+# numbers of tokens and counts the Python lines it executes, which must not grow; loops over
+# experts, choices or ranks are fine.
 
 # %%
 def noisy_logits_forward(x, W_gate, W_noise, eps):
@@ -103,6 +111,10 @@ check.noisy_logits_forward(noisy_logits_forward)
 # help the loss, its width grows, and vice versa.
 #
 # ### Exercise 3 — noisy scores, backward
+#
+# *Loops (the course's rule):* no Python loop over tokens — the check runs your function at two
+# numbers of tokens and counts the Python lines it executes, which must not grow; loops over
+# experts, choices or ranks are fine.
 
 # %%
 def noisy_logits_backward(dH, cache):
@@ -226,6 +238,10 @@ print(f"a central difference straddling the tie:   {(loss(tie + h) - loss(tie - 
 # $\ge 10^{-3}$, a hundred times the step.
 #
 # ### Exercise 4 — the top-k margin
+#
+# *Loops (the course's rule):* no Python loop over tokens — the check runs your function at two
+# numbers of tokens and counts the Python lines it executes, which must not grow; loops over
+# experts, choices or ranks are fine.
 
 # %%
 def topk_margin(H, k):

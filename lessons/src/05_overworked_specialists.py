@@ -105,6 +105,10 @@ plt.show()
 # Here $G$ is the dense $(T,E)$ gate matrix of lesson 03, zero where a token isn't sent.
 #
 # ### Exercise 1 — the importance loss (unweighted: $w = 1$)
+#
+# *Loops (the course's rule):* no Python loop over tokens — the check runs your function at two
+# numbers of tokens and counts the Python lines it executes, which must not grow; loops over
+# experts, choices or ranks are fine.
 
 # %%
 def importance_loss(G):
@@ -136,6 +140,10 @@ check.importance_loss(importance_loss)
 # (Derive it: $\partial u_j / \partial v_e = \delta_{je}/m - v_j/(E m^2)$.) Every gate $G_{te}$
 # adds to $\mathrm{Importance}_e$ with weight 1, so return that number for every token:
 # $dG$ has $G$'s shape.
+#
+# *Loops (the course's rule):* no Python loop over tokens — the check runs your function at two
+# numbers of tokens and counts the Python lines it executes, which must not grow; loops over
+# experts, choices or ranks are fine.
 
 # %%
 def importance_loss_backward(G):
@@ -203,6 +211,10 @@ print("load (patients):", (G > 0).sum(axis=0), "  CV² of the load", round(check
 # `np.argsort(-H, axis=1)` ranks each row's experts, best first.
 #
 # ### Exercise 3 — the smooth load probabilities
+#
+# *Loops (the course's rule):* no Python loop over tokens — the check runs your function at two
+# numbers of tokens and counts the Python lines it executes, which must not grow; loops over
+# experts, choices or ranks are fine.
 
 # %%
 def smooth_load(L, H, sigma, k):
@@ -269,6 +281,10 @@ plt.show()
 #
 # Treat $L$, $H$ and $\sigma$ as three independent inputs (the layer adds their gradients up
 # where they came from: $H = L + \varepsilon\sigma$).
+#
+# *Loops (the course's rule):* no Python loop over tokens — the check runs your function at two
+# numbers of tokens and counts the Python lines it executes, which must not grow; loops over
+# experts, choices or ranks are fine.
 
 # %%
 def smooth_load_backward(dP, L, H, sigma, k):
@@ -304,6 +320,10 @@ check.smooth_load_backward(smooth_load_backward)
 # loss exactly 1 for any number of experts ($\alpha = 0.01$ in the paper).
 #
 # ### Exercise 5 — the Switch loss and its gradient (unweighted: $\alpha = 1$)
+#
+# *Loops (the course's rule):* no Python loop over tokens — the check runs your function at two
+# numbers of tokens and counts the Python lines it executes, which must not grow; loops over
+# experts, choices or ranks are fine.
 
 # %%
 def switch_loss(probs, first_choice):

@@ -59,6 +59,9 @@ from minimoe.checks import lesson06 as check
 # `capacity_factor=None` means no limit (return `None`).
 #
 # ### Exercise 1 — the capacity
+#
+# *Loops (the course's rule):* no Python loop over tokens; this exercise has no token axis, so a
+# loop over its few numbers is fine.
 
 # %%
 def expert_capacity(T, E, k, capacity_factor):
@@ -143,9 +146,11 @@ print("same as minimoe:", np.array_equal(order, plan.order) and np.array_equal(o
 #
 # ### Exercise 2 — the vectorised dispatch plan
 #
-# The check compares your plan with minimoe's on seven cases, then counts the Python lines
-# your function runs at $T = 256$ and at $T = 4096$: the count must not grow with $T$. (Loops
-# over the $E$ experts or the $k$ choices are allowed.)
+# The check compares your plan with minimoe's on seven cases.
+#
+# *Loops (the course's rule):* no Python loop over tokens — the check runs your function at two
+# numbers of tokens ($T = 256$ and $T = 4096$) and counts the Python lines it executes, which
+# must not grow; loops over experts, choices or ranks are fine.
 
 # %%
 def dispatch_plan(idx, E, C):
@@ -210,6 +215,10 @@ for name, fn in [("Python loops", dispatch_plan_loop), ("one stable sort (minimo
 # fancy-index `+=`). `np.add.at(y, token, rows)` adds at every repeat.
 #
 # ### Exercise 3 — combine
+#
+# *Loops (the course's rule):* no Python loop over tokens — the check runs your function at two
+# numbers of tokens and counts the Python lines it executes, which must not grow; loops over
+# experts, choices or ranks are fine.
 
 # %%
 def combine(yg, gates, order, T):
@@ -243,6 +252,10 @@ check.combine(combine)
 #
 # with $t = $ `order[n] // k` and $(t,j)$ the flat position `order[n]`. Here there are no
 # repeated indices to worry about: each flat position is booked at most once.
+#
+# *Loops (the course's rule):* no Python loop over tokens — the check runs your function at two
+# numbers of tokens and counts the Python lines it executes, which must not grow; loops over
+# experts, choices or ranks are fine.
 
 # %%
 def combine_backward(dy, yg, gates, order):

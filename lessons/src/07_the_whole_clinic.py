@@ -97,6 +97,9 @@ plt.show()
 # ### Exercise 1 — match the compute
 #
 # Return that width $h_g$ (an `int`).
+#
+# *Loops (the course's rule):* no Python loop over tokens; this exercise has no token axis, so a
+# loop over its few numbers is fine.
 
 # %%
 def matched_width(d, h, E, k):
@@ -159,6 +162,10 @@ print(f"\ncheck.matched_width_ref(16, 8, 8, 2) = {check.matched_width_ref(16, 8,
 # ### Exercise 2 — the training step
 #
 # Put them together, and return the objective $J$ of this step as a float.
+#
+# *Loops (the course's rule):* no Python loop over tokens — the check runs your function at two
+# numbers of tokens and counts the Python lines it executes, which must not grow; loops over
+# experts, choices or ranks are fine.
 
 # %%
 def train_step(model, optimizer, x, y, rng):
@@ -236,6 +243,9 @@ for kind, h in histories.items():
 # `History` logs the epoch of each record (`h.epoch`, fractional: it logs about 40 times in
 # all) and the validation accuracy (`h.val_acc`). Return the **first** logged epoch at which
 # the validation accuracy is at least `target`, or `None` if it never gets there.
+#
+# *Loops (the course's rule):* no Python loop over tokens; this exercise has no token axis, so a
+# loop over its few numbers is fine.
 
 # %%
 def epochs_to_reach(epochs, val_acc, target):

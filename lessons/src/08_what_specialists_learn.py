@@ -115,6 +115,9 @@ print(table)
 # referral; merging lowers the first, splitting the second.
 #
 # ### Exercise 1 — purity
+#
+# *Loops (the course's rule):* no Python loop over tokens; this exercise has no token axis, so a
+# loop over its few numbers is fine.
 
 # %%
 def purity(counts):
@@ -288,6 +291,10 @@ plt.show()
 # Return a list of $S$ `Split`s; item $s$ holds exactly the patients of specialty $s$
 # (`x`, `y` and `specialty` together, in their original order; an empty `Split` if there
 # are none).
+#
+# *Loops (the course's rule):* no Python loop over patients (the tokens here) — the check runs your
+# function on two numbers of patients and counts the Python lines it executes, which must not
+# grow; a loop over specialties or members is fine.
 
 # %%
 def split_by_specialty(split, n_specialties):
@@ -334,6 +341,10 @@ print(f"members trained on {[len(b) for b in by_specialty]} patients; "
 # `route[i]` says which member answers patient $i$. Return the logits $(N, C)$, with row $i$
 # computed by `members[route[i]]` alone. Ask each member **once**, with all of its
 # patients (a loop over members, not patients — lesson 06's dispatch in miniature).
+#
+# *Loops (the course's rule):* no Python loop over patients (the tokens here) — the check runs your
+# function on two numbers of patients and counts the Python lines it executes, which must not
+# grow; a loop over specialties or members is fine.
 
 # %%
 def referral_predict(members, x, route):

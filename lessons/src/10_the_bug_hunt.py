@@ -117,6 +117,16 @@ print(bugs.gradient_matches_finite_differences(
 #
 # **`fixed_smooth_load`**: the estimator the buggy code above should have been, with the bar
 # read in the right units (which array did the formula say?). Return only the load $(E,)$.
+#
+# In every exercise of this lesson, minimoe's own checks and answers in `minimoe.course.bugs`
+# (`load_matches_sampling`, `gradient_matches_finite_differences`, ...) are what you are
+# writing: a check or a fix that calls one of them is refused. Calling the functions a check is
+# *handed* to judge is its job.
+#
+# *Loops (the course's rule):* no Python loop over tokens in a fix — the check counts its Python
+# steps at two numbers of tokens; loops over experts, choices or layers are fine, and a check may
+# loop over the entries of its small fixture for finite differences, as
+# `gradcheck.numerical_gradient` does.
 
 # %%
 def load_is_honest(smooth_load, clean, noisy, sigma, k, rng, n_samples=4000, tol=0.15):
@@ -212,6 +222,11 @@ print("buggy backward, largest |dprobs|:", np.abs(bugs.bug2_switch_loss_backward
 # holds `f` $(E,)$ and `shape` $= (T, E)$. Derive $\partial\,\text{loss}/\partial\,\text{probs}_{te}$
 # yourself from $\text{loss} = E \sum_e f_e P_e$ (remember what $P_e$ is, and that $f$ is a
 # count with no gradient), multiply by `dloss`, and return `(dprobs, {})` like minimoe.
+#
+# *Loops (the course's rule):* no Python loop over tokens in a fix — the check counts its Python
+# steps at two numbers of tokens; loops over experts, choices or layers are fine, and a check may
+# loop over the entries of its small fixture for finite differences, as
+# `gradcheck.numerical_gradient` does.
 
 # %%
 def switch_loss_gradcheck(forward, backward, probs, first_choice):
@@ -260,6 +275,11 @@ show(bugs.bug3_dead_router_layer)
 #
 # **`fixed_top1_layer`**: return an `MoELayer(d, h, E, ...)` with `k=1` and `rng=rng` whose
 # router does learn. (Two ways; lesson 03 shows one, lesson 05 the other.)
+#
+# *Loops (the course's rule):* no Python loop over tokens in a fix — the check counts its Python
+# steps at two numbers of tokens; loops over experts, choices or layers are fine, and a check may
+# loop over the entries of its small fixture for finite differences, as
+# `gradcheck.numerical_gradient` does.
 
 # %%
 def router_learns(layer, x, rng):
@@ -327,6 +347,11 @@ for call_no in range(3):
 # W_\text{gate}$; in training add $\varepsilon \odot \mathrm{softplus}(x W_\text{noise})$ with
 # $\varepsilon$ drawn from `rng`; in eval (`train=False`) return $L$ unchanged. Return `H`
 # (minimoe's version also returns a cache; you need not).
+#
+# *Loops (the course's rule):* no Python loop over tokens in a fix — the check counts its Python
+# steps at two numbers of tokens; loops over experts, choices or layers are fine, and a check may
+# loop over the entries of its small fixture for finite differences, as
+# `gradcheck.numerical_gradient` does.
 
 # %%
 def eval_is_deterministic(predict):
@@ -391,6 +416,11 @@ show(bugs.bug5_renormalize_backward)
 # experts — every chosen $p$ appears in $s$ too — and write the result with $g$ and $s$; the
 # experts not chosen get 0. Your property test above tells you whether you got it right.
 # Return `(dp, {})`.
+#
+# *Loops (the course's rule):* no Python loop over tokens in a fix — the check counts its Python
+# steps at two numbers of tokens; loops over experts, choices or layers are fine, and a check may
+# loop over the entries of its small fixture for finite differences, as
+# `gradcheck.numerical_gradient` does.
 
 # %%
 def gates_sum_is_constant(forward, backward, p, idx):
@@ -466,6 +496,11 @@ for name, fn in [("buggy", bugs.bug6_mixtral_loss), ("right", bugs.mixtral_layer
 #
 # **`fixed_mixtral_loss`**: Mixtral's loss on one layer's logits $(T, E)$, as described above
 # (use `router.topk_indices` and `layers.softmax`).
+#
+# *Loops (the course's rule):* no Python loop over tokens in a fix — the check counts its Python
+# steps at two numbers of tokens; loops over experts, choices or layers are fine, and a check may
+# loop over the entries of its small fixture for finite differences, as
+# `gradcheck.numerical_gradient` does.
 
 # %%
 def loss_is_alive(layer_loss, k):
@@ -513,8 +548,9 @@ show(bugs.bug7_model_balance_loss)
 layer_a, layer_b = bugs.routing_fixture(16, 4, 0, seed=1), bugs.routing_fixture(16, 4, 1, seed=2)
 pooled = bugs.bug7_model_balance_loss([layer_a, layer_b], 2)
 per_layer = [bugs.mixtral_layer_loss(v, 2) for v in (layer_a, layer_b)]
-print(f"each layer on its own: {per_layer[0]:.3f} and {per_layer[1]:.3f} (2 at perfect balance)")
-print(f"the two layers pooled: {pooled:.3f} (for two layers, 4 at perfect balance)")
+print(f"each layer on its own: {per_layer[0]:.3f} and {per_layer[1]:.3f} (each 2 at perfect balance), "
+      f"together {sum(per_layer):.3f} (4 at perfect balance)")
+print(f"the two layers pooled: {pooled:.3f} (one loss on the pooled tokens: 2 at perfect balance)")
 shares = np.array([np.bincount(router.topk_indices(v, 2).ravel(), minlength=4) / 32
                    for v in (layer_a, layer_b, np.concatenate([layer_a, layer_b]))])
 shares[2] /= 2
@@ -523,10 +559,11 @@ fig = viz.plot_pooled_balance(shares, ["layer 1", "layer 2", "pooled"],
 plt.show()
 
 # %% [markdown]
-# Pooled, both collapsed layers together cost about as much as *one balanced* layer: the
-# loss tells the optimizer that all is well. The check asks for the property the model loss
-# must have: each layer's balance counts on its own, so the model's loss of two layers is the
-# sum of what each costs alone.
+# Each collapsed layer on its own costs about 1.5 more than at perfect balance, 3.0 more for the
+# two. Pooled, the two collapses cost 0.77 more than the pooled loss's own value at perfect
+# balance (2): they mostly cancel out, and the loss tells the optimizer that all is nearly
+# well. The check asks for the property the model loss must have: each layer's balance counts
+# on its own, so the model's loss of two layers is the sum of what each costs alone.
 #
 # ### Exercise 7 — an additivity check, then the fix
 #
@@ -539,6 +576,11 @@ plt.show()
 #
 # **`fixed_model_loss`**: the model loss the buggy code should have computed. You may use
 # `bugs.mixtral_layer_loss(logits, k)`, one layer's loss.
+#
+# *Loops (the course's rule):* no Python loop over tokens in a fix — the check counts its Python
+# steps at two numbers of tokens; loops over experts, choices or layers are fine, and a check may
+# loop over the entries of its small fixture for finite differences, as
+# `gradcheck.numerical_gradient` does.
 
 # %%
 def layers_seen_apart(model_loss, k):

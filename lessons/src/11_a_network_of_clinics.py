@@ -69,6 +69,10 @@ print(f"{int((owner[kept] != 0).sum())} of {int(kept.sum())} booked referrals le
 # then earlier tokens). A referral turned away by capacity (`kept` is False) never travels.
 #
 # ### Exercise 1 — send counts and displacements
+#
+# *Loops (the course's rule):* no Python loop over tokens (here: over rows) — the check counts
+# your function's Python steps at T = 256 and T = 4096 tokens; loops over the P ranks or the
+# experts are fine.
 
 # %%
 def send_layout(idx, kept, E, P):
@@ -120,13 +124,23 @@ print("for expert:     ", arrived_for)
 
 # %% [markdown]
 # We need a permutation `perm` with `received[perm]` grouped by expert (and, inside an
-# expert, sources in rank order: that is the global token order, and what makes the
-# expert-parallel layer equal the single-process one), and its inverse `home`, with
-# `grouped[home]` back in arrival order — so that the results ride the shuttle home in the
-# very slots their patients came in. Label each row with its expert (`np.repeat`), sort the
-# labels stably; the inverse of a permutation is one scatter, `home[perm] = np.arange(N)`.
+# expert, sources in rank order), and its inverse `home`, with `grouped[home]` back in arrival
+# order — so that the results ride the shuttle home in the very slots their patients came in.
+# Label each row with its expert (`np.repeat`), sort the labels stably; the inverse of a
+# permutation is one scatter, `home[perm] = np.arange(N)`.
+#
+# With $k = 1$, sources in rank order inside an expert is the global token order (rank 0's
+# patients first), the order of the single-process layer. With $k > 1$ each source sends an
+# expert its first choices, then its second choices, so the layer sorts by one more label:
+# (expert, choice, source rank) — all first choices, from every rank in rank order, before any
+# second choice, as one process orders them (`_arrival_order` in `minimoe/beyond/parallel.py`).
+# Here the blocks carry no choice label: one block per (source, expert), as with $k = 1$.
 #
 # ### Exercise 2 — the permutation that brings results home
+#
+# *Loops (the course's rule):* no Python loop over tokens (here: over rows) — the check counts
+# your function's Python steps at T = 256 and T = 4096 tokens; loops over the P ranks or the
+# experts are fine.
 
 # %%
 def arrival_permutation(blocks):
@@ -213,6 +227,10 @@ for n in (2, 4):
 # Given the gradients `d_received[r]` of what each rank received, return the gradient
 # `d_sent[s]` of what each rank sent (the same shape as its send buffer). `check.exchange`
 # may help. The check also verifies the adjoint identity $\langle \Pi a, b\rangle = \langle a, \Pi^\top b\rangle$.
+#
+# *Loops (the course's rule):* no Python loop over tokens (here: over rows) — the check counts
+# your function's Python steps at T = 256 and T = 4096 tokens; loops over the P ranks or the
+# experts are fine.
 
 # %%
 def exchange_backward(d_received, counts):
@@ -314,13 +332,15 @@ assert by_cf[0] < by_cf[2] < model() and max(by_cf) <= model() * 1.05
 # rows. Capacity bounds that: no rank receives more than cf times the average. A simple model
 # for one exchange: a latency $\alpha$ per partner plus bytes over bandwidth $\beta$,
 # $t = \alpha\,(P-1) + \text{bytes}/\beta$. The numbers below are *assumptions* of the
-# right order (not measurements): one Mixtral-sized layer ($d = 4096$, $h = 14336$, $k = 2$),
-# 8192 tokens per rank, bfloat16, 8 ranks, 400 TFLOP/s per device; links of 300 GB/s
-# (inside one machine) and 25 GB/s (between machines).
+# right order (not measurements): one Mixtral-sized layer ($d = 4096$, $h = 14336$, $k = 2$,
+# SwiGLU experts: $6dh$ FLOPs per row, lesson 01), 8192 tokens per rank, bfloat16, 8 ranks,
+# 400 TFLOP/s per device; links of 300 GB/s (inside one machine) and 25 GB/s (between
+# machines).
 
 # %%
 d_, h_, k_, T_, P_, flops = 4096, 14336, 2, 8192, 8, 400e12
-compute = 3 * T_ * k_ * 2 * (2 * d_ * h_) / flops              # fwd + bwd ≈ 3 × forward FLOPs of k experts
+# a SwiGLU expert (lesson 01) is three matrices, W1, W3 (d, h) and W2 (h, d): 2 · 3dh = 6dh FLOPs a row
+compute = 3 * T_ * k_ * (6 * d_ * h_) / flops                  # fwd + bwd ≈ 3 × forward FLOPs of k experts
 for link, bw, alpha in (("inside one machine", 300e9, 5e-6), ("between machines", 25e9, 20e-6)):
     for cf in (1.0, 1.25, 2.0):
         sent = check.cost_model(T_, d_, k_, P_, capacity_factor=cf, itemsize=2, padded=True)
@@ -329,9 +349,10 @@ for link, bw, alpha in (("inside one machine", 300e9, 5e-6), ("between machines"
               f"-> {exchange_s / (compute + exchange_s):4.0%} of the step")
 
 # %% [markdown]
-# Inside one machine the exchange is a small share of the step, and a generous capacity
-# factor costs little. Between machines the same bytes take twelve times as long: the
-# exchange is a large share of every step, and every extra bed the capacity factor keeps
+# Inside one machine the exchange is a small share of the step (4 to 7%), and a generous
+# capacity factor costs little. Between machines the same bytes take twelve times as long: the
+# exchange is about a third of every step at a capacity factor of 1 and nearly half at 2, and
+# every extra bed the capacity factor keeps
 # free is paid for in the slowest resource of the system. That is why large MoEs train with
 # capacity factors near 1 (or without capacity but with tight balancing), why they place the
 # ranks of one expert-parallel group inside one machine when they can, and why balancing

@@ -68,20 +68,33 @@ def rel_err(a, n):
     return np.linalg.norm(a - n) / max(np.linalg.norm(a), np.linalg.norm(n), 1e-300)
 
 
-def swiglu_bwd(dy, cache, silu_prime="full", swap=False, dx_branches=(1, 3), dW2_from="a"):
+def swiglu_bwd(dy, cache, silu_prime="full", swap=False, dx_branches=(1, 3), dW2_from="a", itself=None):
     """SwiGLU expert backward, written independently (σ through tanh); the keywords make the
-    typical mistakes: silu' as σ alone or as σ(1−σ), the branches swapped, one branch of dx,
-    dW2 from silu(z1) alone."""
+    typical mistakes: silu' as σ alone, as σ(1−σ), at z3 or with a minus inside, the branches
+    swapped, a branch multiplied by itself (``itself``: 1 or 3), one branch of dx, dW2 from
+    silu(z1) alone."""
     x, z1, z3, W1, W3, W2 = cache
     s = 0.5 * (1 + np.tanh(z1 / 2))                   # σ(z1)
-    prime = {"full": s + z1 * s * (1 - s), "sigma": s, "sigmoid": s * (1 - s)}[silu_prime]
+    s3 = 0.5 * (1 + np.tanh(z3 / 2))                  # σ(z3)
+    prime = {"full": s + z1 * s * (1 - s), "sigma": s, "sigmoid": s * (1 - s),
+             "at_z3": s3 + z3 * s3 * (1 - s3), "minus": s - z1 * s * (1 - s)}[silu_prime]
     da = dy @ W2.T
-    dz1, dz3 = da * z3 * prime, da * (z1 * s)
+    dz1, dz3 = da * (z1 if itself == 1 else z3) * prime, da * (z3 if itself == 3 else z1 * s)
     if swap:
         dz1, dz3 = dz3, dz1
     dx = sum({1: dz1 @ W1.T, 3: dz3 @ W3.T}[b] for b in dx_branches)
     a = {"a": z1 * s * z3, "silu": z1 * s}[dW2_from]
     return dx, {"W1": x.T @ dz1, "W3": x.T @ dz3, "W2": a.T @ dy}
+
+
+def ffn_bwd_token_loop(dy, cache):
+    """Right, but the weight gradients summed one token at a time."""
+    dx, grads = ffn_bwd(dy, cache)
+    x, z, a, W1, W2 = cache
+    dW2 = np.zeros_like(W2)
+    for t in range(x.shape[0]):
+        dW2 += np.outer(a[t], dy[t])
+    return dx, {**grads, "W2": dW2}
 
 
 def swiglu_bwd_token_loop(dy, cache):
@@ -145,8 +158,27 @@ def margin(H, k):
 
 
 # (grader, right answer, [(typical mistake, fragment of its hint), ...])
+def bias_variance_patient_loop(preds, truth):
+    """Right, one patient at a time."""
+    b2 = v = 0.0
+    for i in range(preds.shape[1]):
+        col = preds[:, i]
+        b2 += (col.mean() - truth[i]) ** 2 / preds.shape[1]
+        v += col.var() / preds.shape[1]
+    return b2, v
+
+
+def swiglu_bwd_in_place(dy, cache):
+    """Right gradients, but the cache's z1 overwritten on the way (issue 22: a second call differs)."""
+    out = swiglu_bwd(dy, cache)
+    z1 = cache[1]
+    z1 *= 0.5 * (1 + np.tanh(z1 / 2))                # z1 *= s
+    return out
+
+
 CASES = [
     (lesson00.bias_variance, ANSWERS["bias_variance"], [
+        (bias_variance_patient_loop, "grows with the number of"),
         (lambda P, t: (np.mean((P.mean(0) - t) ** 2), np.mean(P.var(1))), "across patients"),
         (lambda P, t: (np.mean((P.mean(0) - t) ** 2), np.mean(P.var(0, ddof=1))), "ddof=1"),
         (lambda P, t: (np.mean(P.mean(0) - t), np.mean(P.var(0))), "forgot to square"),
@@ -158,6 +190,8 @@ CASES = [
          "2 FLOPs per multiply-add"),
         (lambda d, h, E, k: {c: (v[0] - (v[0] // (2 * d * h + h + d)) * (h + d), v[1])
                              for c, v in ANSWERS["clinic_costs"](d, h, E, k).items()}, "biases"),
+        (lambda d, h, E, k: {c: (v[0], v[1] + {"referral": 2 * k * d, "every specialist": 2 * E * d}.get(c, 0))
+                             for c, v in ANSWERS["clinic_costs"](d, h, E, k).items()}, "weighted sum"),
     ]),
     (lesson00.split_params, ANSWERS["split_params"], [
         (lambda tot, act, E, k: (act - 2 * (tot - act) / E, (tot - act) / E), "E − k"),
@@ -172,6 +206,7 @@ CASES = [
         (lambda dy, c: ffn_bwd(dy, c, mask=False), "Wrong gradients for W1, b1 and x. The gradient passes "
                                                    "through the ReLU only where z > 0"),
         (lambda dy, c: ffn_bwd(dy, c, bias_mean=True), "not a mean"),
+        (ffn_bwd_token_loop, "grows with the number of tokens"),
         (lambda dy, c: (ffn_bwd(dy, c)[0], {k: v for k, v in ffn_bwd(dy, c)[1].items() if k != "b2"}),
          "missing ['b2']"),
         (lambda dy, c: (-ffn_bwd(dy, c)[0], ffn_bwd(dy, c)[1]), "dx has the wrong sign"),
@@ -193,6 +228,10 @@ CASES = [
         (lambda dy, c: swiglu_bwd(dy, c, silu_prime="sigma"), "Wrong gradients for W1 and x. silu'(z) = σ(z) "
                                                               "(1 + z (1 − σ(z))) has two terms"),
         (lambda dy, c: swiglu_bwd(dy, c, silu_prime="sigmoid"), "the sigmoid's derivative"),
+        (lambda dy, c: swiglu_bwd(dy, c, silu_prime="at_z3"), "silu'(z1), at the silu branch's own"),
+        (lambda dy, c: swiglu_bwd(dy, c, silu_prime="minus"), "1 + z (1 − σ(z))"),
+        (lambda dy, c: swiglu_bwd(dy, c, itself=1), "the *other* branch"),
+        (lambda dy, c: swiglu_bwd(dy, c, itself=3), "not its own z3"),
         (lambda dy, c: swiglu_bwd(dy, c, swap=True), "Wrong gradients for W1, W3 and x. The branches are swapped"),
         (lambda dy, c: swiglu_bwd(dy, c, dx_branches=(1,)), "Wrong gradient for x. x feeds both branches"),
         (lambda dy, c: swiglu_bwd(dy, c, dx_branches=(3,)), "x feeds both branches"),
@@ -303,6 +342,30 @@ def softmax_only_first_shape(z):
     return e / (e.sum(-1, keepdims=True) if z.shape == (5, 3) else e.sum(-1, keepdims=True)[:1])
 
 
+def row_by_row(fn):
+    """``fn`` applied one token (row) at a time to every array argument whose first axis is T:
+    the right numbers, with a Python loop over tokens."""
+    def looped(*args):
+        T = next(a.shape[0] for a in args if isinstance(a, np.ndarray) and a.ndim == 2)
+        rows = [fn(*[a[t:t + 1] if isinstance(a, np.ndarray) and a.ndim >= 1 and a.shape[0] == T else a
+                     for a in args]) for t in range(T)]
+        first = rows[0]
+        if isinstance(first, tuple):
+            return tuple(np.concatenate([r[i] for r in rows]) if isinstance(first[i], np.ndarray) else first[i]
+                         for i in range(len(first)))
+        return np.concatenate(rows)
+    return looped
+
+
+def noisy_bwd_loop(dH, cache):
+    dx, grads = noisy_bwd(dH, cache)
+    x = cache[0]
+    dWg = np.zeros_like(grads["W_gate"])
+    for t in range(x.shape[0]):                     # the outer products one token at a time
+        dWg += np.outer(x[t], dH[t])
+    return dx, {**grads, "W_gate": dWg}
+
+
 class TestGraders(GraderContract):
     LESSONS = (lesson00.LESSON, lesson01.LESSON, lesson02.LESSON, lesson03.LESSON, lesson04.LESSON)
     CASES = CASES
@@ -337,7 +400,21 @@ class TestGraders(GraderContract):
                     (layers.softmax, "you called `minimoe.core.layers.softmax`")],
         "dense_moe_forward": [(dense_fwd_token_loop, "grows with the number of tokens")],
         "dense_moe_backward": [(dense_bwd_token_loop, "grows with the number of tokens")],
+        "softmax_backward": [(row_by_row(lambda dp, p: p * (dp - (dp * p).sum(-1, keepdims=True))),
+                              "grows with the number of tokens")],
+        "keep_topk": [(row_by_row(keep_topk), "grows with the number of tokens")],
+        "renormalized_gate": [(row_by_row(lambda H, k: softmax_rows(keep_topk(H, k))), "grows with the number")],
+        "topk_gate_backward": [(row_by_row(lambda dG, G: G * (dG - (dG * G).sum(1, keepdims=True))),
+                                "grows with the number of tokens")],
+        "switch_gate_backward": [(row_by_row(lambda dG, p, m: p * (dG * m - (dG * m * p).sum(1, keepdims=True))),
+                                  "grows with the number of tokens")],
+        "softplus": [(lambda z: np.array([np.logaddexp(0, row) for row in z]) if np.ndim(z) == 2
+                      else np.logaddexp(0, z), "grows with the number of tokens")],
+        "noisy_logits_backward": [(noisy_bwd_loop, "grows with the number of tokens")],
+        "topk_margin": [(row_by_row(margin), "grows with the number of tokens")],
         "noisy_logits_forward": [
+            (lambda x, Wg, Wn, eps: (row_by_row(lambda *a: noisy_fwd(*a)[0])(x, Wg, Wn, eps),
+                                     noisy_fwd(x, Wg, Wn, eps)[1]), "grows with the number of tokens"),
             (lambda x, Wg, Wn, eps: calling(lambda *a: router.router_logits_forward(x, Wg, Wn, noise=eps),
                                             noisy_fwd)(x, Wg, Wn, eps),
              "you called `minimoe.core.router.router_logits_forward`")],
@@ -750,3 +827,8 @@ def test_a_mistyped_command_gets_a_hint(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert main(["strat"]) == 1
     assert "did you mean `python -m minimoe.checks start`?" in capsys.readouterr().out
+
+
+def test_a_swiglu_backward_that_overwrites_its_cache_fails():
+    res = lesson01.swiglu_backward(swiglu_bwd_in_place)
+    assert_fail(res, "changed cache[1] in place", "twice")

@@ -55,6 +55,33 @@ def threshold(H, k, self_incl=False, always_k1=False):
     return thr, who
 
 
+def threshold_vec(H, k):
+    """The same thresholds without a loop over tokens: rank every row once."""
+    T, E = H.shape
+    ranked = np.argsort(-H, axis=1, kind="stable")
+    rank = np.argsort(ranked, axis=1)                       # each expert's place in its row, 0 = best
+    pick = np.where(rank < k, ranked[:, [k]], ranked[:, [k - 1]])
+    return np.take_along_axis(H, pick, axis=1), pick
+
+
+def cdf_vec(z):
+    from minimoe.core.normal import normal_cdf             # Φ without np.vectorize (design.md §2)
+    return normal_cdf(np.asarray(z, dtype=float))
+
+
+def load_P_vec(L, H, s, k):
+    return cdf_vec((L - threshold_vec(H, k)[0]) / s)
+
+
+def load_back_vec(dP, L, H, s, k):
+    thr, who = threshold_vec(H, k)
+    z = (L - thr) / s
+    dz = dP * pdf(z)
+    dH = np.zeros_like(H)
+    np.add.at(dH, (np.broadcast_to(np.arange(H.shape[0])[:, None], who.shape), who), -dz / s)
+    return dz / s, dH, -dz * z / s
+
+
 def load_P(L, H, s, k, numer=None, use_sigma=True, fn=cdf, **kw):
     thr, _ = threshold(H, k, **kw)
     num = (L if numer is None else numer) - thr
@@ -106,7 +133,7 @@ CASES = [
         (lambda G: imp_back(G, per_expert=True), "broadcast it"),
         (lambda G: imp_back(G, over_T=True), "Don't divide by T"),
     ]),
-    (lesson05.smooth_load, load_P, [
+    (lesson05.smooth_load, load_P_vec, [
         (lambda L, H, s, k: load_P(L, H, s, k, self_incl=True), "(k+1)-th largest"),
         (lambda L, H, s, k: load_P(L, H, s, k, numer=H), "clean score L"),
         (lambda L, H, s, k: load_P(L, H, s, k, use_sigma=False), "Divide by σ"),
@@ -114,7 +141,7 @@ CASES = [
         (lambda L, H, s, k: 1 - load_P(L, H, s, k), "Upside down"),
         (lambda L, H, s, k: load_P(L, H, s, k, self_incl=True, always_k1=True), "only for experts in the top k"),
     ]),
-    (lesson05.smooth_load_backward, load_back, [
+    (lesson05.smooth_load_backward, load_back_vec, [
         (lambda *a: load_back(*a, dH_mode="zero"), "*noisy* score"),
         (lambda *a: load_back(*a, dH_mode="own"), "not at e's own"),
         (lambda *a: load_back(*a, phi=cdf), "Wrong gradients for L, H and sigma. Φ' is the density"),
@@ -141,18 +168,73 @@ CASES = [
 def _back_via_minimoe(dP, L, H, s, k):
     _, cache = losses.load_loss_forward(L, H, s, k)
     losses.load_loss_backward(1.0, cache)
-    return load_back(dP, L, H, s, k)
+    return load_back_vec(dP, L, H, s, k)
+
+
+def sw_all(probs, first, k=2, over_k=False):
+    """Mixtral's (or, over k, Megatron-core's) count: every one of each token's k choices."""
+    T, E = probs.shape
+    top = np.argsort(-probs, axis=1)[:, :k]
+    f = np.bincount(top.ravel(), minlength=E) / T / (k if over_k else 1)
+    return E * f @ probs.mean(0), np.tile(E * f / T, (T, 1))
+
+
+def sw_P_by_token(probs, first):
+    """P averaged over the experts (axis=1) instead of over the tokens."""
+    T, E = probs.shape
+    f = np.bincount(first, minlength=E) / T
+    return E * np.dot(f, probs.mean(axis=1)), np.tile(E * f / T, (T, 1))
+
+
+def imp_loss_loop(G):
+    v = np.zeros(G.shape[1])
+    for row in G:                                       # one token at a time
+        v = v + row
+    return np.var(v) / v.mean() ** 2
+
+
+def imp_back_loop(G):
+    out = np.zeros_like(G)
+    d = imp_back(G)[0]
+    for t in range(G.shape[0]):                         # one token at a time
+        out[t] = d
+    return out
+
+
+def load_P_loop(L, H, s, k):
+    return load_P(L, H, s, k, fn=cdf_vec)               # the brute-force thresholds: a loop over (t, e)
+
+
+def load_back_loop(dP, L, H, s, k):
+    dL, _, dS = load_back_vec(dP, L, H, s, k)
+    thr, who = threshold_vec(H, k)
+    dz_s = dP * pdf((L - thr) / s) / s
+    dH = np.zeros_like(H)
+    for t in range(H.shape[0]):                         # the scatter, one token at a time
+        np.add.at(dH[t], who[t], -dz_s[t])
+    return dL, dH, dS
+
+
+def sw_loop(probs, first):
+    T, E = probs.shape
+    f = np.zeros(E)
+    for e in first:                                     # counting one token at a time
+        f[e] += 1.0 / T
+    return E * f @ probs.mean(0), np.tile(E * f / T, (T, 1))
 
 
 class TestGraders(GraderContract):
     LESSONS = (lesson05.LESSON,)
     CASES = CASES
     RULE_BREAKING = {
+        "switch_loss": [(sw_loop, "grows with the number of tokens")],
         "importance_loss": [
+            (imp_loss_loop, "grows with the number of tokens"),
             (lambda G: calling(lambda g: losses.importance_loss_forward(
                 np.ones((G.shape[0], 1)), np.zeros((G.shape[0], 1), int), G.shape[1]), imp_loss)(G),
              "you called `minimoe.core.losses.importance_loss_forward`")],
         "importance_loss_backward": [
+            (imp_back_loop, "grows with the number of tokens"),
             (lambda G: calling(lambda g: losses.cv_squared_backward(1.0, losses.cv_squared_forward(g.sum(0))[1]),
                                imp_back)(G), "you called `minimoe.core.losses.cv_squared_"),
             (lambda G: calling(lambda g: losses.importance_loss_backward(1.0, losses.importance_loss_forward(
@@ -160,11 +242,13 @@ class TestGraders(GraderContract):
              "you called `minimoe.core.losses.importance_loss_"),
         ],
         "smooth_load": [
+            (load_P_loop, "grows with the number of tokens"),
             (lambda L, H, s, k: calling(lambda *a: lesson05.threshold_ref(H, k), load_P)(L, H, s, k),
              "you called `minimoe.course.checks.lesson05.threshold_ref`"),
             (lambda L, H, s, k: lesson05.smooth_load_ref(L, H, s, k),
              "you called `minimoe.course.checks.lesson05.smooth_load_ref`")],
         "smooth_load_backward": [
+            (load_back_loop, "grows with the number of tokens"),
             (_back_via_minimoe, "you called `minimoe.core.losses.load_loss_"),
             (lambda dP, L, H, s, k: calling(lambda *a: lesson05.smooth_load_ref(L, H, s, k), load_back)(
                 dP, L, H, s, k), "you called `minimoe.course.checks.lesson05.smooth_load_ref`")],
@@ -207,3 +291,22 @@ def test_importance_and_switch_references_match_minimoe_on_compact_gates():
     np.testing.assert_allclose(d, wd, rtol=1e-12)
     # perfect balance: exactly 1
     assert lesson05.switch_loss_ref(np.full((4, 4), 0.25), np.arange(4))[0] == pytest.approx(1.0)
+
+
+# ----------------------------------------------------------------------------- issue 22
+def test_switch_loss_counting_every_choice_is_named():
+    assert_fail(lesson05.switch_loss(sw_all), "every choice", "Mixtral", "first choices only")
+    assert_fail(lesson05.switch_loss(lambda p, f: sw_all(p, f, over_k=True)), "Megatron", "first choices only")
+
+
+def test_switch_loss_with_P_averaged_over_the_experts_is_named():
+    assert_fail(lesson05.switch_loss(sw_P_by_token), "axis=0", "mean over the tokens")
+
+
+def test_vectorised_right_answers_agree_with_brute_force():
+    for seed, (T, E, k) in enumerate([(6, 4, 2), (9, 6, 3), (1, 5, 1)]):
+        L, H, s = lesson05.load_inputs(seed, T, E)
+        np.testing.assert_allclose(load_P_vec(L, H, s, k), load_P(L, H, s, k), rtol=1e-12)
+        dP = np.random.default_rng(seed).standard_normal((T, E))
+        for a, b in zip(load_back_vec(dP, L, H, s, k), load_back(dP, L, H, s, k)):
+            np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-15)

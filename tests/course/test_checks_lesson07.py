@@ -78,6 +78,14 @@ CASES = [
 ]
 
 
+def step_with_patient_loop(model, opt, x, y, rng):
+    """The right step, plus a Python loop over the patients (a per-patient class count)."""
+    seen = np.zeros(int(y.max()) + 1)
+    for label in y:
+        seen[label] += 1
+    return step(model, opt, x, y, rng)
+
+
 class TestGraders(GraderContract):
     LESSONS = (lesson07.LESSON,)
     CASES = CASES
@@ -88,6 +96,7 @@ class TestGraders(GraderContract):
                           (lambda d, h, E, k: width(d, h, E, k) + 1e-6, None)],
         "epochs_to_reach": [(lambda e, a, t: None if reach(e, a, t) is None else reach(e, a, t) * (1 + 1e-6), None)],
     }
+    RULE_BREAKING = {"train_step": [(step_with_patient_loop, "grows with the number of")]}
 
 
 def test_a_step_that_draws_extra_noise_gets_the_general_explanation():

@@ -84,6 +84,29 @@ def predict_everyone_everywhere(members, x, route):
     return every[route, np.arange(len(route))]
 
 
+def split_patient_loop(sp, S):
+    """Right Splits, built one patient at a time."""
+    rows = [[] for _ in range(S)]
+    for i, s in enumerate(sp.specialty):
+        rows[s].append(i)
+    return [Split(sp.x[np.array(r, dtype=int)], sp.y[np.array(r, dtype=int)], sp.specialty[np.array(r, dtype=int)])
+            for r in rows]
+
+
+def predict_patient_bookkeeping(members, x, route):
+    """One call per member, but each member's patients gathered one patient at a time."""
+    groups = [[] for _ in members]
+    for i, r in enumerate(route):
+        groups[r].append(i)
+    out = None
+    for m, rows in zip(members, groups):
+        if rows:
+            z = m.forward(x[np.array(rows)])
+            out = np.zeros((len(route), z.shape[1])) if out is None else out
+            out[np.array(rows)] = z
+    return out
+
+
 class TestGraders(GraderContract):
     LESSONS = (lesson08.LESSON,)
     CASES = CASES
@@ -93,7 +116,9 @@ class TestGraders(GraderContract):
                                 "holds the wrong patients")],
     }
     RULE_BREAKING = {
-        "referral_predict": [(predict_everyone_everywhere, "opposite of a sparse MoE")],
+        "referral_predict": [(predict_everyone_everywhere, "opposite of a sparse MoE"),
+                             (predict_patient_bookkeeping, "grows with the number of")],
+        "split_by_specialty": [(split_patient_loop, "grows with the number of")],
     }
 
 

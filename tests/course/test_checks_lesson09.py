@@ -256,3 +256,36 @@ def test_mutual_information_ref_matches_corpus():
     assert lesson09.mutual_information_ref(counts) == pytest.approx(corpus.mutual_information(a, b), rel=1e-12)
     assert lesson09.mutual_information_ref(np.outer([1, 2], [3, 4, 5])) == pytest.approx(0.0, abs=1e-15)
     assert lesson09.mutual_information_ref(np.eye(3) * 7) == pytest.approx(np.log(3))
+
+
+# ----------------------------------------------------------------------------- issue 22
+def test_a_floored_mean_load_is_named():
+    def floored(bias, load, rate):
+        return bias + rate * np.sign(np.sum(load) // len(load) - np.asarray(load))
+    assert_fail(lesson09.bias_update(floored), "floor", "mean load")
+
+
+def _mi_normalised(counts, axis):
+    n = np.asarray(counts, float)
+    p = n / n.sum(axis=axis, keepdims=True)              # each row (or column) turned into probabilities
+    outer = p.sum(1, keepdims=True) * p.sum(0, keepdims=True)
+    with np.errstate(all="ignore"):
+        return float(np.sum(np.where(p > 0, p * np.log(p / outer), 0.0)))
+
+
+def test_mutual_information_from_row_or_column_normalised_counts_is_named():
+    assert_fail(lesson09.mutual_information(lambda c: _mi_normalised(c, 1)), "each row", "counts.sum()")
+    assert_fail(lesson09.mutual_information(lambda c: _mi_normalised(c, 0)), "each column", "counts.sum()")
+
+
+def report_token_loop(idx, kept, E):
+    load = np.zeros(E, dtype=np.int64)
+    unserved = 0
+    for t in range(idx.shape[0]):                       # one patient at a time
+        load += np.bincount(idx[t][kept[t]], minlength=E)
+        unserved += not kept[t].any()
+    return load, load.std() / load.mean() if load.mean() > 0 else 0.0, unserved
+
+
+def test_a_routing_report_with_a_token_loop_fails():
+    assert_fail(lesson09.routing_report(report_token_loop), "grows with the number of tokens")

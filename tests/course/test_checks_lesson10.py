@@ -125,7 +125,7 @@ def test_dead_router():
 
 # ----------------------------------------------------------------------------- bug 4
 def deterministic(predict):
-    first = np.asarray(predict())
+    first = np.array(predict())                     # a copy: predict may hand back the same array
     return all(np.array_equal(first, np.asarray(predict())) for _ in range(2))
 
 
@@ -231,6 +231,7 @@ def test_solution_checks_catch_each_bug_and_pass_minimoe(solution):
         assert solution["layers_seen_apart"](bugs.model_balance_loss, k)
         logits = np.random.default_rng(k).standard_normal((10, 5))
         assert solution["fixed_mixtral_loss"](logits, k) == pytest.approx(mixtral(logits, k), rel=1e-12)
+        assert mixtral_vec(logits, k) == pytest.approx(mixtral(logits, k), rel=1e-12)
         assert solution["fixed_model_loss"]([logits, -logits], k) == pytest.approx(
             mixtral(logits, k) + mixtral(-logits, k), rel=1e-12)
 
@@ -346,6 +347,16 @@ def mixtral(logits, k, first_only=False, per_slot=False):
     return float(E * f @ P)
 
 
+def mixtral_vec(logits, k, first_only=False, per_slot=False):
+    """The same loss without the loop over tokens (a fix must not loop over tokens)."""
+    T, E = logits.shape
+    z = np.exp(logits - logits.max(axis=1, keepdims=True))
+    P = (z / z.sum(axis=1, keepdims=True)).mean(axis=0)
+    chosen = np.argsort(-logits, axis=1)[:, :1 if first_only else k]
+    f = np.bincount(chosen.ravel(), minlength=E) / T / (k if per_slot else 1)
+    return float(E * f @ P)
+
+
 def alive(layer_loss, k):
     bal, col = bugs.routing_fixture(16, 4), bugs.routing_fixture(16, 4, 0)
     if not layer_loss(col, k) > layer_loss(bal, k):
@@ -366,22 +377,22 @@ def apart(model_loss, k):
 
 
 def model(layer_logits, k, mean=False):
-    per = [mixtral(v, k) for v in layer_logits]
+    per = [mixtral_vec(v, k) for v in layer_logits]
     return float(np.mean(per) if mean else np.sum(per))
 
 
 def test_constant_loss():
     g = lesson10.constant_loss
-    assert_pass(g(alive, mixtral), lesson="10")
-    assert_fail(g(blank, mixtral), "loss_is_alive is not written yet")
+    assert_pass(g(alive, mixtral_vec), lesson="10")
+    assert_fail(g(blank, mixtral_vec), "loss_is_alive is not written yet")
     assert_fail(g(alive, blank), "fixed_mixtral_loss is not written yet")
     assert_fail(g(alive, bugs.bug6_mixtral_loss), "still the constant")
-    assert_fail(g(lambda *a: True, mixtral), "lets the constant loss through")
-    assert_fail(g(lambda *a: False, mixtral), "rejects Mixtral's loss")
+    assert_fail(g(lambda *a: True, mixtral_vec), "lets the constant loss through")
+    assert_fail(g(lambda *a: False, mixtral_vec), "rejects Mixtral's loss")
     reacts_only = lambda fn, k: fn(bugs.routing_fixture(16, 4, 0), k) > fn(bugs.routing_fixture(16, 4), k)  # noqa: E731
-    assert_fail(g(reacts_only, mixtral), "counts f alone", "finite-difference gradient")
-    assert_fail(g(alive, lambda L, k: mixtral(L, k, first_only=True)), "first choice (GShard")
-    assert_fail(g(alive, lambda L, k: mixtral(L, k, per_slot=True)), "divided f by k")
+    assert_fail(g(reacts_only, mixtral_vec), "counts f alone", "finite-difference gradient")
+    assert_fail(g(alive, lambda L, k: mixtral_vec(L, k, first_only=True)), "first choice (GShard")
+    assert_fail(g(alive, lambda L, k: mixtral_vec(L, k, per_slot=True)), "divided f by k")
 
 
 def test_pooled_layers():
@@ -399,7 +410,7 @@ def test_pooled_layers():
 
 @pytest.mark.parametrize("rel", [1e-3, 1e-6])
 def test_near_misses_of_the_mixtral_fixes_fail(rel):
-    assert_fail(lesson10.constant_loss(alive, lambda L, k: mixtral(L, k) * (1 + rel)))
+    assert_fail(lesson10.constant_loss(alive, lambda L, k: mixtral_vec(L, k) * (1 + rel)))
     assert_fail(lesson10.pooled_layers(apart, lambda v, k: model(v, k) * (1 + rel)))
 
 
@@ -414,3 +425,166 @@ def test_the_mixtral_fixes_may_not_call_minimoes_answers():
                 "you called `minimoe.course.bugs.model_balance_loss`")
     # the building block the exercise offers is allowed
     assert_pass(lesson10.pooled_layers(apart, lambda v, k: sum(bugs.mixtral_layer_loss(x, k) for x in v)))
+
+
+# ----------------------------------------------------------------------------- issue 22: the detectors' holes
+def test_a_check_that_calls_minimoes_reference_check_fails():
+    """The reference checks of minimoe.course.bugs are the exercises' answers."""
+    from types import SimpleNamespace
+    cases = [
+        (lesson10.mixed_units, lambda fn, c, n, s, k, rng: bool(bugs.load_matches_sampling(
+            lambda *a: (None, SimpleNamespace(load=fn(*a))), c, n, s, k, rng)), smooth_load, "load_matches_sampling"),
+        (lesson10.no_gradient, lambda fwd, bwd, p, f: bool(bugs.gradient_matches_finite_differences(
+            fwd, bwd, p, kwargs={"first_choice": f})), switch_backward, "gradient_matches_finite_differences"),
+        (lesson10.dead_router, lambda layer, x, rng: bool(bugs.router_gradient_is_nonzero(layer, x, rng=rng)),
+         lambda d, h, E, rng: MoELayer(d, h, E, k=1, gate="switch", rng=rng), "router_gradient_is_nonzero"),
+        (lesson10.noisy_eval, bugs.eval_is_deterministic, logits, "eval_is_deterministic"),
+        (lesson10.detached_sum, bugs.gates_sum_has_zero_gradient, renorm_backward, "gates_sum_has_zero_gradient"),
+        (lesson10.constant_loss, bugs.balance_loss_reacts, mixtral_vec, "balance_loss_reacts"),
+        (lesson10.pooled_layers, bugs.layers_are_balanced_apart, model, "layers_are_balanced_apart"),
+    ]
+    for grader, check, fix, name in cases:
+        assert_fail(grader(check, fix), f"you called `minimoe.course.bugs.{name}`", "write it yourself")
+
+
+RIGHT = {"mixed_units": (honest, smooth_load), "no_gradient": (gradcheck, switch_backward),
+         "dead_router": (router_learns, lambda d, h, E, rng: MoELayer(d, h, E, k=1, gate="switch", rng=rng)),
+         "noisy_eval": (deterministic, logits), "detached_sum": (sum_is_constant, renorm_backward),
+         "constant_loss": (alive, mixtral_vec), "pooled_layers": (apart, model)}
+
+
+@pytest.mark.parametrize("exercise", list(RIGHT))
+def test_handing_in_any_function_of_course_bugs_fails(exercise):
+    """GraderContract's check on both halves of each exercise: a check, or a fix, that returns
+    what a function of minimoe.course.bugs returns fails."""
+    from grader_cases import assert_calls_to_bugs_fail
+    grader = lesson10.LESSON.exercises[exercise]
+    check, fix = RIGHT[exercise]
+    assert_pass(grader(check, fix), lesson="10")
+    assert_calls_to_bugs_fail(lambda c: grader(c, fix), check)
+    assert_calls_to_bugs_fail(lambda f: grader(check, f), fix)
+
+
+def test_a_router_check_that_looks_at_w_gate_only_fails():
+    def gate_only(layer, x, rng):
+        y = layer.forward(x, train=True)
+        layer.backward(rng.standard_normal(y.shape))
+        return bool(np.any(layer.grads["W_gate"] != 0))
+    assert_fail(lesson10.dead_router(gate_only, RIGHT["dead_router"][1]), "W_noise", "every router weight")
+
+
+def test_a_router_check_in_eval_mode_fails():
+    def in_eval(layer, x, rng):
+        y = layer.forward(x, train=False)
+        layer.backward(rng.standard_normal(y.shape))
+        return all(np.any(layer.grads[n] != 0) for n in ("W_gate", "W_noise") if n in layer.params)
+    assert_fail(lesson10.dead_router(in_eval, RIGHT["dead_router"][1]), "train=True")
+
+
+def test_an_eval_check_that_keeps_a_reference_to_the_first_output_fails():
+    def no_copy(predict):
+        first = predict()
+        return all(np.array_equal(first, predict()) for _ in range(2))
+    assert_fail(lesson10.noisy_eval(no_copy, logits), "same array", "copy")
+
+
+def test_a_property_check_that_only_sums_the_gradient_fails():
+    def sums_to_zero(forward, backward, p, idx):
+        g, cache = forward(p, idx)
+        return bool(abs(np.sum(backward(np.ones_like(g), cache)[0])) < 1e-9)
+    assert_fail(lesson10.detached_sum(sums_to_zero, renorm_backward), "transposed", "every entry")
+
+
+def test_the_transposed_quotient_rule_is_named():
+    def transposed(dg, cache):
+        g, s, idx, shape = cache
+        dp = np.zeros(shape)
+        dp[np.arange(shape[0])[:, None], idx] = (dg - g * dg.sum(axis=1, keepdims=True)) / s
+        return dp, {}
+    assert_fail(lesson10.detached_sum(sum_is_constant, transposed), "transposed")
+
+
+def test_a_liveness_check_of_the_gradient_half_only_fails():
+    def gradient_only(layer_loss, k):
+        x = bugs.routing_fixture(16, 4, 0)
+        h = 1e-5
+        for i in np.ndindex(x.shape):
+            up, down = x.copy(), x.copy()
+            up[i] += h
+            down[i] -= h
+            if abs(layer_loss(up, k) - layer_loss(down, k)) > 1e-12:
+                return True
+        return False
+    assert_fail(lesson10.constant_loss(gradient_only, mixtral_vec), "the same number on the balanced", "(a)")
+
+
+def test_a_liveness_check_with_at_least_instead_of_larger_fails():
+    def at_least(layer_loss, k):
+        bal, col = bugs.routing_fixture(16, 4), bugs.routing_fixture(16, 4, 0)
+        return layer_loss(col, k) >= layer_loss(bal, k) and _gradient_half(layer_loss, k)
+    assert_fail(lesson10.constant_loss(at_least, mixtral_vec), "larger", "not >=")
+
+
+def _gradient_half(layer_loss, k):
+    x, h = bugs.routing_fixture(16, 4, 0), 1e-5
+    for i in np.ndindex(x.shape):
+        up, down = x.copy(), x.copy()
+        up[i] += h
+        down[i] -= h
+        if abs(layer_loss(up, k) - layer_loss(down, k)) > 1e-12:
+            return True
+    return False
+
+
+def test_rejecting_the_right_loss_says_which_half_and_names_the_gradient_at_balance():
+    def gradient_at_balance(layer_loss, k):
+        bal, col = bugs.routing_fixture(16, 4), bugs.routing_fixture(16, 4, 0)
+        if not layer_loss(col, k) > layer_loss(bal, k):
+            return False
+        return _gradient_half_at(layer_loss, k, bal)
+    res = lesson10.constant_loss(gradient_at_balance, mixtral_vec)
+    assert_fail(res, "rejects Mixtral's loss, which is right", "perfect balance", "exactly 0", "collapsed batch")
+    assert "as it should be" not in res.message
+
+    def too_strict(layer_loss, k):                     # (a) with a tolerance larger than the gap
+        bal, col = bugs.routing_fixture(16, 4), bugs.routing_fixture(16, 4, 0)
+        return layer_loss(col, k) > layer_loss(bal, k) + 100.0 and _gradient_half(layer_loss, k)
+    res = lesson10.constant_loss(too_strict, mixtral_vec)
+    assert_fail(res, "rejects Mixtral's loss, which is right", "(a)", "(b)")
+    assert "as it should be" not in res.message
+
+
+def _gradient_half_at(layer_loss, k, x):
+    h = 1e-5
+    for i in np.ndindex(x.shape):
+        up, down = x.copy(), x.copy()
+        up[i] += h
+        down[i] -= h
+        if abs(layer_loss(up, k) - layer_loss(down, k)) > 1e-9:
+            return True
+    return False
+
+
+def test_rejecting_the_right_model_loss_says_what_the_two_sides_were():
+    res = lesson10.pooled_layers(lambda fn, k: False, model)
+    assert_fail(res, "rejects the sum of the layers' own losses", "one at a time")
+
+
+def test_the_mixtral_softmax_over_the_wrong_axis_is_named():
+    def wrong_axis(L, k):
+        T, E = L.shape
+        f = np.bincount(np.argsort(-L, axis=1)[:, :k].ravel(), minlength=E) / T
+        z = np.exp(L - L.max(axis=0))
+        return float(E * f @ (z / z.sum(axis=0)).mean(axis=0))
+    assert_fail(lesson10.constant_loss(alive, wrong_axis), "axis")
+
+
+def test_a_fixed_mixtral_loss_with_a_token_loop_fails():
+    assert_fail(lesson10.constant_loss(alive, mixtral), "grows with the number of tokens")
+
+
+def test_in_place_changes_of_the_fixes_arguments_fail():
+    from grader_cases import scribbling
+    assert_fail(lesson10.detached_sum(sum_is_constant, scribbling(renorm_backward)), "in place")
+    assert_fail(lesson10.no_gradient(gradcheck, scribbling(switch_backward)), "in place")
+    assert_fail(lesson10.pooled_layers(apart, scribbling(model)), "in place")

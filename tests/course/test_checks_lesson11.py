@@ -120,7 +120,8 @@ CASES = [
     (lesson11.exchange_backward, back, [
         (lambda d, c: back(d, c, transpose=False), "the way back"),
         (lambda d, c: lesson11.exchange_backward_ref(d, c), "minimoe's own answer"),
-        (lambda d, c: [np.asarray(x) * 0 for x in back(d, c)], "wrong rows"),
+        (lambda d, c: [np.asarray(x) * 0 for x in back(d, c)], "wrong values"),
+        (lambda d, c: [x[::-1] for x in back(d, c)], "wrong places"),
     ]),
 ]
 
@@ -198,7 +199,9 @@ class TestGraders(GraderContract):
 def test_a_tiny_error_on_the_way_back_fails():
     def tiny_error(d, c):
         return [x + 1e-9 for x in back(d, c)]
-    assert_fail(lesson11.exchange_backward(tiny_error), "wrong rows")
+    res = lesson11.exchange_backward(tiny_error)
+    assert_fail(res, "off by the same constant 1e-09")
+    assert "wrong places" not in res.message
 
 
 def test_references_agree_with_the_layer_and_the_loops():
@@ -230,7 +233,7 @@ def test_cost_model_counts_remote_rows_four_times():
 
 def test_simulated_demo_run_equals_the_single_process_layer():
     r = lesson11.simulate(2)
-    assert r["ranks"] == 2 and r["experts_per_rank"] == [[0, 3], [4, 7]]
+    assert r["ranks"] == 2 and r["experts_per_rank"] == [[0, 1, 2, 3], [4, 5, 6, 7]]
     assert max(r["max_diff_y"], r["max_diff_dx"], r["max_rel_diff_W_gate_grad"]) < 1e-12
     assert abs(r["aux_loss"] - r["aux_loss_single"]) < 1e-12 and r["dropped"] == r["dropped_single"]
     assert sum(r["rows_treated"]) == 512 * 2 - r["dropped"] and min(r["sent_bytes"]) > 0
@@ -245,3 +248,59 @@ def test_bytes_figure_draws_every_panel_curve_and_point(tmp_path):
     ax0, ax1 = fig.axes
     assert [list(l.get_ydata()) for l in ax0.lines] == [[1.0, 2.0], [0.0, 4.0]]     # shown in KiB
     assert len(ax1.lines) == 2 and ax0.get_xlabel() == "E"
+
+
+# ----------------------------------------------------------------------------- issue 22
+def test_float_counts_or_displacements_fail():
+    """MPI's Alltoallv takes integer counts and displacements; the docstring says int."""
+    def float_displs(idx, kept, E, P):
+        order, counts, displs = layout(idx, kept, E, P)
+        return order, counts, displs.astype(float)
+
+    def float_counts(idx, kept, E, P):
+        order, counts, displs = layout(idx, kept, E, P)
+        return order, counts.astype(float), displs
+    assert_fail(lesson11.send_layout(float_displs), "displs", "integer")
+    assert_fail(lesson11.send_layout(float_counts), "counts", "integer")
+
+
+def test_swapped_perm_and_home_are_named():
+    assert_fail(lesson11.arrival_permutation(lambda b: arrival(b)[::-1]), "swapped")
+
+
+def test_value_errors_on_the_way_back_are_not_blamed_on_placement():
+    for wrong, fragment in [(lambda d, c: [-x for x in back(d, c)], "wrong sign"),
+                            (lambda d, c: [x / len(d) for x in back(d, c)], "constant factor"),
+                            (lambda d, c: [x + 1e-4 for x in back(d, c)], "constant")]:
+        res = lesson11.exchange_backward(wrong)
+        assert_fail(res, fragment)
+        assert "wrong rows" not in res.message
+
+
+def test_rows_in_the_wrong_places_are_named():
+    def reversed_rows(d, c):
+        return [x[::-1] for x in back(d, c)]
+    assert_fail(lesson11.exchange_backward(reversed_rows), "wrong places")
+
+
+def test_zeroing_d_received_in_place_is_named():
+    def zeroes(d, c):
+        out = back(d, c)
+        for x in d:
+            x[...] = 0
+        return out
+    assert_fail(lesson11.exchange_backward(zeroes), "d_received", "in place")
+
+
+def test_exchange_backward_with_a_loop_over_rows_fails():
+    def row_by_row(d, c):
+        c = np.asarray(c)
+        P = c.shape[0]
+        out = [[] for _ in range(P)]
+        for r in range(P):
+            src = np.repeat(np.arange(P), c[:, r])
+            for i, row in enumerate(d[r]):              # one row at a time
+                out[src[i]].append(row)
+        return [np.array(o).reshape(-1, d[0].shape[1]) for o in out]
+    assert_pass(lesson11.exchange_backward(back))
+    assert_fail(lesson11.exchange_backward(row_by_row), "grows with the number of")

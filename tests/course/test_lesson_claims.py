@@ -69,7 +69,8 @@ def out09():
 
 def _clinics(text):
     """{router name: (accuracy, load CV, share nobody saw)} from lesson 09's comparison table."""
-    rows = re.findall(r"^(\S.*?)\s+(\d\.\d{3}) ± \d\.\d{3}\s+(\d+\.\d\d)\s+(\d+\.\d)%$", text, flags=re.M)
+    rows = re.findall(r"^(\S.*?)\s+(\d\.\d{3}) (?:± \d\.\d{3}|\(n = 1\))\s+(\d+\.\d\d)\s+(\d+\.\d)%$", text,
+                      flags=re.M)
     return {name.strip(): (float(a), float(cv), float(u) / 100) for name, a, cv, u in rows}
 
 
@@ -102,6 +103,30 @@ def test_09_the_comparison_table_is_read_as_the_prose_says(out09):
     assert round(shared[0] - loss[0], 2) == 0.02
     src = _source("09_beyond_the_gp")
     assert "the worst clinic here" not in src
+
+
+def test_09_one_seed_shows_no_spread(out09):
+    """Quick mode runs one seed: the table says "(n = 1)", never "± 0.000" (issue 22)."""
+    assert "± 0.000" not in out09
+    assert len(re.findall(r"\(n = 1\)", out09)) == 7
+
+
+def test_09_sentences_about_the_next_cells_and_the_extra_parameters():
+    """ "the cells just below run it for longer"; "of the 624 extra, 384 are output biases and 240
+    the router's (31 experts to score, not 8)" """
+    import numpy as np
+    from minimoe import MoELayer
+    from minimoe.beyond.shared_experts import SharedExpertMoELayer
+    prose = _prose(_source("09_beyond_the_gp"))
+    assert "the last cell of this section runs it for longer" not in prose
+    assert "the cells just below run it for longer" in prose
+    coarse = MoELayer(16, 8, 8, k=2, rng=np.random.default_rng(0))
+    fine = SharedExpertMoELayer.fine_grained(16, 8, 8, k=2, granularity=4, n_shared=1, rng=np.random.default_rng(0))
+    extra = fine.n_params - coarse.n_params
+    router = lambda layer: sum(layer.params[n].size for n in ("W_gate", "W_noise") if n in layer.params)  # noqa: E731
+    b2 = lambda layer: sum(v.size for n, v in layer.params.items() if n.startswith("b2"))  # noqa: E731
+    assert (extra, b2(fine) - b2(coarse), router(fine) - router(coarse), fine.n_experts) == (624, 384, 240, 31)
+    assert "of the 624 extra, 384 are output biases and 240 the router's (31 experts to score, not 8)" in prose
 
 
 def test_09_the_paper_rate_is_shown_and_the_score_scale_stays_unbalanced(out09):
@@ -187,3 +212,93 @@ def test_09_limits_blas_to_one_thread():
     """ "the cell after the imports limits numpy's BLAS to one thread (with threadpoolctl)" """
     src = _source("09_beyond_the_gp")
     assert "threadpool_limits(limits=1, user_api=\"blas\")" in src
+
+
+# ----------------------------------------------------------------------------- README: the default demo
+def test_readme_says_what_the_default_one_seed_demo_shows():
+    """ "The default `python -m minimoe` runs seed 0 alone. One seed shows the large gaps — the GP
+    referral first (0.797), asking every specialist second (0.768), both far above the generalist
+    (0.669) — but not the small one: there the second opinion comes out just *below* the generalist
+    (0.664)." (issue 22: README's narrative is built on 3-seed means) """
+    from minimoe.__main__ import DEFAULTS, _parser, run_demo
+    prose = re.sub(r"\s+", " ", (LESSONS.parent / "README.md").read_text(encoding="utf-8"))
+    assert "The default `python -m minimoe` runs seed 0 alone." in prose
+    assert _parser().parse_args([]).seed == [0]
+    res = run_demo(DEFAULTS, seeds=(0,), log=lambda *a: None)
+    acc = {r["kind"]: r["acc_mean"] for r in res["rows"]}
+    quoted = {"sparse_moe": 0.797, "dense_moe": 0.768, "generalist": 0.669, "ensemble": 0.664}
+    for kind, value in quoted.items():
+        assert f"{acc[kind]:.3f}" == f"{value:.3f}", (kind, acc[kind])
+        assert f"({value:.3f})" in prose
+    assert acc["sparse_moe"] > acc["dense_moe"] > acc["generalist"] > acc["ensemble"]
+
+
+# ----------------------------------------------------------------------------- lesson 10
+def test_10_pooled_layers_sentences():
+    """ "the two layers pooled: … (one loss on the pooled tokens: 2 at perfect balance)"; "Each
+    collapsed layer on its own costs about 1.5 more than at perfect balance, 3.0 more for the two.
+    Pooled, the two collapses cost 0.77 more than the pooled loss's own value at perfect balance (2)" """
+    from minimoe.course import bugs
+    prose = _prose(_source("10_the_bug_hunt"))
+    assert "for two layers, 4 at perfect balance" not in prose and "about as much as *one balanced*" not in prose
+    a, b = bugs.routing_fixture(16, 4, 0, seed=1), bugs.routing_fixture(16, 4, 1, seed=2)
+    per = [bugs.mixtral_layer_loss(v, 2) for v in (a, b)]
+    pooled = bugs.bug7_model_balance_loss([a, b], 2)
+    # perfect balance: every expert chosen k times per E tokens, uniform probabilities -> exactly k,
+    # for one layer and for the pooled tokens of several alike
+    from minimoe.core import losses
+    perfect = (np.arange(4)[:, None] + np.arange(2)) % 4
+    assert losses.switch_loss_forward(np.full((4, 4), 0.25), perfect)[0] == 2.0
+    assert losses.switch_loss_forward(np.full((8, 4), 0.25), np.concatenate([perfect, perfect]))[0] == 2.0
+    assert all(round(v - 2, 1) == 1.5 for v in per) and round(sum(per) - 4, 1) == 3.0
+    assert f"{pooled - 2:.2f}" == "0.77"
+    assert "costs about 1.5 more than at perfect balance, 3.0 more for the two" in prose
+    assert "the two collapses cost 0.77 more than the pooled loss's own value at perfect balance (2)" in prose
+    assert "(one loss on the pooled tokens: 2 at perfect balance)" in _source("10_the_bug_hunt")
+
+
+# ----------------------------------------------------------------------------- lesson 11
+def _cell_with(stem, needle):
+    src = _source(stem)
+    cells = re.split(r"^# %%.*$", src, flags=re.M)
+    return next(c for c in cells if needle in c)
+
+
+def test_11_a_mixtral_sized_layer_costs_6dh_per_expert_row():
+    """ "one Mixtral-sized layer (d = 4096, h = 14336, k = 2, SwiGLU experts: 6dh FLOPs per row,
+    lesson 01)"; "Inside one machine the exchange is a small share of the step (4 to 7%) … Between
+    machines … about a third of every step at a capacity factor of 1 and nearly half at 2" """
+    import contextlib
+    import io
+    from minimoe.course.checks import lesson11
+    code = _cell_with("11_a_network_of_clinics", "d_, h_, k_, T_, P_, flops")
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(code, {"check": lesson11})
+    rows = re.findall(r"^\s*(inside one machine|between machines), cf\s+([\d.]+): compute\s+([\d.]+) ms, "
+                      r"exchanges\s+([\d.]+) ms -> \s*(\d+)% of the step$", out.getvalue(), flags=re.M)
+    share = {(where, float(cf)): int(p) for where, cf, _, _, p in rows}
+    compute = {float(c) for *_, c, _, _ in rows}
+    assert len(rows) == 6 and compute == {round(3 * 8192 * 2 * 6 * 4096 * 14336 / 400e12 * 1e3, 1)} == {43.3}
+    inside = [share[("inside one machine", cf)] for cf in (1.0, 1.25, 2.0)]
+    between = [share[("between machines", cf)] for cf in (1.0, 1.25, 2.0)]
+    assert (min(inside), max(inside)) == (4, 7)
+    assert 28 <= between[0] <= 36 and 44 <= between[2] < 50
+    prose = _prose(_source("11_a_network_of_clinics"))
+    assert "SwiGLU experts: $6dh$ FLOPs per row" in prose
+    assert "a small share of the step (4 to 7%)" in prose
+    assert "about a third of every step at a capacity factor of 1 and nearly half at 2" in prose
+
+
+def test_11_arrivals_order_matches_the_parallel_layer():
+    """ "With k > 1 … the layer sorts by one more label: (expert, choice, source rank)" — what
+    `_arrival_order` in minimoe/beyond/parallel.py does. """
+    from minimoe.beyond import parallel
+    prose = _prose(_source("11_a_network_of_clinics"))
+    assert "that is the global token order, and what makes the expert-parallel layer equal" not in prose
+    assert "(expert, choice, source rank)" in prose
+    # two sources, one local expert, k = 2: rows arrive (s0: j0, j1), (s1: j0, j1)
+    kept_counts = np.array([[[1], [1]], [[1], [1]]])          # (P, k, E) with E = 1, one rank
+    perm, _ = parallel._arrival_order(kept_counts, 0, 1)
+    arrival = ["s0 j0", "s0 j1", "s1 j0", "s1 j1"]
+    assert [arrival[i] for i in perm] == ["s0 j0", "s1 j0", "s0 j1", "s1 j1"]    # choice before source

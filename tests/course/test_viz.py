@@ -158,3 +158,41 @@ def test_balance_race_marks_each_first_step_below_the_threshold():
     assert level == [0.25]
     assert ax.get_xscale() == "log"
     assert {t.get_text() for t in ax.texts} == {"step 3", "step 6"}
+
+
+# ----------------------------------------------------------------------------- issue 22's figures
+def test_step_sizes_pass_line_label_is_crossed_by_no_curve():
+    """Lesson 01: the 'pass line 1e-8' label sat where the float64 curve crosses the line."""
+    hs = np.logspace(-1, -12, 12)
+    errors = {"float64": np.abs(hs ** 2 + 1e-16 / hs), "float32": np.abs(hs ** 2 + 1e-7 / hs)}
+    fig = viz.plot_step_sizes(hs, errors)
+    ax = fig.axes[0]
+    assert not [t for t in ax.texts if "pass line" in t.get_text()]          # no text on the plot area
+    assert any("pass line 1e-8" in t.get_text() for t in ax.get_legend().get_texts())
+
+
+def test_router_comparison_with_one_seed_draws_no_error_bar_and_says_n_1():
+    rows = [{"name": "a", "acc": 0.8, "acc_std": 0.0, "n_seeds": 1, "cv": 0.1, "unserved": 0.0},
+            {"name": "b", "acc": 0.7, "acc_std": 0.0, "n_seeds": 1, "cv": 0.2, "unserved": 0.1}]
+    fig = viz.plot_router_comparison(rows)
+    ax = fig.axes[0]
+    assert not ax.lines and not [c for c in ax.containers if getattr(c, "has_xerr", False)
+                                 and c.has_xerr and len(c.lines[2])], "no zero-width error bars"
+    assert "n = 1" in ax.get_xlabel()
+    three = [dict(r, acc_std=0.01, n_seeds=3) for r in rows]
+    assert "± std over 3 seeds" in viz.plot_router_comparison(three).axes[0].get_xlabel()
+
+
+def test_class_heatmap_says_rows_add_up_to_k_times_100():
+    tables = {"m": np.array([[10, 0], [10, 5], [0, 5]])}
+    fig = viz.plot_expert_classes(tables, ["a", "b"], k=2)
+    assert "adds up to 200%" in fig._suptitle.get_text()
+    assert "adds up to" not in viz.plot_expert_classes(tables, ["a", "b"], k=1)._suptitle.get_text()
+
+
+def test_bytes_moved_legends_are_readable():
+    panels = [{"xlabel": "cf", "x": [1, 2], "curves": {"only kept rows travel (minimoe)": [1, 2],
+                                                      "fixed buffers of C rows per expert": [3, 4]},
+               "points": {"measured": ([1, 2], [1, 2])}}]
+    fig = viz.plot_bytes_moved(panels)
+    assert all(t.get_fontsize() >= 8.5 for t in fig.axes[0].get_legend().get_texts())

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from .compare import expect_number
-from .grading import Fail, Lesson, call
+from .grading import Fail, Lesson, call, no_token_loop
 
 LESSON = Lesson("00", "The clinic")
 progress = LESSON.progress
@@ -87,8 +87,21 @@ def bias_variance(fn):
                                                  "bias² + variance equals the mean squared error exactly."),
             (np.mean(preds.std(axis=0)), "That is the standard deviation; the variance is its square."),
         ])
+    def make(n):
+        rng = np.random.default_rng(n)
+        truth = rng.standard_normal(n)
+        return truth + rng.standard_normal((20, n)), truth
+
+    def check(out, preds, truth):
+        if not isinstance(out, (tuple, list)) or len(out) != 2:
+            raise Fail("bias_variance should return two numbers, (bias2, variance)")
+        b2, var = bias_variance_ref(preds, truth)
+        expect_number("bias2", out[0], b2)
+        expect_number("variance", out[1], var)
+    no_token_loop(fn, "bias_variance", make, check, loops="a loop over patients",
+                  hint="preds.mean(axis=0) and preds.var(axis=0) treat every patient at once.")
     return ("bias² and variance match on 3 fresh sets of trials (R = 2 to 400), "
-            "and they add up to the mean squared error.")
+            "and they add up to the mean squared error, with no loop over patients.")
 
 
 @LESSON.exercise("clinic_costs", forbid=[clinic_costs_ref, ffn_cost])
@@ -131,6 +144,10 @@ def clinic_costs(fn):
                                     "k experts' matmuls are computed."),
                 (n_run * (F + 2 * h + 2 * d) + gp * 2 * d * E,
                  "Count matmuls only (the biases and the ReLU are a vanishing fraction): 4·d·h per doctor."),
+                (n_run * F + 2 * d * E + 2 * n_run * d,
+                 f"Leave out the GP's weighted sum of the {n_run} answers (2·{n_run}·d FLOPs): the exercise "
+                 f"counts the matrix products only, x W1, a W2 and x W_gate. (MoELayer.flops_per_token counts "
+                 f"it; the lesson compares the two below.)"),
             ] if clinic == "referral" or gp else [
                 (n_run * 2 * d * h, "Count 2 FLOPs per multiply-add (a multiply and an add): "
                                     "x W1 costs 2·d·h FLOPs per patient, not d·h."),

@@ -32,6 +32,59 @@ def _ffn_inputs(seed, T, d, h):
     return x, W1, b1, W2, b2
 
 
+# --------------------------------------------------------------------------- caches and lists
+def _frozen(v):
+    """A deep copy of the arrays inside ``v`` (tuples, NamedTuples and lists, nested)."""
+    if isinstance(v, np.ndarray):
+        return v.copy()
+    if isinstance(v, (tuple, list)):
+        return [_frozen(x) for x in v]
+    return v
+
+
+def _label(v, i, where):
+    fields = getattr(type(v), "_fields", None)
+    return f"{where}.{fields[i]}" if fields else f"{where}[{i}]"
+
+
+def _what_changed(old, new, where):
+    """Where ``new`` differs from its copy ``old`` (``"cache[1]"``, ``"d_received[0]"``), or None."""
+    if isinstance(new, np.ndarray):
+        same = isinstance(old, np.ndarray) and old.shape == new.shape and np.array_equal(old, new, equal_nan=True)
+        return None if same else where
+    if isinstance(new, (tuple, list)):
+        if len(old) != len(new):
+            return f"{where} (its length)"
+        for i, (o, n) in enumerate(zip(old, new)):
+            found = _what_changed(o, n, _label(new, i, where))
+            if found:
+                return found
+        return None
+    try:
+        return None if bool(np.all(old == new)) else where
+    except (TypeError, ValueError):
+        return None
+
+
+def call_watching(fn, *args, name, labels=(), **kwargs):
+    """:func:`~minimoe.course.checks.grading.call`, and fail if ``fn`` changed in place an array
+    inside a tuple or list argument (a cache, a list of buffers) or a list's entries — arrays
+    passed directly are ``call``'s own check. ``labels`` names the arguments (``("dy", "cache")``)."""
+    before = [_frozen(a) if isinstance(a, (tuple, list)) else None for a in args]
+    out = call(fn, *args, name=name, **kwargs)
+    for i, (old, new) in enumerate(zip(before, args)):
+        if old is None:
+            continue
+        where = _what_changed(old, new, labels[i] if i < len(labels) else f"argument {i + 1}")
+        if where:
+            kind = "a cache" if isinstance(new, tuple) else "a list"
+            raise Fail(f"{name} changed {where} in place. Its arguments belong to the caller: {kind} may be "
+                       f"used again (a backward may run twice on one cache, as in a gradient check), and "
+                       f"then it would hold different numbers. Compute into new arrays: `z = z * s`, "
+                       f"not `z *= s`; `x = x.copy()` before changing it.")
+    return out
+
+
 def _relu(z):
     return np.maximum(z, 0)
 
@@ -82,7 +135,7 @@ def ffn_backward(fn):
         dy = np.random.default_rng(30 + seed).standard_normal((T, d))
         z = x @ W1 + b1
         a = _relu(z)
-        out = call(fn, dy, (x, z, a, W1, W2), name="ffn_backward")
+        out = call_watching(fn, dy, (x, z, a, W1, W2), name="ffn_backward", labels=("dy", "cache"))
         if not isinstance(out, tuple) or len(out) != 2:
             raise Fail("ffn_backward should return a pair (dx, grads) with grads a dict "
                        "{'W1', 'b1', 'W2', 'b2'}")
@@ -111,8 +164,25 @@ def ffn_backward(fn):
             all_grads = {**all_grads, "x": dx}
         worst = max(worst, expect_grads(all_grads, num, mistakes=mistakes,
                                         names=["W1", "b1", "W2", "b2", "x"]))
+
+    def make(T):
+        x, W1, b1, W2, b2 = _ffn_inputs(27, T, 4, 7)
+        z = x @ W1 + b1
+        return np.random.default_rng(T).standard_normal((T, 4)), (x, z, _relu(z), W1, W2)
+
+    def check(out, dy, cache):
+        if not isinstance(out, tuple) or len(out) != 2 or not isinstance(out[1], dict):
+            raise Fail("ffn_backward should return a pair (dx, grads)")
+        x, z, a, W1, W2 = cache
+        dz = (dy @ W2.T) * (z > 0)             # the backward written out (checked by finite differences above)
+        want = {"W1": x.T @ dz, "b1": dz.sum(axis=0), "W2": a.T @ dy, "b2": dy.sum(axis=0)}
+        for n, w in want.items():
+            expect_array(f"d{n}", out[1].get(n), w)
+        expect_array("dx", out[0], dz @ W1.T)
+    no_token_loop(fn, "ffn_backward", make, check,
+                  "Every weight gradient is one matrix product over all tokens: dW2 = aᵀ dy, db2 = dy.sum(axis=0).")
     return (f"dx, dW1, db1, dW2, db2 pass the gradient check on 3 random batches "
-            f"(worst relative error {worst:.1e}, pass < 1e-8).")
+            f"(worst relative error {worst:.1e}, pass < 1e-8), with no loop over tokens.")
 
 
 @LESSON.exercise("numerical_gradient", forbid=[gradcheck.numerical_gradient])
@@ -247,15 +317,30 @@ def _swiglu_mistakes(dy, x, W1, W3, W2):
     h_swap = ("The branches are swapped: the silu branch is z1 = x W1, so dz1 = da ⊙ z3 ⊙ silu'(z1); "
               "the linear branch is z3 = x W3, so dz3 = da ⊙ silu(z1).")
     h_one = ("x feeds both branches, so dx has two terms: dx = dz1 W1ᵀ + dz3 W3ᵀ.")
+    s3 = _sig(z3)
+    at_z3 = da * z3 * s3 * (1 + z3 * (1 - s3))   # silu' taken at the linear branch's z3
+    minus = da * z3 * s * (1 - z1 * (1 - s))     # a minus inside silu'
+    self1 = da * z1 * silu_prime                 # the silu branch multiplied by its own z1
+    h_z3 = ("silu' belongs to the silu branch: dz1 = da ⊙ z3 ⊙ silu'(z1), at the silu branch's own "
+            "pre-activation z1 = x W1, not at z3.")
+    h_minus = ("silu'(z) = σ(z) (1 + z (1 − σ(z))): d/dz [z σ(z)] = σ(z) + z σ(z)(1 − σ(z)), a plus — "
+               "you have a minus inside.")
+    h_self1 = ("dz1 = da ⊙ z3 ⊙ silu'(z1): the factor beside silu'(z1) is the *other* branch, z3 = x W3 "
+               "(the product rule on silu(z1) ⊙ z3); you multiplied the silu branch by its own z1.")
+    h_self3 = ("dz3 = da ⊙ silu(z1): the linear branch's gradient is the other branch's value, not its own z3.")
     return {
-        "W1": [(x.T @ only_sigma, h_sigma), (x.T @ sigmoid_prime, h_sigmoid), (x.T @ swapped1, h_swap)],
+        "W1": [(x.T @ only_sigma, h_sigma), (x.T @ sigmoid_prime, h_sigmoid), (x.T @ swapped1, h_swap),
+               (x.T @ at_z3, h_z3), (x.T @ minus, h_minus), (x.T @ self1, h_self1)],
         "W3": [(x.T @ swapped3, h_swap), (x.T @ (da * z1), "dz3 = da ⊙ silu(z1): the gate is silu(z1) = "
-                                                         "z1 σ(z1), not z1.")],
+                                                         "z1 σ(z1), not z1."),
+               (x.T @ (da * z3), h_self3)],
         "W2": [((g).T @ dy, "dW2 = aᵀ dy with a = silu(z1) ⊙ z3, the hidden layer both branches make "
                             "(not silu(z1) alone)."),
                ((z1 * z3).T @ dy, "dW2 = aᵀ dy with a = silu(z1) ⊙ z3: you left out the silu.")],
         "x": [(only_sigma @ W1.T + dz3 @ W3.T, h_sigma), (sigmoid_prime @ W1.T + dz3 @ W3.T, h_sigmoid),
-              (swapped1 @ W1.T + swapped3 @ W3.T, h_swap), (dz1 @ W1.T, h_one), (dz3 @ W3.T, h_one)],
+              (swapped1 @ W1.T + swapped3 @ W3.T, h_swap), (dz1 @ W1.T, h_one), (dz3 @ W3.T, h_one),
+              (at_z3 @ W1.T + dz3 @ W3.T, h_z3), (minus @ W1.T + dz3 @ W3.T, h_minus),
+              (self1 @ W1.T + dz3 @ W3.T, h_self1), (dz1 @ W1.T + (da * z3) @ W3.T, h_self3)],
     }
 
 
@@ -279,7 +364,7 @@ def swiglu_backward(fn):
     worst = 0.0
     for seed, (T, d, h) in enumerate(_SIZES):
         x, W1, W3, W2, dy = _swiglu_inputs(60 + seed, T, d, h)
-        out = call(fn, dy, _swiglu_cache(x, W1, W3, W2), name="swiglu_backward")
+        out = call_watching(fn, dy, _swiglu_cache(x, W1, W3, W2), name="swiglu_backward", labels=("dy", "cache"))
         arrays = {"x": x.copy(), "W1": W1.copy(), "W3": W3.copy(), "W2": W2.copy()}
         num = numeric_grads(lambda: _swiglu_y(**arrays), arrays, dy)
         worst = max(worst, expect_grads(_unpack_swiglu(out), num, mistakes=_swiglu_mistakes(dy, x, W1, W3, W2),

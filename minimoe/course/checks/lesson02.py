@@ -11,6 +11,7 @@ import numpy as np
 from ...core import experts, layers, router
 from .compare import expect_array, expect_grads, numeric_grads
 from .grading import Fail, Lesson, call, no_token_loop
+from .lesson01 import call_watching
 
 LESSON = Lesson("02", "The GP")
 progress = LESSON.progress
@@ -90,8 +91,14 @@ def softmax_backward(fn):
             (dp - s, "Multiply by p: dz = p ⊙ (dp − ⟨dp, p⟩)."),
             (-p * (dp - s), "Sign: dz = p ⊙ (dp − ⟨dp, p⟩), not its negative."),
         ]}))
+    def make(T):
+        rng = np.random.default_rng(T)
+        return rng.standard_normal((T, 5)), layers.softmax(rng.standard_normal((T, 5)))
+    no_token_loop(fn, "softmax_backward", make,
+                  lambda out, dp, p: expect_array("dz", out, p * (dp - np.sum(dp * p, axis=-1, keepdims=True))),
+                  "⟨dp, p⟩ for every token at once: np.sum(dp * p, axis=-1, keepdims=True).")
     return (f"dz = p ⊙ (dp − ⟨dp, p⟩) passes the gradient check on 3 batches "
-            f"(worst relative error {worst:.1e}).")
+            f"(worst relative error {worst:.1e}), with no loop over tokens.")
 
 
 _LOOP_HINT = ("Loop over the E experts if you like (E is the same at every T), but let each "
@@ -155,7 +162,7 @@ def dense_moe_backward(fn):
         x, Wg, W1, b1, W2, b2 = _moe_inputs(90 + seed, T, d, h, E)
         dy = np.random.default_rng(95 + seed).standard_normal((T, d))
         _, cache = dense_moe_ref(x, Wg, W1, b1, W2, b2)
-        out = call(fn, dy, cache, name="dense_moe_backward")
+        out = call_watching(fn, dy, cache, name="dense_moe_backward", labels=("dy", "cache"))
         if not isinstance(out, tuple) or len(out) != 2:
             raise Fail("dense_moe_backward should return a pair (dx, grads)")
         dx, grads = out

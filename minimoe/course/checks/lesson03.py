@@ -11,7 +11,7 @@ import numpy as np
 
 from ...core import layers, router
 from .compare import expect_array, expect_grads, numeric_grads
-from .grading import Fail, Lesson, call
+from .grading import Fail, Lesson, call, no_token_loop
 from .lesson02 import AXIS_HINT
 
 LESSON = Lesson("03", "The referral")
@@ -75,7 +75,13 @@ def keep_topk(fn):
         if not np.array_equal(got[kept], H[kept]):
             raise Fail("the kept scores must be H's own values, exactly unchanged (copy them, "
                        "don't recompute them).")
-    return "keeps exactly the k largest scores of each row (k = 1 to E) and sets the rest to −inf."
+    no_token_loop(fn, "keep_topk", lambda T: (scores(160 + T, T, 6), 2),
+                  lambda out, H, k: expect_array(
+                      "keep_topk", np.where(np.isfinite(np.asarray(out, float)), out, -1e300),
+                      np.where(topk_mask(H, k), H, -1e300)),
+                  "np.argsort (or np.argpartition) sorts every row in one call; np.put_along_axis writes them back.")
+    return ("keeps exactly the k largest scores of each row (k = 1 to E) and sets the rest to −inf, with no "
+            "loop over tokens.")
 
 
 @LESSON.exercise("renormalized_gate", forbid=[topk_gate_ref, router.topk_gate_forward])
@@ -95,6 +101,9 @@ def renormalized_gate(fn):
             (np.where(mask, H, 0) / np.where(mask, H, 0).sum(1, keepdims=True),
              "Start from the softmax of H, not from the raw scores."),
         ])
+    no_token_loop(fn, "renormalized_gate", lambda T: (scores(170 + T, T, 6), 2),
+                  lambda out, H, k: expect_array("G", out, topk_gate_ref(H, k)),
+                  "Each step works on the whole (T, E) array: softmax over axis=1, a mask, a sum over axis=1.")
     return ("softmax → keep top-k → renormalise gives exactly softmax(KeepTopK(H, k)) on 4 cases: "
             "the two recipes are the same function.")
 
@@ -119,6 +128,12 @@ def topk_gate_backward(fn):
             (layers.softmax(H) * (dG - np.sum(dG * layers.softmax(H), 1, keepdims=True)),
              "That is the dense softmax's backward; the top-k gate's softmax runs over the kept scores only."),
         ]}))
+    def make_topk(T):
+        H = scores(180 + T, T, 6)
+        return np.random.default_rng(T).standard_normal((T, 6)), topk_gate_ref(H, 2)
+    no_token_loop(fn, "topk_gate_backward", make_topk,
+                  lambda out, dG, G: expect_array("dH", out, G * (dG - np.sum(dG * G, axis=1, keepdims=True))),
+                  "⟨dG, G⟩ for every token at once: np.sum(dG * G, axis=1, keepdims=True).")
     return (f"dH = G ⊙ (dG − ⟨dG, G⟩) passes the gradient check on 4 cases, k = 1 to E "
             f"(worst relative error {worst:.1e}).")
 
@@ -149,5 +164,15 @@ def switch_gate_backward(fn):
              "Don't mask dH: the dropped experts' scores still change the kept shares through the "
              "softmax's denominator, so they get a gradient too."),
         ]}))
+    def make_switch(T):
+        H = scores(190 + T, T, 6)
+        return np.random.default_rng(T).standard_normal((T, 6)), layers.softmax(H), topk_mask(H, 1)
+
+    def check_switch(out, dG, p, mask):
+        dm = dG * mask
+        expect_array("dH", out, p * (dm - np.sum(dm * p, axis=1, keepdims=True)))
+    no_token_loop(fn, "switch_gate_backward", make_switch, check_switch,
+                  "Mask and reduce the whole (T, E) array at once: dm = dG * mask, "
+                  "np.sum(dm * p, axis=1, keepdims=True).")
     return (f"dH = p ⊙ (dG⊙mask − ⟨dG⊙mask, p⟩) passes the gradient check on 4 cases "
             f"(worst relative error {worst:.1e}) — including k = 1, where it is not zero.")

@@ -10,7 +10,8 @@ import numpy as np
 
 from ...core import router
 from .compare import expect_array, expect_grads, numeric_grads
-from .grading import Fail, Lesson, call
+from .grading import Fail, Lesson, call, no_token_loop
+from .lesson01 import call_watching
 
 LESSON = Lesson("04", "A noisy GP")
 progress = LESSON.progress
@@ -53,8 +54,11 @@ def softplus(fn):
             (stable_log, lost.replace("1 + e^z rounds", "1 + e^−|z| rounds")),
             (np.log(1 + np.abs(z)), "Softplus is log(1 + e^z), with an exponential."),
         ])
+    no_token_loop(fn, "softplus", lambda T: (np.random.default_rng(T).standard_normal((T, 4)) * 5,),
+                  lambda out, z: expect_array("softplus(z)", out, np.logaddexp(0, z), rtol=1e-9, atol=0.0),
+                  "np.logaddexp(0, z) works on the whole array.")
     return ("softplus = log(1 + e^z) is right from z = −800 to 800 on 3 arrays: no overflow, "
-            "no lost digits.")
+            "no lost digits, no loop over tokens.")
 
 
 @LESSON.exercise("noisy_logits_forward", forbid=[router.router_logits_forward])
@@ -89,7 +93,13 @@ def noisy_logits_forward(fn):
             if not same[i]:
                 raise Fail(f"H is right, but cache[{i}] should be {name}: the cache is "
                            f"(x, W_gate, W_noise, eps, z).")
-    return "H = x W_gate + ε ⊙ softplus(x W_noise) and the cache are right on 3 random batches."
+    no_token_loop(fn, "noisy_logits_forward", lambda T: _inputs(250 + T, T, 3, 4),
+                  lambda out, x, Wg, Wn, eps: expect_array(
+                      "H", out[0] if isinstance(out, tuple) else out,
+                      router.router_logits_forward(x, Wg, Wn, noise=eps)[0]),
+                  "x @ W_gate and x @ W_noise score every token at once.")
+    return ("H = x W_gate + ε ⊙ softplus(x W_noise) and the cache are right on 3 random batches, with no "
+            "loop over tokens.")
 
 
 def _same(a, b):
@@ -118,7 +128,7 @@ def noisy_logits_backward(fn):
         x, Wg, Wn, eps = _inputs(210 + seed, T, d, E)
         dH = np.random.default_rng(220 + seed).standard_normal((T, E))
         z = x @ Wn
-        out = call(fn, dH, (x, Wg, Wn, eps, z), name="noisy_logits_backward")
+        out = call_watching(fn, dH, (x, Wg, Wn, eps, z), name="noisy_logits_backward", labels=("dH", "cache"))
         if not isinstance(out, tuple) or len(out) != 2:
             raise Fail("noisy_logits_backward should return a pair (dx, grads)")
         dx, grads = out
@@ -137,8 +147,22 @@ def noisy_logits_backward(fn):
         }
         all_grads = {**grads, "x": dx} if isinstance(grads, dict) else grads
         worst = max(worst, expect_grads(all_grads, num, mistakes=mistakes, names=["W_gate", "W_noise", "x"]))
+    def make(T):
+        x, Wg, Wn, eps = _inputs(260 + T, T, 3, 4)
+        return np.random.default_rng(T).standard_normal((T, 4)), (x, Wg, Wn, eps, x @ Wn)
+
+    def check(out, dH, cache):
+        x, Wg, Wn, eps, z = cache
+        if not isinstance(out, tuple) or len(out) != 2 or not isinstance(out[1], dict):
+            raise Fail("noisy_logits_backward should return a pair (dx, grads)")
+        dz = dH * eps / (1 + np.exp(-z))                     # softplus' = sigmoid
+        expect_array("dW_gate", out[1].get("W_gate"), x.T @ dH)
+        expect_array("dW_noise", out[1].get("W_noise"), x.T @ dz)
+        expect_array("dx", out[0], dH @ Wg.T + dz @ Wn.T)
+    no_token_loop(fn, "noisy_logits_backward", make, check,
+                  "Each weight gradient is one matrix product over all tokens, x.T @ (...).")
     return (f"dx, dW_gate and dW_noise pass the gradient check on 3 random batches "
-            f"(worst relative error {worst:.1e}).")
+            f"(worst relative error {worst:.1e}), with no loop over tokens.")
 
 
 @LESSON.exercise("topk_margin", forbid=[topk_margin_ref])
@@ -166,4 +190,7 @@ def topk_margin(fn):
             (np.sort(H, axis=1)[:, k - 1] - np.sort(H, axis=1)[:, k],
              "np.sort sorts ascending; sort −H (or reverse the columns) to rank from the largest."),
         ])
+    no_token_loop(fn, "topk_margin", lambda T: (np.random.default_rng(T).standard_normal((T, 6)), 2),
+                  lambda out, H, k: expect_array("topk_margin(H, k)", out, topk_margin_ref(H, k)),
+                  "Sort every row in one call, -np.sort(-H, axis=1), and subtract two columns.")
     return "the gap between the k-th and (k+1)-th largest score is right for every token (k = 1 to E−1)."

@@ -16,13 +16,14 @@ import numpy as np
 
 from ...core import losses
 from .compare import expect_array, expect_grads, expect_number, numeric_grads
-from .grading import Blank, Fail, Lesson, call
+from .grading import Blank, Fail, Lesson, call, no_token_loop
 from .lesson03 import scores, topk_gate_ref, topk_mask
 
 LESSON = Lesson("05", "Overworked specialists")
 progress = LESSON.progress
 
 _CASES = [(6, 4, 2), (1, 5, 1), (9, 6, 3), (5, 3, 1)]     # (T, E, k), always k < E
+_LOOP = "Sums and means over the tokens are one call each (G.sum(axis=0), probs.mean(axis=0), ...)."
 
 
 # --------------------------------------------------------------------------- references
@@ -67,6 +68,12 @@ def switch_loss_ref(probs, first_choice):
     """``(E · Σ_e f_e P_e, ∂/∂probs)`` from minimoe's pair."""
     loss, cache = losses.switch_loss_forward(probs, first_choice)
     return loss, losses.switch_loss_backward(1.0, cache)[0]
+
+
+def _every_choice(probs, k):
+    """f counted over each token's k best experts (Mixtral's count), for the hint."""
+    T, E = probs.shape
+    return np.bincount(np.argsort(-probs, axis=1, kind="stable")[:, :k].reshape(-1), minlength=E) / T
 
 
 def _assigned(dthr, who):
@@ -123,7 +130,11 @@ def importance_loss(fn):
     balanced = np.full((4, 4), 0.25)
     got = call(fn, balanced, name="importance_loss")
     expect_number("importance_loss at perfect balance", got, 0.0, atol=1e-12)
-    return "CV(Σ_t G_t)² is right on 4 gate matrices (k = 1 to 3) and exactly 0 at perfect balance."
+    no_token_loop(fn, "importance_loss", lambda T: (gates_for(T, T, 6, 2),),
+                  lambda out, G: expect_number("importance_loss(G)", out, importance_loss_ref(G), rtol=1e-8),
+                  hint=_LOOP)
+    return ("CV(Σ_t G_t)² is right on 4 gate matrices (k = 1 to 3) and exactly 0 at perfect balance, "
+            "with no loop over tokens.")
 
 
 @LESSON.exercise("importance_loss_backward", forbid=[importance_loss_backward_ref, losses.cv_squared_backward,
@@ -151,8 +162,11 @@ def importance_loss_backward(fn):
             (row(2 / (E * m) * (u - np.mean(u**2))) / T,
              "Don't divide by T: Importance is a sum over tokens, so each gate counts with weight 1."),
         ]}))
+    no_token_loop(fn, "importance_loss_backward", lambda T: (gates_for(T, T, 6, 2),),
+                  lambda out, G: expect_array("dG", out, importance_loss_backward_ref(G), rtol=1e-8),
+                  hint=_LOOP + " Broadcast the (E,) gradient with np.broadcast_to or np.tile.")
     return (f"dG = ∂CV²/∂Importance, broadcast over tokens, passes the gradient check on 4 cases "
-            f"(worst relative error {worst:.1e}).")
+            f"(worst relative error {worst:.1e}), with no loop over tokens.")
 
 
 @LESSON.exercise("smooth_load", forbid=[smooth_load_ref, threshold_ref, losses.load_loss_forward])
@@ -182,8 +196,13 @@ def smooth_load(fn):
              "The threshold is the (k+1)-th largest only for experts in the top k; for the others it "
              "is the k-th largest (the last expert who got in)."),
         ])
+    no_token_loop(fn, "smooth_load", lambda T: (*load_inputs(T, T, 6), 2),
+                  lambda out, L, H, sigma, k: expect_array("P", out, smooth_load_ref(L, H, sigma, k), rtol=1e-7,
+                                                           atol=1e-10),
+                  hint="Rank every row at once (np.argsort(-H, axis=1)) and pick each (t, e)'s threshold with "
+                       "np.where and np.take_along_axis.")
     return ("P(t,e) = Φ((L − kth_excluding(H, k, e))/σ) is right on 4 cases, k = 1 to 3 — its column "
-            "sums are the smooth load.")
+            "sums are the smooth load — with no loop over tokens.")
 
 
 @LESSON.exercise("smooth_load_backward", forbid=[losses.load_loss_backward, smooth_load_ref])
@@ -222,17 +241,33 @@ def smooth_load_backward(fn):
                       (-dz / sigma**2, "dσ = −dz · (L − thr)/σ² = −dz · z/σ: you dropped (L − thr)."),
                       (-dz_cdf * z / sigma, phi_hint)],
         }))
+    def make(T):
+        L, H, sigma = load_inputs(T, T, 6)
+        return np.random.default_rng(T).standard_normal((T, 6)), L, H, sigma, 2
+
+    def check(out, dP, L, H, sigma, k):
+        if not isinstance(out, tuple) or len(out) != 3:
+            raise Fail("smooth_load_backward should return three arrays (dL, dH, dsigma).")
+        thr, who = threshold_ref(H, k)
+        z = (L - thr) / sigma
+        dz = dP * losses.normal_pdf(z)
+        expect_array("dL", out[0], dz / sigma, rtol=1e-7, atol=1e-10)
+        expect_array("dH", out[1], _scatter(-dz / sigma, who), rtol=1e-7, atol=1e-10)
+        expect_array("dsigma", out[2], -dz * z / sigma, rtol=1e-7, atol=1e-10)
+    no_token_loop(fn, "smooth_load_backward", make, check,
+                  hint="np.add.at scatters every (t, e)'s threshold gradient in one call.")
     return (f"dL, dH (through the threshold) and dσ pass the gradient check on 4 cases, k = 1 to 3 "
-            f"(worst relative error {worst:.1e}).")
+            f"(worst relative error {worst:.1e}), with no loop over tokens.")
 
 
 @LESSON.exercise("switch_loss", forbid=[switch_loss_ref, losses.switch_loss_forward,
                                        losses.switch_loss_backward])
 def switch_loss(fn):
     worst = 0.0
-    for seed, (T, E) in enumerate([(8, 4), (1, 3), (12, 6), (5, 5), (7, 4)]):
-        probs = np.exp(scores(550 + seed, T, E))
-        if seed == 4:                      # an idle last expert: nobody's first choice
+    # (5, 5) first: T = E is where P averaged over the wrong axis still has E entries, so it can be named
+    for seed, T, E in [(553, 5, 5), (550, 8, 4), (551, 1, 3), (552, 12, 6), (554, 7, 4)]:
+        probs = np.exp(scores(seed, T, E))
+        if (T, E) == (7, 4):               # an idle last expert: nobody's first choice
             probs[:, -1] *= 1e-3
         probs /= probs.sum(axis=1, keepdims=True)
         first = np.argmax(probs, axis=1)
@@ -266,6 +301,17 @@ def switch_loss(fn):
              "sum) — one of the two is a total instead of an average."),
             (E * np.dot(P, P), "f_e is the fraction of tokens whose *first choice* is e (a count), not the "
                                "mean probability: use np.bincount(first_choice, minlength=E) / T."),
+            (E * np.dot(_every_choice(probs, 2), P),
+             "You counted every choice of each token's top 2 (Mixtral's convention, next section): f sums to k "
+             "and the loss is k at balance. This exercise is GShard's, first choices only: "
+             "np.bincount(first_choice, minlength=E) / T."),
+            (E * np.dot(_every_choice(probs, 2), P) / 2,
+             "You counted every choice of each token's top 2 over k (Megatron-core's convention, next "
+             "section). This exercise is GShard's, first choices only: np.bincount(first_choice, minlength=E) / T."),
+            (E * np.dot(f, probs.mean(axis=1)) if T == E else np.nan,
+             "P_e is the mean over the tokens (axis=0) of the router's probability for expert e. "
+             "probs.mean(axis=1) averages each token's row instead — always 1/E, since a row sums to 1 — "
+             "so your loss is 1 whatever the routing."),
         ])
         d = np.asarray(dprobs, dtype=float) if dprobs is not None else None
         if d is not None and d.shape == (E,) and (T, E) != (E,):
@@ -281,6 +327,19 @@ def switch_loss(fn):
             (row(E * P / T), "You differentiated with respect to f instead of P: the gradient of "
                              "E Σ f_e P_e with respect to probs_te is E f_e / T."),
         ]}))
+    def make(T):
+        probs = np.exp(scores(560 + T, T, 6))
+        probs /= probs.sum(axis=1, keepdims=True)
+        return probs, np.argmax(probs, axis=1)
+
+    def check(out, probs, first):
+        if not isinstance(out, tuple) or len(out) != 2:
+            raise Fail("switch_loss should return a pair (loss, dprobs)")
+        want, dwant = switch_loss_ref(probs, first)
+        expect_number("loss", out[0], want, rtol=1e-8)
+        expect_array("dprobs", out[1], dwant, rtol=1e-8)
+    no_token_loop(fn, "switch_loss", make, check,
+                  hint="np.bincount(first_choice, minlength=E) counts every token's first choice at once.")
     return (f"loss = E · Σ f·P and dprobs = E f / T (f carries no gradient) are right on 5 cases, "
             f"one with an idle last expert "
-            f"(worst relative error {worst:.1e}).")
+            f"(worst relative error {worst:.1e}), with no loop over tokens.")

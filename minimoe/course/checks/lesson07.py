@@ -14,7 +14,8 @@ from ...clinic.data import make_clinic
 from ...clinic.models import SparseMoE
 from ...clinic.optim import Adam
 from .compare import expect_number
-from .grading import Fail, Lesson, call
+from .grading import Fail, Lesson, call, no_token_loop
+from .lesson01 import call_watching
 
 LESSON = Lesson("07", "The whole clinic")
 progress = LESSON.progress
@@ -149,9 +150,22 @@ def train_step(fn):
                        "loss, loss + model.aux_loss (backward() differentiates both)."),
                 (aux, "That is only the balancing loss; return loss + model.aux_loss."),
             ])
+    def make(T):
+        data = make_clinic(T, 0, 0, n_symptoms=6, n_specialties=3, n_classes=3, seed=T)
+        model, opt = _clinic(2)
+        return model, opt, data.train.x, data.train.y, np.random.default_rng(T)
+
+    def check(out, model, opt, x, y, rng):
+        ref, ref_opt = _clinic(2)
+        task, aux = _ref_parts(ref, ref_opt, x, y, np.random.default_rng(x.shape[0]))
+        if not _same(_params(model), _params(ref)):
+            raise Fail(f"with T = {x.shape[0]} patients your step leaves other weights than minimoe's.")
+        expect_number(f"the objective returned for T = {x.shape[0]} patients", out, task + aux)
+    no_token_loop(fn, "train_step", make, check, loops="a loop over patients",
+                  hint="One forward_loss on the whole batch, one backward, one optimizer.step().")
     return ("forward in training mode with the loop's rng, backward, then optimizer.step(): the "
             "weights match minimoe's after each of 2 steps on 2 clinics, and the objective "
-            "(task + balancing loss) is returned.")
+            "(task + balancing loss) is returned; no loop over patients.")
 
 
 def _ref_parts(model, optimizer, x, y, rng):
@@ -200,7 +214,8 @@ def epochs_to_reach(fn):
              (epochs, acc, float(acc[0]) - 0.1),                              # at the first point
              (epochs, acc, _record_high(acc))]                                 # exactly a logged value
     for ep, va, target in cases:
-        got = call(fn, list(ep), list(va), target, name="epochs_to_reach")
+        got = call_watching(fn, list(ep), list(va), target, name="epochs_to_reach",
+                           labels=("epochs", "val_acc"))
         want = epochs_to_reach_ref(ep, va, target)
         hit = np.flatnonzero(va >= target)
         strict = np.flatnonzero(va > target)

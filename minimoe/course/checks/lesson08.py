@@ -12,7 +12,8 @@ import numpy as np
 from ...clinic.data import Split, make_clinic
 from ...clinic.models import Generalist
 from .compare import expect_array, expect_number
-from .grading import Fail, Lesson, call
+from .grading import Fail, Lesson, call, no_token_loop
+from .lesson01 import call_watching
 
 LESSON = Lesson("08", "What specialists really learn")
 progress = LESSON.progress
@@ -168,8 +169,20 @@ def split_by_specialty(fn):
                                f"specialty with the same mask, split.specialty == {s}.")
                 raise Fail(f"Split {s}: {name} holds the wrong patients. Keep exactly the patients of "
                            f"specialty {s}, in their original order (boolean-mask indexing does both).")
+    def make(n):
+        return make_clinic(n, 0, 0, n_symptoms=5, n_specialties=4, n_classes=4, seed=9).train, 4
+
+    def check(out, split, S):
+        want = split_by_specialty_ref(split, S)
+        if not isinstance(out, (list, tuple)) or len(out) != S:
+            raise Fail(f"split_by_specialty should return a list of S = {S} Splits")
+        for s, (item, ref) in enumerate(zip(out, want)):
+            for name, a, b in zip(("x", "y", "specialty"), _as_split(item, s), ref):
+                expect_array(f"Split {s}'s {name}", a, b)
+    no_token_loop(fn, "split_by_specialty", make, check, loops="a loop over patients",
+                  hint="One boolean mask per specialty, split.specialty == s, selects all its patients at once.")
     return ("one Split per specialty, each with exactly its own patients (x, y and specialty "
-            "together), including a specialty with no patients.")
+            "together), including a specialty with no patients; no loop over patients.")
 
 
 # --------------------------------------------------------------------------- exercise 3
@@ -197,7 +210,7 @@ def referral_predict(fn):
         x = rng.standard_normal((N, 6))
         route = rng.integers(0, M - 1, N)                      # the last member gets no patient
         counted = [_Counted(m) for m in members]
-        got = call(fn, counted, x, route, name="referral_predict")
+        got = call_watching(fn, counted, x, route, name="referral_predict", labels=("members",))
         calls = sum(c.calls for c in counted)
         rows = sum(c.rows for c in counted)
         if calls > M:
@@ -223,5 +236,14 @@ def referral_predict(fn):
                        f"on every patient and kept one answer each. That is the opposite of a sparse MoE "
                        f"(asking every specialist, then discarding), costing {M}× the compute of a "
                        f"referral. Give each member only its own patients: members[s].forward(x[route == s]).")
+    members = [Generalist(6, 3, d_model=5, d_hidden=4, rng=np.random.default_rng(300 + m)) for m in range(4)]
+
+    def make(n):
+        rng = np.random.default_rng(n)
+        return members, rng.standard_normal((n, 6)), rng.integers(0, 4, n)
+    no_token_loop(fn, "referral_predict", make,
+                  lambda out, ms, x, route: expect_array("logits", out, referral_predict_ref(ms, x, route)),
+                  loops="a loop over patients",
+                  hint="Loop over the members; route == s selects all of member s's patients at once.")
     return ("each patient is answered by its own member only, one forward call per member, "
             "answers back in the patients' rows (3 cases, one member left idle).")

@@ -227,7 +227,8 @@ def bias_update(fn):
     cases = [(np.zeros(4), np.array([10, 2, 4, 0]), 0.01),
              (np.array([0.3, -0.2, 0.0, 0.1, -0.05]), np.array([6, 4, 5, 5, 5]), 0.1),   # two at the mean
              (np.array([1.0, -1.0]), np.array([7, 7]), 0.5),                              # balanced
-             (np.array([0.2]), np.array([3]), 0.02)]                                      # one expert
+             (np.array([0.2]), np.array([3]), 0.02),                                      # one expert
+             (np.array([0.1, 0.0, -0.1]), np.array([3, 2, 2]), 0.05)]                     # mean 7/3: not an integer
     for bias, load, rate in cases:
         got = call(fn, bias, load, rate, name="bias_update")
         want = bias_update_ref(bias, load, rate)
@@ -244,9 +245,12 @@ def bias_update(fn):
              "An expert exactly at the mean load needs no nudge: np.sign(0) = 0 leaves it alone."),
             (rate * np.sign(m - load), "Return the new bias, b + Δ, not the nudge Δ alone."),
             (bias - rate * np.sign(m - load), "Upside down: b + γ·sign(mean − load) lifts an idle expert."),
+            (bias + rate * np.sign(load.sum() // load.size - load),
+             "The mean load is not always a whole number: load.sum() // E floors it (here 7 // 3 = 2, not "
+             "2.33), so experts just under the mean look exactly at it. Use load.mean() (or / E)."),
         ])
     return ("b + γ·sign(mean load − load): the busy specialists' bias goes down, the idle ones' up, "
-            "one at the mean stays put (4 cases).")
+            "one at the mean stays put (5 cases, one with a mean load that is not a whole number).")
 
 
 # --------------------------------------------------------------------------- exercise 4
@@ -301,8 +305,22 @@ def routing_report(fn):
                                         "means none was kept: ~kept.any(axis=1)."),
             (np.sum(kept.any(axis=1)), "That counts the tokens that *were* served; we want the others."),
         ])
+    def make(T):
+        rng = np.random.default_rng(T)
+        return np.argsort(-rng.standard_normal((T, 6)), axis=1)[:, :2], rng.random((T, 2)) > 0.2, 6
+
+    def check(out, idx, kept, E):
+        if not isinstance(out, tuple) or len(out) != 3:
+            raise Fail("routing_report should return three things: (load, cv, unserved).")
+        want = routing_report_ref(idx, kept, E)
+        expect_array("load", out[0], want[0], shape_desc="(E,)")
+        expect_number("unserved", out[2], want[2])
+    small, big = no_token_loop(fn, "routing_report", make, check,
+                               hint="np.bincount(idx[kept], minlength=E) counts every kept assignment at once; "
+                                    "~kept.any(axis=1) marks the patients nobody saw.")
     return ("load (kept assignments), load CV (std/mean) and unserved tokens (no assignment kept) are right "
-            "for token choice with dropping, expert choice and a single token.")
+            f"for token choice with dropping, expert choice and a single token; vectorised ({small} Python "
+            f"steps at T = 64, {big} at T = 1024).")
 
 
 # --------------------------------------------------------------------------- exercise 5
@@ -313,6 +331,16 @@ def _count_tables():
     independent = np.outer([30, 10, 20], [5, 1, 4, 2]) * 3          # I = 0 exactly
     sparse = np.array([[12, 0, 0], [0, 7, 3], [0, 0, 0], [1, 0, 9]])  # zero cells and an idle expert
     return [syntax, independent, sparse, np.array([[5, 2, 0, 1]])]
+
+
+def _normalised_by(counts, axis):
+    """The MI formula applied to counts normalised along one axis only (the typical slip)."""
+    n = np.asarray(counts, dtype=np.float64)
+    sums = n.sum(axis=axis, keepdims=True)
+    p = np.divide(n, sums, out=np.zeros_like(n), where=sums > 0)
+    outer = p.sum(axis=1, keepdims=True) * p.sum(axis=0, keepdims=True)
+    nz = p > 0
+    return float(np.sum(p[nz] * np.log(p[nz] / outer[nz])))
 
 
 @LESSON.exercise("mutual_information", forbid=[mutual_information_ref])
@@ -343,6 +371,12 @@ def mutual_information(fn):
                           "expert. I = H(label) − H(label | expert) = Σ p(e,k) log[p(e,k) / (p(e) p(k))]."),
             (-h_k_given_e, "Divide by both marginals: log[p(e,k) / (p(e) p(k))], not log p(k | e)."),
             (unnorm, "Turn the counts into probabilities first: p(e, k) = counts / counts.sum()."),
+            (_normalised_by(counts, 1), "You normalised each row (each expert's counts sum to 1): that is "
+                                        "p(label | expert), and the table's entries then add up to E, not 1. "
+                                        "The joint p(e, k) divides by the whole table's total, counts.sum()."),
+            (_normalised_by(counts, 0), "You normalised each column (each label's counts sum to 1): that is "
+                                        "p(expert | label), not the joint. Divide by the whole table's total, "
+                                        "counts.sum()."),
         ])
     return ("I(expert; label) in nats from a count table: right for a syntax-like table, an independent "
             "one (exactly 0), one with empty cells and an idle expert, and a single expert (0).")

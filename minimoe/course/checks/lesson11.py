@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from ...beyond import parallel
+from .compare import expect_array
 from .grading import Fail, Lesson, call
 
 LESSON = Lesson("11", "A network of clinics")
@@ -171,6 +172,11 @@ def _check_layout(out, idx, kept, E, P):
                    f"add up the rows of the experts each rank owns.")
     if counts.shape != (P,) or displs.shape != (P,):
         raise Fail(f"counts and displs should have shape (P,) = ({P},), got {counts.shape} and {displs.shape}")
+    for what, a in (("counts", counts), ("displs", displs)):
+        if not np.issubdtype(a.dtype, np.integer):
+            raise Fail(f"{what} holds {a.dtype} numbers: it must be an integer array, as the docstring says — MPI's "
+                       f"Alltoallv takes row counts and starting rows as integers (np.bincount and np.cumsum of "
+                       f"integers stay integers; a division or np.zeros(P) makes floats).")
     if order.size == want_order.size and np.array_equal(np.sort(order), np.sort(want_order)):
         experts = idx.reshape(-1)[order]
         if np.any(np.diff(experts) < 0):
@@ -231,6 +237,10 @@ def _check_arrival(out, blocks):
                        f"holding 0 … {N - 1} once each), got {a.dtype} {a.shape}")
     P, Er = np.asarray(blocks).shape
     expert_of_row = np.repeat(np.tile(np.arange(Er), P), np.asarray(blocks).reshape(-1))
+    if not np.array_equal(perm, want_perm) and np.array_equal(perm, want_home) and np.array_equal(home, want_perm):
+        raise Fail("perm and home are swapped: perm is the one that groups, grouped = received[perm] (the stable "
+                   "sort of the expert labels), and home is its inverse, which brings the results back, "
+                   "back = grouped[home].")
     if not np.array_equal(perm, want_perm):
         if np.any(np.diff(expert_of_row[perm]) < 0):
             raise Fail("received[perm] must be grouped by expert (all of expert 0's rows, then expert 1's, "
@@ -283,16 +293,30 @@ def _check_exchange_backward(out, d_received, counts):
                            f"have the shape of what it *sent* ({want[s].shape}). The gradient travels the "
                            f"way back: rank r returns to rank s the rows s sent it — use the transposed counts.")
             raise Fail(f"rank {s}'s gradient should have shape {want[s].shape} (what rank {s} sent), got {got.shape}")
-        if not np.allclose(got, want[s], rtol=1e-12, atol=1e-12):
-            raise Fail(f"rank {s}'s gradient has the right shape but wrong rows: each row's gradient goes "
+        if np.array_equal(got, want[s]):
+            continue
+        same_rows = got.size and np.array_equal(np.sort(got.reshape(got.shape[0], -1), axis=0),
+                                                np.sort(want[s].reshape(want[s].shape[0], -1), axis=0))
+        if same_rows:
+            raise Fail(f"rank {s}'s gradient holds the right rows in the wrong places: each row's gradient goes "
                        f"back to the rank and the place it came from (exchange with counts.T).")
+        expect_array(f"rank {s}'s gradient", got, want[s], shape_desc="(rows rank s sent, d)")
+
+
+def _untouched(d_received, before):
+    """Fail if the learner's function changed the list d_received, or an array in it, in place."""
+    if len(d_received) != len(before) or any(not np.array_equal(a, b) for a, b in zip(d_received, before)):
+        raise Fail("exchange_backward changed d_received in place (an array of the list, or the list itself). "
+                   "The gradients it is handed belong to the caller; build new arrays for d_sent.")
 
 
 @LESSON.exercise("exchange_backward")
 def exchange_backward(fn):
     for seed, P in enumerate((2, 3, 4, 1)):
         counts, d_received = _exchange_case(1300 + seed, P)
+        before = [a.copy() for a in d_received]
         out = traced(fn, d_received, counts, name="exchange_backward")[1]
+        _untouched(d_received, before)
         _check_exchange_backward(out, d_received, counts)
     # the adjoint identity  <exchange(a), b> = <a, exchange_backward(b)>  on one more case
     counts, b = _exchange_case(1399, 3)
@@ -303,8 +327,17 @@ def exchange_backward(fn):
     if abs(lhs - rhs) > 1e-10 * max(1.0, abs(lhs)):
         raise Fail(f"⟨exchange(a), b⟩ = {lhs:.6g} but ⟨a, exchange_backward(b)⟩ = {rhs:.6g}: the backward of a "
                    f"linear map must be its transpose.")
-    return (f"the backward of the all-to-all is right on 4 exchanges (P = 1 to 4, counts not symmetric), and "
-            f"⟨exchange(a), b⟩ = ⟨a, backward(b)⟩ to {abs(lhs - rhs):.0e}.")
+
+    def make(T):
+        rng = np.random.default_rng(T)
+        counts = rng.multinomial(T, np.full(16, 1 / 16)).reshape(4, 4)
+        return [rng.standard_normal((int(counts[:, r].sum()), 3)) for r in range(4)], counts
+    small, big = _no_token_loop(fn, "exchange_backward", make, _check_exchange_backward,
+                                "Split each rank's rows by source with np.split at np.cumsum of the counts, or "
+                                "call check.exchange with the transposed counts.")
+    return (f"the backward of the all-to-all is right on 4 exchanges (P = 1 to 4, counts not symmetric), "
+            f"⟨exchange(a), b⟩ = ⟨a, backward(b)⟩ to {abs(lhs - rhs):.0e}, and vectorised ({small} Python "
+            f"steps at T = {SMALL_T}, {big} at T = {LARGE_T}).")
 
 
 # --------------------------------------------------------------------------- the cost model
@@ -338,7 +371,7 @@ def demo_run(comm, T=512, d=16, h=32, E=8, k=2, capacity_factor=1.0, seed=0):
     gather = comm.allgather
     return {
         "ranks": P,
-        "experts_per_rank": [list(map(int, (e.start, e.stop - 1))) for e in gather(par.expert_ids)],
+        "experts_per_rank": [[int(e) for e in ids] for ids in gather(par.expert_ids)],
         "max_diff_y": max(gather(float(np.abs(y - y_ref[s]).max()))),
         "max_diff_dx": max(gather(float(np.abs(dx - dx_ref[s]).max()))),
         "max_rel_diff_W_gate_grad": max(gather(float(np.abs(par.grads["W_gate"] - ref.grads["W_gate"]).max()

@@ -95,8 +95,9 @@ def plot_balance_race(runs, threshold=0.25, path=None, title="Two loss-free rule
 def plot_router_comparison(rows, path=None, title="Six ways to refer a patient, on the same clinic"):
     """Lesson 09: one bar per router in three panels — accuracy, load CV, patients nobody saw.
 
-    ``rows``: dicts with ``name``, ``acc`` (optional ``acc_std`` for an error bar), ``cv``, and
-    ``unserved`` (fraction of patients no specialist saw).
+    ``rows``: dicts with ``name``, ``acc`` (optional ``acc_std`` for an error bar and ``n_seeds``, the
+    number of runs it is over), ``cv``, and ``unserved`` (fraction of patients no specialist saw).
+    With one seed (``n_seeds`` 1, or every ``acc_std`` 0) no error bar is drawn and the axis says n = 1.
     """
     plt = _plt()
     names = [r["name"] for r in rows]
@@ -107,7 +108,10 @@ def plot_router_comparison(rows, path=None, title="Six ways to refer a patient, 
         vals = np.array([r[key] for r in rows], dtype=np.float64)
         top = vals.max() if vals.size and vals.max() > 0 else 1.0
         if key == "acc":            # bars start at 0: a zoomed axis would exaggerate the gaps
-            err, xlim = [r.get("acc_std", 0.0) for r in rows], (0.0, min(1.0, top * 1.15 + 0.02))
+            n = min(r.get("n_seeds", 1 if not r.get("acc_std") else 2) for r in rows)
+            err = [r.get("acc_std", 0.0) for r in rows] if n > 1 else None     # one seed: no spread to draw
+            xlim = (0.0, min(1.0, top * 1.15 + 0.02))
+            label = f"{label} (± std over {n} seeds)" if n > 1 else f"{label} (one seed, n = 1: no error bar)"
         else:
             err, xlim = None, (0.0, top * 1.3)
         _bar_panel(ax, names, vals, xlabel=label, color=color, fmt=fmt, xerr=err, xlim=xlim, show_names=i == 0)
@@ -169,7 +173,9 @@ def plot_expert_classes(tables, class_names, path=None, k=1, title="Where each k
         ax.set_xlabel("expert", fontsize=9)
         ax.set_yticks(range(K), class_names if i == 0 else [""] * K, fontsize=9)
         ax.set_title(name, fontsize=9)
-    fig.suptitle(title + "\n(% of each class's tokens that each expert serves; 50% and up written)", fontsize=10)
+    rows_add = f"; with k = {k} experts per token a class's row adds up to {100 * k}%" if k > 1 else ""
+    fig.suptitle(title + f"\n(% of each class's tokens that each expert serves{rows_add}; 50% and up written)",
+                 fontsize=10)
     fig.tight_layout()
     return _finish(fig, path)
 

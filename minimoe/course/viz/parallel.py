@@ -20,7 +20,7 @@ def plot_bytes_moved(panels, path=None, title="What the shuttle carries: bytes o
     measured (``stats["sent_bytes"]`` of a real run); bytes are shown in KiB.
     """
     plt = _plt()
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.4), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.9 * len(panels), 3.8), squeeze=False)
     for ax, panel in zip(axes[0], panels):
         for i, (label, y) in enumerate(panel.get("curves", {}).items()):
             ax.plot(panel["x"], np.asarray(y, float) / 1024, "-", color=f"C{i}", lw=1.8, label=label)
@@ -28,7 +28,7 @@ def plot_bytes_moved(panels, path=None, title="What the shuttle carries: bytes o
             ax.plot(x, np.asarray(y, float) / 1024, "o", color=f"C{i}", ms=5, mfc="white", label=label)
         ax.set(xlabel=panel["xlabel"], ylim=(0, None))
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=9, loc="upper left")
     axes[0][0].set_ylabel("KiB sent by one rank per step")
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
