@@ -22,8 +22,10 @@
 # see why the capacity factor matters more across machines, and run the real thing: two
 # processes talking over MPI.
 #
-# **Code to read alongside:** `minimoe/beyond/parallel.py` — `global_plan`,
-# `ExpertParallelMoELayer.forward` and `.backward`, and `LocalComm` (P ranks as threads).
+# **Code to read alongside:** `minimoe/beyond/parallel.py` — `global_plan`, `ExpertTeam` (the
+# team that runs `MoELayer`'s own pair with the experts on other ranks) and
+# `ExpertParallelMoELayer`; `minimoe/beyond/ranks.py` — `Call` (a status meeting before every
+# collective, so no rank waits forever) and `LocalComm` (P ranks as threads).
 
 # %%
 try:  # the course's packages; if one is missing, say how to install them all
