@@ -144,7 +144,7 @@ def fixed_smooth_load(clean, noisy, sigma, k):
     ### END SOLUTION
 
 
-# %%
+# %% points=2
 check.mixed_units(load_is_honest, fixed_smooth_load)
 
 # %% [markdown]
@@ -233,7 +233,7 @@ def fixed_switch_loss_backward(dloss, cache):
     ### END SOLUTION
 
 
-# %%
+# %% points=2
 check.no_gradient(switch_loss_gradcheck, fixed_switch_loss_backward)
 
 # %% [markdown]
@@ -279,7 +279,7 @@ def fixed_top1_layer(d, h, E, rng):
     ### END SOLUTION
 
 
-# %%
+# %% points=2
 check.dead_router(router_learns, fixed_top1_layer)
 
 # %% [markdown]
@@ -347,7 +347,7 @@ def fixed_router_logits_forward(x, W_gate, W_noise, *, rng, train):
     ### END SOLUTION
 
 
-# %%
+# %% points=2
 check.noisy_eval(eval_is_deterministic, fixed_router_logits_forward)
 
 # %% [markdown]
@@ -412,7 +412,7 @@ def fixed_renormalize_backward(dg, cache):
     ### END SOLUTION
 
 
-# %%
+# %% points=2
 check.detached_sum(gates_sum_is_constant, fixed_renormalize_backward)
 
 # %% [markdown]
@@ -490,7 +490,7 @@ def fixed_mixtral_loss(logits, k):
     ### END SOLUTION
 
 
-# %%
+# %% points=2
 check.constant_loss(loss_is_alive, fixed_mixtral_loss)
 
 # %% [markdown]
@@ -558,7 +558,7 @@ def fixed_model_loss(layer_logits, k):
     ### END SOLUTION
 
 
-# %%
+# %% points=2
 check.pooled_layers(layers_seen_apart, fixed_model_loss)
 
 # %% [markdown]
