@@ -116,7 +116,7 @@ def test_an_exercise_cell_without_a_function_needs_a_declared_id(tmp_path):
 def test_a_graded_check_cell_imports_its_grader_and_passes_its_points(tmp_path):
     nb = B.build_notebook(lesson(tmp_path), "student", graded="summative")
     cells = {c["id"]: c.source for c in nb.cells}
-    head = "from minimoe.course.checks import lesson04 as check   # the grader itself (this cell is locked)\n"
+    head = "from minimoe.course.checks import lesson04 as check  # the grader itself (locked)\n"
     assert cells["check-softplus"] == head + "check.softplus(f, points=1, feedback='summative')"
     assert cells["check-topk_margin"] == head + "check.topk_margin(g, points=3, feedback='summative')"
     self_study = {c["id"]: c.source for c in B.build_notebook(lesson(tmp_path), "student").cells}

@@ -150,7 +150,7 @@ def graded_source(text, lesson_module, points, feedback="detailed", where="cell"
 
     ``check.mixed_units(a, b)`` becomes::
 
-        from minimoe.course.checks import lesson10 as check   # the grader itself (this cell is locked)
+        from minimoe.course.checks import lesson10 as check  # the grader itself (locked)
         check.mixed_units(a, b, points=2)
 
     so the cell depends on no name an answer cell could rebind, and its grader is strict
@@ -174,8 +174,7 @@ def graded_source(text, lesson_module, points, feedback="detailed", where="cell"
         lines[row] = lines[row][:col] + extra + lines[row][col:]
     else:
         lines[row] = lines[row][:col] + extra[2:] + lines[row][col:]
-    head = (f"from minimoe.course.checks import {lesson_module} as check   "
-            f"# the grader itself (this cell is locked)")
+    head = f"from minimoe.course.checks import {lesson_module} as check  # the grader itself (locked)"
     return head + "\n" + "\n".join(lines)
 
 

@@ -11,7 +11,7 @@ The source notebooks are the solution builds with nbgrader's own markers and cel
 metadata (autograded answers, locked autograder tests, manually graded text answers),
 except that each locked check cell imports its grader itself and calls it *graded*::
 
-    from minimoe.course.checks import lesson10 as check   # the grader itself (this cell is locked)
+    from minimoe.course.checks import lesson10 as check  # the grader itself (locked)
     check.mixed_units(load_is_honest, fixed_smooth_load, points=2)
 
 so no answer cell can switch grading off (not by the environment, not by replacing
