@@ -196,7 +196,7 @@ def test_feedback_is_one_message_per_failure_without_a_traceback(course):
     html = (course / "feedback" / "blank" / L01 / f"{L01}.html").read_text()
     assert html.count("not written yet") == 5, "each of the 5 exercises once"
     assert "grading.py" not in html and "Traceback (most recent call last)" not in html
-    assert "File " not in html and "minimoe/course" not in html           # no frame of the graders
+    assert 'File "' not in html and "minimoe/course" not in html          # no frame of the graders
 
 
 def test_validate_shows_the_message_whole(course, nbgrader_env):
@@ -206,17 +206,24 @@ def test_validate_shows_the_message_whole(course, nbgrader_env):
                           cwd=course, env=nbgrader_env, capture_output=True, text=True, timeout=1200)
     out = proc.stdout + proc.stderr
     assert "VALIDATION FAILED" in out
-    assert all(len(line) <= 90 and not line.endswith("...") for line in out.splitlines()), out  # nothing cut
+    shown = [line for line in out.splitlines() if line.startswith("    ")]   # the cells and their errors
+    assert shown and not any(line.endswith("...") for line in shown), out       # nothing cut at 87 columns
     words = " ".join(out.split())
     assert ("✘ 01.ffn_forward — ffn_forward is not written yet: replace `raise NotImplementedError()` with your "
             "code, run its cell, then run this check again.") in words, out[-3000:]
 
 
 def test_nbgrader_runs_without_warnings(course):
+    """No SQLAlchemy or kernel warnings. (Lesson 01's class has a student who deleted a check cell:
+    nbgrader logs that, and nbformat warns about the id of the cell nbgrader puts back.)"""
     _, logs = course
     for (step, lesson), log in logs.items():
+        if (step, lesson) == ("autograde", L01):
+            log = log.replace("MissingIDFieldWarning: Cell is missing an id field", "")
         assert "SAWarning" not in log and "Warning:" not in log, (step, lesson, log[-3000:])
         assert "Kernel is running over TCP" not in log, (step, lesson)
+        if step == "generate" or lesson != L01:
+            assert "WARNING" not in log, (step, lesson, log[-3000:])
 
 
 def test_a_cell_that_ignores_the_interrupt_costs_only_that_cell(nbgrader_env, tmp_path):
