@@ -188,10 +188,12 @@ def submission_findings(release, submitted, autograded=None, forbidden=None):
         name = meta.get("grade_id") or f"cell {submitted.cells.index(cell) + 1}"
         lines = cell.source.split("\n")
         answers = set().union(*[forbidden.get(fn, set()) for fn in _defined(cell.source)])
+        by_line = {}
         for line, what in scan_code(cell.source, imported, answers):
             if 0 < line <= len(lines) and lines[line - 1] in old:
                 continue                                    # a line of the released cell, left as it was
-            findings.append(f"{name} line {line}: {what}")
+            by_line.setdefault(line, []).append(what)
+        findings += [f"{name} line {line}: {'; '.join(whats)}" for line, whats in sorted(by_line.items())]
     if autograded is not None:
         findings += _graded_findings(autograded)
     return findings
