@@ -239,3 +239,25 @@ def test_a_cell_that_ignores_the_interrupt_costs_only_that_cell(nbgrader_env, tm
     assert [o.get("ename") for o in out.cells[1].outputs] == ["CellTimeoutError"]
     assert "ignored the interrupt" in out.cells[1].outputs[0].evalue
     assert [o.get("text") for o in out.cells[2].outputs] == ["2\n"]       # the cells above ran again
+
+
+def test_a_submission_that_ignores_the_interrupt_is_still_graded_with_feedback(nbgrader_env, tmp_path, capsys):
+    """Through nbgrader itself, with the course's config: the stuck answer cell loses its check only."""
+    course = tmp_path / "course"
+    assert main(["nbgrader", str(course), "--timeout", "30"]) == 0
+    nbgrader(course, nbgrader_env, "generate_assignment", L01)
+    stubborn = ("import time\nwhile True:\n    try:\n        time.sleep(0.05)\n"
+                "    except KeyboardInterrupt:\n        pass\n")
+
+    def stuck(nb, by_id):
+        fill()(nb, by_id)
+        cell = next(c for c in nb.cells if gid(c) == "ex-rel_error")
+        cell.source = stubborn + cell.source
+    submit(course, "stuck", L01, stuck)
+    nbgrader(course, nbgrader_env, "autograde", L01)
+    assert scores(course, L01)["stuck"] == (4, 5)              # every check but the stuck cell's
+    nbgrader(course, nbgrader_env, "generate_feedback", L01)
+    assert "ignored the interrupt" in (course / "feedback" / "stuck" / L01 / f"{L01}.html").read_text()
+    capsys.readouterr()
+    main(["nbgrader", "report", str(course)])
+    assert "ex-rel_error timed out" in capsys.readouterr().out

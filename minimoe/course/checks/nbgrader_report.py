@@ -208,12 +208,14 @@ def _defined(source):
 
 def _graded_findings(nb):
     found = []
-    for meta, cell in _cells(nb):
-        if cell.cell_type != "code" or not meta.get("grade"):
+    for n, (meta, cell) in enumerate(_cells(nb)):
+        if cell.cell_type != "code":
             continue
         outs = cell.get("outputs", [])
         if any(o.get("ename") == "CellTimeoutError" for o in outs):
-            found.append(f"{meta['grade_id']} timed out (see its feedback)")
+            found.append(f"{meta.get('grade_id') or f'cell {n + 1}'} timed out (see its feedback)")
+            continue
+        if not meta.get("grade"):
             continue
         failed = any(o.get("output_type") == "error" or o.get("name") == "stderr" for o in outs)
         verdicts = [o.get("metadata", {}).get(METADATA_KEY) for o in outs]
