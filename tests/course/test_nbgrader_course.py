@@ -232,6 +232,8 @@ def test_the_report_reads_a_course_folder(tmp_path, capsys):
     honest = out[out.index("honest"):]
     assert "check-ffn_forward scored without a passing verdict" in honest   # no error, no ✔: suppressed
     assert "3 of 3 submissions to look at" in out
+    assert main(["nbgrader", "report", str(tmp_path), "--assignment", "02_the_gp"]) == 0
+    assert "no submissions found" in capsys.readouterr().out
 
 
 def test_the_report_refuses_a_folder_that_is_not_a_course(tmp_path, capsys):
