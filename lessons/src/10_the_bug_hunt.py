@@ -154,7 +154,7 @@ def fixed_smooth_load(clean, noisy, sigma, k):
     ### END SOLUTION
 
 
-# %%
+# %% points=2
 check.mixed_units(load_is_honest, fixed_smooth_load)
 
 # %% [markdown]
@@ -248,7 +248,7 @@ def fixed_switch_loss_backward(dloss, cache):
     ### END SOLUTION
 
 
-# %%
+# %% points=2
 check.no_gradient(switch_loss_gradcheck, fixed_switch_loss_backward)
 
 # %% [markdown]
@@ -299,7 +299,7 @@ def fixed_top1_layer(d, h, E, rng):
     ### END SOLUTION
 
 
-# %%
+# %% points=2
 check.dead_router(router_learns, fixed_top1_layer)
 
 # %% [markdown]
@@ -372,7 +372,7 @@ def fixed_router_logits_forward(x, W_gate, W_noise, *, rng, train):
     ### END SOLUTION
 
 
-# %%
+# %% points=2
 check.noisy_eval(eval_is_deterministic, fixed_router_logits_forward)
 
 # %% [markdown]
@@ -442,7 +442,7 @@ def fixed_renormalize_backward(dg, cache):
     ### END SOLUTION
 
 
-# %%
+# %% points=2
 check.detached_sum(gates_sum_is_constant, fixed_renormalize_backward)
 
 # %% [markdown]
@@ -525,7 +525,7 @@ def fixed_mixtral_loss(logits, k):
     ### END SOLUTION
 
 
-# %%
+# %% points=2
 check.constant_loss(loss_is_alive, fixed_mixtral_loss)
 
 # %% [markdown]
@@ -600,7 +600,7 @@ def fixed_model_loss(layer_logits, k):
     ### END SOLUTION
 
 
-# %%
+# %% points=2
 check.pooled_layers(layers_seen_apart, fixed_model_loss)
 
 # %% [markdown]

@@ -1,7 +1,8 @@
 """A real nbgrader course from ``python -m minimoe.checks nbgrader DIR``: with zero edits,
 ``generate_assignment`` makes our student notebook, ``autograde`` gives a blank submission
 0 code points, a partial one some and the solution full marks, and ``validate`` fails an
-incomplete notebook — because the graders are strict under nbgrader by themselves.
+incomplete notebook — because the course's check cells call their graders graded
+(``points=``). The class as a teacher grades it: ``test_nbgrader_class.py``.
 
 Needs nbgrader (``pip install -e ".[teacher]"``); skipped without it, unless
 ``MINIMOE_REQUIRE_NBGRADER=1`` (as in CI), where its absence fails. Marked ``nbgrader``
@@ -74,9 +75,14 @@ def course(tmp_path_factory, nbgrader_env):
 
 
 def test_generate_assignment_makes_our_student_notebook(course):
+    """lessons/' student notebook, but for the check cells, which import their grader and grade with points=."""
     release = nbformat.read(course / "release" / LESSON / f"{LESSON}.ipynb", as_version=4)
-    ours = B.build_notebook(B.default_lessons_dir() / "src" / f"{LESSON}.py", "student")
-    assert [c.source for c in release.cells] == [c.source for c in ours.cells]
+    src = B.default_lessons_dir() / "src" / f"{LESSON}.py"
+    assert [c.source for c in release.cells] == [c.source for c in B.build_notebook(src, "student", graded="detailed").cells]
+    lesson = B.build_notebook(src, "student")
+    differ = [(a.source, b.source) for a, b in zip(release.cells, lesson.cells) if a.source != b.source]
+    assert differ and all(a.startswith("from minimoe.course.checks import lesson04 as check")
+                          and a.endswith(b[:-1] + ", points=1)") for a, b in differ)
 
 
 def test_autograde_scores_blank_partial_and_solution(course):

@@ -12,9 +12,13 @@
     python -m minimoe.checks build [--check] [--lessons DIR]
         (In a clone.) Build lessons/NN_*.ipynb and lessons/solutions/NN_*.ipynb
         from lessons/src/NN_*.py; with --check, only report (exit 1) if any is stale.
-    python -m minimoe.checks nbgrader DIR
+    python -m minimoe.checks nbgrader DIR [--feedback summative] [--timeout S] [--force]
         (In a clone.) Write an nbgrader course directory: source/<lesson>/ for
-        every lesson and nbgrader_config.py.
+        every lesson and nbgrader_config.py (an edited one is kept unless --force).
+    python -m minimoe.checks nbgrader report COURSE
+        Per student and assignment: locked cells changed or deleted, code that reaches
+        into the grading machinery or minimoe's answers, checks scored without a
+        passing verdict, cells that timed out, submissions nbgrader did not grade.
 """
 from __future__ import annotations
 
@@ -32,6 +36,7 @@ commands:
   python -m minimoe.checks [PATH ...] [--run]     your progress (default ./my-lessons, else lessons/)
   python -m minimoe.checks build [--check]        build the notebooks from lessons/src/ (in a clone)
   python -m minimoe.checks nbgrader DIR           write an nbgrader course directory (in a clone)
+  python -m minimoe.checks nbgrader report COURSE tampering and grading trouble, per student
 Each command has its own --help."""
 
 
@@ -123,24 +128,53 @@ def _build(argv):
 
 def _nbgrader(argv):
     from .build import default_lessons_dir
-    from .nbgrader_course import write_course
+    from .nbgrader_course import TIMEOUT_MARGIN, default_timeout, write_course
+    if argv[:1] == ["report"]:
+        return _report(argv[1:])
     ap = argparse.ArgumentParser(prog="python -m minimoe.checks nbgrader",
                                  description="Write an nbgrader course directory with every lesson "
-                                             "(source/<lesson>/<lesson>.ipynb and nbgrader_config.py).")
+                                             "(source/<lesson>/<lesson>.ipynb and nbgrader_config.py). "
+                                             "`python -m minimoe.checks nbgrader report COURSE` then lists "
+                                             "tampering and grading trouble per student.")
     ap.add_argument("dir", metavar="DIR", type=_folder("course"),
-                    help="the course directory to write (created if needed)")
+                    help="the course directory to write (created if needed; ./report if it is named report)")
     ap.add_argument("--lessons", default=None, type=_folder("lessons"),
                     help="the lessons folder (default: the clone's lessons/)")
-    ap.add_argument("--timeout", type=arg_int(low=1), default=900, metavar="SECONDS",
-                    help="nbgrader's seconds per cell, >= 1 (default 900; nbgrader would read 0 as no limit)")
+    ap.add_argument("--timeout", type=arg_int(low=1), default=None, metavar="SECONDS",
+                    help=f"nbgrader's seconds per cell, >= 1 (default {default_timeout()}: {TIMEOUT_MARGIN}x the "
+                         f"slowest cell measured; nbgrader would read 0 as no limit)")
+    ap.add_argument("--feedback", choices=("detailed", "summative"), default="detailed",
+                    help="detailed: the graders' hints, as in self-study (default); summative: what is "
+                         "wrong, without how to fix it")
+    ap.add_argument("--force", action="store_true",
+                    help="replace an nbgrader_config.py or source notebook that differs (edits are lost)")
     args = ap.parse_args(argv)
     lessons = args.lessons or default_lessons_dir("python -m minimoe.checks nbgrader")   # a clone? before DIR
     _usable_folder(ap, args.dir)
-    written = write_course(args.dir, lessons, timeout=args.timeout)
+    written = write_course(args.dir, lessons, timeout=args.timeout, feedback=args.feedback, force=args.force)
     print(f"wrote {len(written)} assignments into {Path(args.dir) / 'source'} and "
           f"{Path(args.dir) / 'nbgrader_config.py'}")
     print(f"then, in {args.dir}:  nbgrader generate_assignment {written[0].parent.name}")
     return 0
+
+
+def _report(argv):
+    from .nbgrader_report import format_report, report
+    ap = argparse.ArgumentParser(prog="python -m minimoe.checks nbgrader report",
+                                 description="For each student and assignment of an nbgrader course: locked "
+                                             "cells changed or deleted, code that reaches into the grading "
+                                             "machinery or minimoe's answers, checks that scored without a "
+                                             "passing verdict, cells that timed out, and submissions that "
+                                             "were not autograded. Exit status 1 when anything is listed.")
+    ap.add_argument("course", metavar="COURSE", type=_folder("course"), help="the nbgrader course directory")
+    ap.add_argument("--assignment", default=None, help="only this assignment (default: every one released)")
+    args = ap.parse_args(argv)
+    if not (Path(args.course) / "release").is_dir():
+        ap.error(f"COURSE {args.course!r} has no release/ folder: is it an nbgrader course directory "
+                 f"after `nbgrader generate_assignment`?")
+    rows = report(args.course, assignment=args.assignment)
+    print(format_report(rows))
+    return 1 if any(r.findings for r in rows) else 0
 
 
 def _progress(argv):
@@ -207,7 +241,7 @@ def main(argv=None):
             if argv[:1] and argv[0] in commands:
                 return commands[argv[0]](argv[1:])
             return _progress(argv)
-        except (NeedsCheckout, NotADirectoryError, FileNotFoundError, RuntimeError) as err:
+        except (NeedsCheckout, NotADirectoryError, FileNotFoundError, FileExistsError, RuntimeError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
 

@@ -20,7 +20,24 @@ the progress table, and attached to the notebook output as metadata
 can read a saved or executed notebook without parsing the printed text.
 
 Under nbgrader (``autograde``, ``validate``) a failed grader raises ``AssertionError``
-after printing, so nbgrader gives the grader cell zero points; see :func:`strict`.
+(:class:`CheckFailed`: one message, no traceback), so nbgrader gives the grader cell zero
+points; see :func:`strict`.
+
+Graded, in a class
+------------------
+The course that ``python -m minimoe.checks nbgrader`` writes calls each grader *graded*,
+from a locked cell that imports it itself::
+
+    from minimoe.course.checks import lesson10 as check
+    check.mixed_units(load_is_honest, fixed_smooth_load, points=2)
+
+With ``points`` the grader is strict whatever the environment or :func:`strict` say (an
+answer cell cannot lower it), and the cell's value is the score nbgrader records:
+a grader whose exercise has *parts* (:func:`part`, e.g. lesson 10's check and fix) earns
+its points part by part. ``feedback="summative"`` shows only the first sentence of a
+message, what is wrong, without the hint that follows it. The modules of
+:mod:`minimoe.course.checks` are sealed: ``grading.strict = ...`` or ``lesson01.x = ...``
+raise ``AttributeError``. What this can and cannot prevent: ``docs/design.md`` §5.
 
 Grading the exercise's *rules*, not only its numbers
 ---------------------------------------------------
@@ -55,15 +72,19 @@ import contextlib
 import functools
 import html
 import inspect
+import numbers
 import os
+import re
 import sys
+import textwrap
+import types
 from typing import NamedTuple
 
 import numpy as np
 
-__all__ = ["Lesson", "Result", "Fail", "Blank", "LESSONS", "results", "reset",
-           "call", "publish", "METADATA_KEY", "strict", "forbidding", "qualified_name",
-           "python_steps", "no_token_loop"]
+__all__ = ["Lesson", "Result", "Fail", "Blank", "CheckFailed", "LESSONS", "results", "reset",
+           "call", "publish", "METADATA_KEY", "strict", "part", "summary", "FEEDBACK", "forbidding",
+           "qualified_name", "python_steps", "no_token_loop"]
 
 METADATA_KEY = "minimoe_check"
 LESSONS: dict = {}          # lesson number ("01") -> Lesson
@@ -84,6 +105,7 @@ class Result(NamedTuple):
     exercise: str    # "ffn_forward"
     passed: bool
     message: str     # what was checked (✔) or what is wrong (✘), without the mark
+    credit: float = None   # the share of the exercise earned, 0..1 (parts passed / parts); None: 1 or 0
 
     @property
     def key(self):
@@ -106,21 +128,69 @@ class Progress(NamedTuple):
         """Show nothing: the table was already shown (see :class:`Result`)."""
 
 
+class CheckFailed(AssertionError):
+    """A failed check where failing must cost the points (nbgrader, or ``MINIMOE_STRICT=1``).
+
+    Its text is the verdict line. IPython shows :meth:`_render_traceback_` instead of a
+    traceback, so the student and nbgrader's feedback see one message, wrapped to lines
+    that ``nbgrader validate`` (which cuts lines at 87 characters) shows whole, and nothing
+    of the grader's own code.
+    """
+
+    def _render_traceback_(self):
+        return _wrapped(str(self))
+
+
+def _wrapped(text, width=78):
+    """``text`` as lines of at most ``width`` characters (its own line breaks kept)."""
+    lines = []
+    for para in text.split("\n"):
+        lines += textwrap.wrap(para, width, subsequent_indent="  ", break_on_hyphens=False) or [""]
+    return lines
+
+
+def _env_strict():
+    if os.environ.get("NBGRADER_EXECUTION", "").strip():
+        return True        # nbgrader is running this kernel: nothing may lower that
+    return os.environ.get("MINIMOE_STRICT", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+# A kernel started strict (nbgrader's, or a teacher's with MINIMOE_STRICT=1) stays strict:
+# read once, when the graders are first imported, before any answer cell of the lesson runs.
+_STARTED_STRICT = _env_strict()
+
+
 def strict():
-    """True when failed graders should raise ``AssertionError``, so nbgrader scores their cell 0.
+    """True when failed graders should raise (:class:`CheckFailed`), so nbgrader scores their cell 0.
 
     Under nbgrader this is automatic: ``nbgrader autograde`` and ``nbgrader validate``
     set ``NBGRADER_EXECUTION`` in the kernel's environment while they run a notebook,
     so a blank or wrong exercise loses its points and ``validate`` reports it, with no
-    setting by the teacher. ``MINIMOE_STRICT`` overrides either way: ``1`` (or
-    ``true``/``yes``) makes graders strict anywhere, ``0`` (or ``false``/``no``) keeps
-    them lenient even under nbgrader. A learner's own Jupyter session sets neither,
-    so its graders only print.
+    setting by the teacher. ``MINIMOE_STRICT=1`` (or ``true``/``yes``/``on``) makes
+    graders strict anywhere. Nothing lowers it: under nbgrader ``MINIMOE_STRICT=0`` changes
+    nothing, and a kernel that was strict when the graders were imported stays strict
+    whatever a cell later does to ``os.environ``. A learner's own Jupyter session sets
+    neither, so its graders only print.
+
+    The graded cells of an nbgrader course do not even ask: they call the grader with
+    ``points=...``, which is strict by itself (see the module docstring).
     """
-    flag = os.environ.get("MINIMOE_STRICT", "").strip().lower()
-    if flag:
-        return flag not in ("0", "false", "no", "off")
-    return bool(os.environ.get("NBGRADER_EXECUTION", "").strip())
+    return _STARTED_STRICT or _env_strict()
+
+
+FEEDBACK = ("detailed", "summative")
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[^a-z\s])")
+
+
+def summary(message):
+    """The summative form of a verdict's message: the first sentence of each line.
+
+    Graders write what is wrong first and the hint after it ("dprobs is wrong. Still zero:
+    that is the bug … ∂loss/∂probs[t, e] = E·f_e / T."); a graded class that should not be
+    handed the formula sees "dprobs is wrong." (CONTRIBUTING.md: the first sentence names
+    the fault, never the fix.)
+    """
+    return "\n".join(_SENTENCE_END.split(line.strip(), maxsplit=1)[0] for line in message.split("\n"))
 
 
 def results():
@@ -140,6 +210,7 @@ class Lesson:
         self.number, self.title = number, title
         self.exercises = {}        # name -> grader, in order
         LESSONS[number] = self
+        _seal_graders()            # this lesson's module (being imported) and compare, loaded by now
 
     def exercise(self, name, forbid=()):
         """Decorator: register ``grader(learner_fn) -> str`` as the grader of exercise ``name``.
@@ -147,35 +218,55 @@ class Lesson:
         ``forbid``: the functions that *are* this exercise (minimoe's implementation of it,
         the lesson's ``*_ref``); every :func:`call` of the learner's code inside the grader
         fails if the learner's code calls one of them (see the module docstring).
-        The wrapped grader returns the :class:`Result` (and publishes it).
+
+        The wrapped grader, ``grader(*learner_fns, points=None, feedback="detailed")``,
+        returns the :class:`Result` (and publishes it). With ``points`` (a number > 0) it is
+        *graded*: strict whatever the environment says, and it returns the points earned
+        (``points`` × the share of its parts passed, :func:`part`) for nbgrader to record; a
+        graded check that earns nothing raises :class:`CheckFailed`. ``feedback="summative"``
+        shows each failure's first sentence only (:func:`summary`).
         """
         forbid = tuple(forbid)
 
         def wrap(body):
             @functools.wraps(body)
-            def grade(*learner):
+            def grade(*learner, points=None, feedback="detailed"):
+                if points is not None and (isinstance(points, bool) or not isinstance(points, numbers.Real)
+                                           or not points > 0):
+                    raise ValueError(f"points must be a number > 0 (the cell's points in the course), "
+                                     f"got {points!r}")
+                if feedback not in FEEDBACK:
+                    raise ValueError(f"feedback must be one of {FEEDBACK}, got {feedback!r}")
                 _FORBIDDEN.append(forbid)
+                _PARTS.append([])
                 try:
-                    checked = body(*learner)
-                    res = Result(self.number, name, True, checked or "correct")
-                except Fail as e:                    # includes Blank: not written yet
-                    res = Result(self.number, name, False, str(e))
-                except Exception as e:  # a bug in a grader must still end in a verdict
-                    res = Result(self.number, name, False,
-                                 f"the grader could not finish ({type(e).__name__}: {e}). "
-                                 f"Check that your function returns what the exercise asks for.")
+                    res = self._verdict(name, body, learner, _PARTS[-1])
                 finally:
+                    _PARTS.pop()
                     _FORBIDDEN.pop()
+                if feedback == "summative" and not res.passed:
+                    res = res._replace(message=summary(res.message))
                 _RESULTS[res.key] = res
-                publish(res)
-                if strict() and not res.passed:
-                    raise AssertionError(res.line())
-                return res
+                return _report(res, points)
             grade.exercise_name = name
             grade.forbidden = forbid
             self.exercises[name] = grade
             return grade
         return wrap
+
+    def _verdict(self, name, body, learner, parts):
+        """Run the grader's body on the learner's functions; never raises."""
+        try:
+            checked = body(*learner)
+        except Exception as e:               # Fail, Blank (not written yet), or a bug in a grader
+            if not any(not ok for _, ok, _ in parts):   # (after a failed part the rest may not finish)
+                message = str(e) if isinstance(e, Fail) else _could_not_finish(e)
+                return Result(self.number, name, False, message, 0.0)
+        failed = [message for _, ok, message in parts if not ok]
+        if failed:
+            return Result(self.number, name, False, "\n".join(failed),
+                          (len(parts) - len(failed)) / len(parts))
+        return Result(self.number, name, True, checked or "correct", 1.0)
 
     def progress(self):
         """Show this lesson's table: each exercise ✔ / ✘ / not run, and the count passed."""
@@ -193,6 +284,56 @@ class Lesson:
         return Progress(passed, len(rows))
 
 
+# --------------------------------------------------------------------------- parts and scores
+_PARTS: list = []               # a stack: the parts recorded by the graders now running
+
+
+@contextlib.contextmanager
+def part(name):
+    """A part of an exercise that earns its share of the points on its own (partial credit).
+
+    Inside a grader, ``with part("fixed_smooth_load"): ...`` turns a :class:`Fail` raised in
+    the block into a failed part and goes on with the grader, so the next part is checked
+    too. The exercise passes when every part passes; graded with ``points=P``, it earns
+    ``P × parts passed / parts``. (Lesson 10: one part for the learner's check, one for
+    the fix.) Outside a grader it does nothing special: the ``Fail`` goes on.
+    """
+    if not _PARTS:
+        yield
+        return
+    try:
+        yield
+    except Fail as e:
+        _PARTS[-1].append((name, False, str(e)))
+    except Exception as e:  # the learner's garbage broke the grader's own code: a failed part
+        _PARTS[-1].append((name, False, _could_not_finish(e)))
+    else:
+        _PARTS[-1].append((name, True, ""))
+
+
+def _could_not_finish(e):
+    return (f"the grader could not finish ({type(e).__name__}: {e}). "
+            f"Check that your function returns what the exercise asks for.")
+
+
+def _report(res, points):
+    """Show a verdict the way the mode asks; returns what the grader call returns."""
+    graded = points is not None
+    if res.passed:
+        publish(res)
+        return float(points) if graded else res
+    if not (graded or strict()):
+        publish(res)                       # self-study: print it and let the learner read on
+        return res
+    earned = 0.0 if not graded else round(points * (res.credit or 0.0), 6)
+    if earned > 0 and os.environ.get("NBGRADER_EXECUTION", "").strip() != "validate":
+        # Part of the exercise is right: nbgrader records the cell's value as its score.
+        publish(res, f" ({earned:g} of {points:g} points)")
+        return earned
+    note = f" ({earned:g} of {points:g} points)" if earned > 0 else ""
+    raise CheckFailed(res.line() + note)   # one message; the cell scores 0 (validate: any loss fails)
+
+
 # --------------------------------------------------------------------------- output
 def _display(bundle, metadata):
     """Show a mimebundle in a Jupyter kernel (with metadata), or print its text elsewhere."""
@@ -208,13 +349,15 @@ def _display(bundle, metadata):
         print(bundle["text/plain"])
 
 
-def publish(res):
-    """Show a verdict: one line starting with ✔ or ✘, with the Result as output metadata."""
+def publish(res, note=""):
+    """Show a verdict: one line starting with ✔ or ✘, with the Result as output metadata.
+
+    ``note`` is added to the line (a graded partial score: " (1 of 2 points)")."""
     colour, mark = ("#1a7f37", "✔") if res.passed else ("#cf222e", "✘")
-    body = html.escape(res.message).replace("\n", "<br>")
+    body = html.escape(res.message + note).replace("\n", "<br>")
     page = (f'<div style="border-left:4px solid {colour};padding:2px 8px;font-family:monospace">'
             f'<b style="color:{colour}">{mark} {res.key}</b> — {body}</div>')
-    _display({"text/plain": res.line(), "text/html": page}, {METADATA_KEY: res._asdict()})
+    _display({"text/plain": res.line() + note, "text/html": page}, {METADATA_KEY: res._asdict()})
 
 
 # --------------------------------------------------------------------------- calling the learner
@@ -402,3 +545,46 @@ def no_token_loop(fn, name, make_args, check_out=None, hint="", sizes=(64, 1024)
     if check_out is not None:
         check_out(out, *args)
     return small, big
+
+
+# --------------------------------------------------------------------------- sealed modules
+# The graders and the package that holds them refuse `module.name = value` and `del module.name`,
+# so an answer cell cannot replace a grader, `strict`, or a reference the graders compare with
+# by the cheapest route (a cell that tries raises AttributeError, and the teacher's report
+# names it). `vars(module)[name] = value` is not stopped: see docs/design.md §5.
+_PACKAGE = __name__.rpartition(".")[0]          # minimoe.course.checks
+_SEALED_NAMES = re.compile(rf"^{re.escape(_PACKAGE)}(\.(grading|compare|lesson\d\d))?$")
+_RELOAD_SETS = frozenset({"__spec__", "__loader__", "__file__", "__cached__", "__package__", "__path__",
+                          "__doc__"})      # what importlib.reload writes back
+
+
+class _Sealed(types.ModuleType):
+    """A module of the graders: its names cannot be rebound or deleted from outside."""
+
+    def __setattr__(self, name, value):
+        here = types.ModuleType.__getattribute__(self, "__name__")
+        if (name in _RELOAD_SETS or (name == "__name__" and value == here)
+                or (isinstance(value, types.ModuleType)        # the import system adding a submodule
+                    and sys.modules.get(f"{here}.{name}") is value)):
+            return types.ModuleType.__setattr__(self, name, value)
+        raise AttributeError(_sealed(here, name, "replaced"))
+
+    def __delattr__(self, name):
+        raise AttributeError(_sealed(types.ModuleType.__getattribute__(self, "__name__"), name, "deleted"))
+
+
+def _sealed(module, name, what):
+    return (f"{module}.{name} cannot be {what}: minimoe's graders are read-only, so that a check "
+            f"means the same for every student (in a graded course the teacher's report lists "
+            f"cells that try)")
+
+
+def _seal_graders():
+    """Seal every loaded module of the graders (the package, grading, compare, lessonNN)."""
+    for name, module in list(sys.modules.items()):
+        if (_SEALED_NAMES.match(name) and isinstance(module, types.ModuleType)
+                and type(module) is types.ModuleType):
+            module.__class__ = _Sealed
+
+
+_seal_graders()
