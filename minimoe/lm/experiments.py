@@ -44,18 +44,18 @@ from ..validate import check_choice, check_int
 
 __all__ = ["FULL", "QUICK", "LN2", "Run", "dense_width", "build_model", "bits_per_char", "evaluate_bpc",
            "baseline_bpc", "train_text_lm", "eval_sets", "compare_dense_sparse", "sweep_experts", "what_experts_learn",
-           "upcycling", "run_all", "format_tables"]
+           "upcycling", "expert_text", "total_steps", "run_all", "format_tables"]
 
 LN2 = math.log(2.0)
 
 # The full run (python -m minimoe.lm) and the quick one (lessons, tests). Both use the same model
 # shape; the quick one trains fewer steps, on fewer seeds and fewer expert counts.
 FULL = dict(d_model=64, n_heads=4, n_layers=2, seq_len=64, batch_size=16, d_hidden=128, n_experts=8,
-            lr=3e-3, balance_coef=0.01, steps=800, seeds=(0, 1, 2), sweep=(1, 2, 4, 8, 16, 32),
-            upcycle_experts=8, upcycle_k=2, upcycle_steps=400, eval_windows=128, test_windows=256,
+            lr=3e-3, balance_coef=0.01, steps=1000, seeds=(0, 1, 2), sweep=(1, 2, 4, 8, 16, 32),
+            upcycle_experts=8, upcycle_k=2, upcycle_steps=500, eval_windows=128, test_windows=256,
             eval_every=100, dtype="float32")
-QUICK = dict(FULL, steps=150, seeds=(0,), sweep=(1, 8), upcycle_steps=75, eval_windows=32, test_windows=64,
-             eval_every=50)
+QUICK = dict(FULL, steps=120, seeds=(0,), sweep=(1, 8), upcycle_steps=60, eval_windows=32, test_windows=64,
+             eval_every=40)
 
 
 # --------------------------------------------------------------------------- models
@@ -275,6 +275,23 @@ def upcycling(corpus, cfg, sets, dense_run, bar=None):
                      "MoE from scratch": evaluate_bpc(scratch, sets["test"])}}
 
 
+def expert_text(model, corpus):
+    """The coloured text's data: a paragraph of documentation and a function of library code from
+    the test split, with each character's first-choice expert in every block of ``model``.
+
+    Returns ``{title: {"text": str, "experts": [int, ...], "layer": int}}`` (JSON-ready).
+    """
+    out = {}
+    for domain, (name, snippet) in text.snippets(corpus).items():
+        ids = text.encode(snippet)
+        what = "documentation" if domain == "prose" else "library code"
+        for layer in range(len(model.blocks)):
+            out[f"{what} ({name}), block {layer}"] = {
+                "text": text.decode(ids), "layer": layer,
+                "experts": routing.route_snippet(model, ids, layer).tolist()}
+    return out
+
+
 def total_steps(cfg):
     """Every training step of :func:`run_all` (for the progress bar)."""
     n_sweep = sum(1 for E in cfg["sweep"] if E != cfg["n_experts"])
@@ -320,7 +337,8 @@ def run_all(cfg=QUICK, progress=None, corpus=None, log=None):
                "corpus": corpus.sizes(), "vocab_size": len(text.VOCAB), "dense_width": dense_width(cfg),
                "test_chars": {d: int(y.size) for d, (_, y, _) in sets["test"].items()},
                "baselines": baselines, "compare": compare, "sweep": sweep, "hash_test": hash_test,
-               "routing": learn_rows, "upcycle": up, "seconds": time.perf_counter() - t0}
+               "routing": learn_rows, "expert_text": expert_text(models["learned"], corpus), "upcycle": up,
+               "seconds": time.perf_counter() - t0}
     extras = {"models": {**models, "dense": runs[("dense", seed)].model}, "routed": routed, "corpus": corpus,
               "sets": sets}
     return results, extras
