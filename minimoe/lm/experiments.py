@@ -7,7 +7,7 @@ running Python), with characters as tokens and **bits per character** (bpc) as t
 1. **Dense against sparse at equal cost** (:func:`compare_dense_sparse`). The sparse model
    is Switch-style: each block's FFN is E experts of width h, top-1 with the Switch gate and
    the Switch balancing loss. The dense model's FFN has the smallest width whose FLOPs are at
-   least the MoE's (router + one expert: ``4d·h_dense ≥ 4d·h + 2d·E``), so the dense model
+   least the MoE's (router, one expert, the gate: ``4d·h_dense ≥ 4d·h + 2d·E + 2d``), so the dense model
    never has *less* compute per character. Same steps, same batches, several seeds.
 2. **More experts at fixed active compute** (:func:`sweep_experts`): the Switch Transformer's
    Fig. 1 in miniature — E ∈ {1, 2, 4, …}, the same expert width and k = 1, so the compute
@@ -60,11 +60,11 @@ QUICK = dict(FULL, steps=120, seeds=(0,), sweep=(1, 8), upcycle_steps=60, eval_w
 
 # --------------------------------------------------------------------------- models
 def dense_width(cfg, n_experts=None):
-    """The dense FFN width of equal cost: the smallest h_dense with ``4d·h_dense ≥ 4d·h + 2d·E``
-    (one Switch expert of width h plus its router)."""
+    """The dense FFN width of equal cost: the smallest h_dense with ``4d·h_dense ≥ 4d·h + 2d·E + 2d``
+    (one Switch expert of width h, its router, and the gate's scaling of its output)."""
     d, h = cfg["d_model"], cfg["d_hidden"]
     E = cfg["n_experts"] if n_experts is None else n_experts
-    return math.ceil((4 * d * h + 2 * d * E) / (4 * d))
+    return math.ceil((4 * d * h + 2 * d * E + 2 * d) / (4 * d))
 
 
 def build_model(kind, cfg, seed, n_experts=None):
