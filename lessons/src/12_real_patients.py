@@ -182,10 +182,10 @@ plt.show()
 # %% [markdown]
 # The MoE has almost four times the parameters for the same FLOPs per character (the hash-routed
 # model, trained alongside for section 4, has the MoE's shape with a fixed router). In the
-# quick run, after a few hundred steps, all three models are far below the unigram baseline,
-# but only just below the bigram one, and the three are within a few hundredths of a bit of
-# each other — a race this short, with one seed, cannot say which architecture is better. So
-# here is the full run, if the repository's `figures/` holds it:
+# quick run, after a couple of hundred steps, all three models are far below the unigram
+# baseline but only about level with the bigram one, and within a tenth of a bit of each
+# other — a race this short, with one seed, cannot say which architecture is better. So here
+# is the full run, if the repository's `figures/` holds it:
 
 # %%
 full_path = os.path.join(default_dir(), "lm_realtext.json")
@@ -287,10 +287,11 @@ for name, r in routed.items():
 
 # %% [markdown]
 # In every block of both models the expert says several times more about the character's
-# **type** than about the text's **domain** — Mixtral's finding, on our scale. And the
-# hash router, which never looks at the text, reveals about as much about the type as the
-# learned one, or more: most of the "specialisation in types" comes from routing being a
-# function of the current character.
+# **type** than about the text's **domain** — Mixtral's finding, at our scale. And the hash
+# router, which never looks at the text, reveals about as much about the type as the learned
+# router's first block, and more than its second: much of the "specialisation in types" comes
+# from routing being a function of the current character. (The hash model's two blocks use
+# the same hash, so they route alike.)
 #
 # ### Exercise 3 — does the next character go to the same expert?
 #
@@ -337,10 +338,11 @@ fig = viz.plot_domain_vs_type(info_rows, title=f"What the expert reveals ({CFG['
 plt.show()
 
 # %% [markdown]
-# In code, neighbouring characters go to the same expert far more often than chance, in
-# every block of both models: code has long runs of one type — indentation, names — and a
-# router that follows types keeps the run with one expert. (That holds for the hash router
-# too: a run of spaces is one character repeated.) Prose has shorter runs.
+# In code, neighbouring characters go to the same expert more often than chance in every
+# block of both models — about twice as often for the learned router: code has long runs of
+# one type (indentation, names) and a router that follows types keeps a run with one expert.
+# The hash router shows it too, since a run of spaces is one character repeated. In prose,
+# whose runs are shorter, the share is lower than in code in every block.
 #
 # Now the picture to remember (Mixtral's Fig. 8): a paragraph of documentation and a
 # function of library code, from the test split, each character on the colour of its
@@ -364,10 +366,10 @@ if full is not None:
     plt.show()
 
 # %% [markdown]
-# Read the colours: indentation, letters inside names and words, brackets and quotes tend
-# to keep to their own experts, in prose and in code alike — the same characters get the
-# same colours whichever domain they stand in. (The HTML version of the full run's picture,
-# for both blocks, is `figures/lm_expert_text.html`.)
+# Read the colours against the table above: does indentation keep one colour? Do the letters
+# inside a name? Does the same character get the same colour in the documentation and in the
+# code — and where it does not, what is different about its context? (The HTML version of the
+# full run's picture, for both blocks, is `figures/lm_expert_text.html`.)
 #
 # ## 5. Sparse upcycling
 #
@@ -414,9 +416,10 @@ check.upcycle_ffn(upcycle_ffn)
 
 # %% [markdown]
 # minimoe's `upcycle` does this for every block of a trained dense `MoELM`. Top-2 of 8
-# copies with the renormalised gate starts exactly where the dense model is; the Switch
-# gate keeps the chosen softmax probabilities, $1/E$ each with a zero router, and so starts
-# with every FFN output shrunk $E/k$-fold:
+# copies with the renormalised gate starts where the dense model is — exactly, up to the
+# rounding of float32 (about $10^{-6}$), in which these models run; the Switch gate keeps the
+# chosen softmax probabilities, $1/E$ each with a zero router, and so starts with every FFN
+# output shrunk $E/k$-fold, logits changed by whole units:
 
 # %%
 dense = runs["dense"].model
@@ -453,11 +456,14 @@ fig = viz.plot_upcycling({"curves": curves}, baselines)
 plt.show()
 
 # %% [markdown]
-# The upcycled model starts exactly at the dense model's loss — nothing it knew was lost —
-# and goes on learning from there. Whether it then pulls ahead of the dense model needs more
-# steps than the quick run takes; the full run's table (above, "after upcycling") compares it
-# with both the dense model trained on and an MoE of the same shape trained from scratch for
-# the same total steps.
+# The upcycled model starts at the dense model's loss — nothing it knew was lost. In the quick
+# run it then falls a little behind the dense model trained on (by a few hundredths of a bit
+# after 100 steps): it starts with a fresh Adam, whose first steps have full size in every
+# weight, attention and embeddings included, while the dense model keeps its optimizer's
+# state; and its experts only begin to differ once the noise has sent them different
+# characters. The full run's table (above, "after upcycling") follows all three — the dense
+# model trained on, the upcycled model, and an MoE of the same shape trained from scratch
+# for the same total steps — for longer.
 #
 # ## Questions to think about
 #

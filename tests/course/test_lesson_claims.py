@@ -187,3 +187,82 @@ def test_09_limits_blas_to_one_thread():
     """ "the cell after the imports limits numpy's BLAS to one thread (with threadpoolctl)" """
     src = _source("09_beyond_the_gp")
     assert "threadpool_limits(limits=1, user_api=\"blas\")" in src
+
+
+# ----------------------------------------------------------------------------- lesson 12
+@pytest.fixture(scope="module")
+def out12():
+    src = _source("12_real_patients")
+    assert re.search(r"^QUICK = True$", src, flags=re.M), "CI runs the notebook in quick mode"
+    return _printed("12_real_patients")
+
+
+def _lm12(text):
+    """{kind: (test bpc, params, FLOPs)} and the baselines, from lesson 12's dense/sparse cell."""
+    base = re.search(r"unigram ([\d.]+) bpc, bigram ([\d.]+) bpc", text)
+    rows = re.findall(r"^\s*(dense|moe|hash): test ([\d.]+) bpc .*?\s+([\d,]+) parameters, [\d,]+ active, "
+                      r"([\d,]+) FLOPs per character$", text, flags=re.M)
+    models = {k: (float(b), int(p.replace(",", "")), int(f.replace(",", ""))) for k, b, p, f in rows}
+    return float(base.group(1)), float(base.group(2)), models
+
+
+def test_12_dense_and_sparse_in_the_quick_run(out12):
+    """ "The MoE has almost four times the parameters for the same FLOPs per character"; "all three
+    models are far below the unigram baseline but only about level with the bigram one, and within a
+    tenth of a bit of each other" """
+    uni, bi, m = _lm12(out12)
+    assert set(m) == {"dense", "moe", "hash"}, m
+    assert 3.5 <= m["moe"][1] / m["dense"][1] < 4.0
+    assert abs(m["moe"][2] - m["dense"][2]) <= 0.01 * m["dense"][2]
+    bpc = [v[0] for v in m.values()]
+    assert all(b < uni - 0.5 for b in bpc) and all(abs(b - bi) < 0.1 for b in bpc)
+    assert max(bpc) - min(bpc) < 0.1
+    prose = _prose(_source("12_real_patients"))
+    assert "only about level with the bigram one, and within a tenth of a bit of each other" in prose
+
+
+def _info12(text):
+    rows = re.findall(r"^\s*(learned|hash), block (\d):\s+I\(expert; domain\) [\d.]+ nats \(\s*([\d.]+)% of H\)\s+"
+                      r"I\(expert; type\) [\d.]+ nats \(\s*([\d.]+)% of H\)$", text, flags=re.M)
+    same = re.findall(r"^\s*(learned|hash), block (\d):\s+same expert next — prose ([\d.]+) \(chance ([\d.]+)\), "
+                      r"code ([\d.]+) \(chance ([\d.]+)\)$", text, flags=re.M)
+    return ({(n, int(b)): (float(d), float(t)) for n, b, d, t in rows},
+            {(n, int(b)): tuple(map(float, v)) for n, b, *v in same})
+
+
+def test_12_what_the_experts_reveal(out12):
+    """ "In every block of both models the expert says several times more about the character's type
+    than about the text's domain"; "the hash router ... reveals about as much about the type as the
+    learned router's first block, and more than its second"; "The hash model's two blocks use the same
+    hash, so they route alike." """
+    info, same = _info12(out12)
+    keys = {("learned", 0), ("learned", 1), ("hash", 0), ("hash", 1)}
+    assert set(info) == keys and set(same) == keys, (info, same)
+    assert all(t > 4 * d for d, t in info.values())
+    assert abs(info[("hash", 0)][1] - info[("learned", 0)][1]) <= 3.0
+    assert info[("hash", 0)][1] > info[("learned", 1)][1]
+    assert info[("hash", 0)] == info[("hash", 1)] and same[("hash", 0)] == same[("hash", 1)]
+    # "In code, neighbouring characters go to the same expert more often than chance in every block of
+    # both models — about twice as often for the learned router"; "In prose ... the share is lower than
+    # in code in every block."
+    for (name, _), (p, pc, c, cc) in same.items():
+        assert c > cc and p < c
+        if name == "learned":
+            assert 1.7 <= c / cc <= 2.5
+
+
+def test_12_upcycling_in_the_quick_run(out12):
+    """ "starts where the dense model is — exactly, up to the rounding of float32 (about 1e-6) ... the
+    Switch gate ... logits changed by whole units"; "In the quick run it then falls a little behind the
+    dense model trained on (by a few hundredths of a bit after 100 steps)" """
+    gaps = dict(re.findall(r"^gate='(\w+)'\s+largest change of any logit at the start .*: ([\d.e+-]+)$", out12,
+                           flags=re.M))
+    assert set(gaps) == {"topk", "switch"}, gaps
+    assert float(gaps["topk"]) < 1e-5 and float(gaps["switch"]) >= 1.0
+    start = re.search(r"validation bpc at step (\d+): dense ([\d.]+), upcycled ([\d.]+)", out12)
+    after = re.search(r"after (\d+) more steps:\s+dense ([\d.]+), upcycled ([\d.]+)", out12)
+    assert start and after and start.group(2) == start.group(3)
+    behind = float(after.group(3)) - float(after.group(2))
+    assert after.group(1) == "100" and 0.01 <= behind < 0.1
+    assert float(after.group(2)) < float(start.group(2))                # both went on learning
+    assert float(after.group(3)) < float(start.group(3))
