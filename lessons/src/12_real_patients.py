@@ -446,8 +446,9 @@ on_run = experiments.train_text_lm(dense, corpus, CFG, U, seed=100, val_sets=set
                                    optimizer=runs["dense"].optimizer,
                                    history=experiments.Run(dense, runs["dense"].optimizer, [], [], []))
 curves = {"dense (first steps)": rows[0]["curve"],
-          "dense, trained on": {"steps": on_run.steps, "val_mean": [v["mean"] for v in on_run.val]},
-          "upcycled": {"steps": up_run.steps, "val_mean": [v["mean"] for v in up_run.val]}}
+          "dense, trained on": {"steps": [S] + on_run.steps,
+                                "val_mean": [rows[0]["curve"]["val_mean"][-1]] + [v["mean"] for v in on_run.val]},
+          "upcycled": {"steps": [S] + up_run.steps, "val_mean": [start] + [v["mean"] for v in up_run.val]}}
 print(f"validation bpc at step {S}: dense {rows[0]['curve']['val_mean'][-1]:.3f}, upcycled {start:.3f}")
 print(f"after {U} more steps:       dense {on_run.val[-1]['mean']:.3f}, upcycled {up_run.val[-1]['mean']:.3f}   "
       f"(FLOPs per character: dense {dense.flops_per_token(dense.max_len):,}, "

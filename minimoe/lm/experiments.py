@@ -261,13 +261,15 @@ def upcycling(corpus, cfg, sets, dense_run, bar=None):
                     rng=np.random.default_rng(3000 + seed), dtype=np.dtype(cfg["dtype"]).type,
                     d_hidden=dense.blocks[0].ffn.d_hidden, n_experts=E, k=k, gate="topk", **moe_kw)
     scratch_run = train_text_lm(scratch, corpus, cfg, S + U, seed, sets["val"], bar=bar, desc="MoE from scratch")
-    curve = lambda r: {"steps": list(r.steps), "val_mean": [v["mean"] for v in r.val]}   # noqa: E731
+    def curve(r, first):        # each continuation starts at the upcycling step, from its own value there
+        return {"steps": [S] + list(r.steps), "val_mean": [first] + [v["mean"] for v in r.val]}
     return {"experts": E, "k": k, "dense_width": dense.blocks[0].ffn.d_hidden,
             "start_gap": abs(start["mean"] - before["mean"]), "dense_at_upcycle": before["mean"],
             "flops_per_char": {"dense": dense.flops_per_token(dense.max_len), "moe": up.flops_per_token(up.max_len)},
             "params": {"dense": dense.n_params, "moe": up.n_params},
-            "curves": {"dense, trained on": curve(dense_more), "upcycled": curve(up_run),
-                       "MoE from scratch": curve(scratch_run),
+            "curves": {"dense, trained on": curve(dense_more, before["mean"]), "upcycled": curve(up_run, start["mean"]),
+                       "MoE from scratch": {"steps": list(scratch_run.steps),
+                                            "val_mean": [v["mean"] for v in scratch_run.val]},
                        "dense (first steps)": {"steps": list(dense_run.steps),
                                                "val_mean": [v["mean"] for v in dense_run.val]}},
             "test": {"dense, trained on": evaluate_bpc(dense, sets["test"]),
@@ -307,7 +309,7 @@ def run_all(cfg=QUICK, progress=None, corpus=None, log=None):
     seed ``cfg["seeds"][0]``, the routed test windows, the corpus).
     ``progress``: a tqdm bar over every training step (None: only on a terminal).
     """
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     corpus = text.load_text() if corpus is None else corpus
     sets = {"val": eval_sets(corpus, "val", cfg, cfg["eval_windows"]),
             "test": eval_sets(corpus, "test", cfg, cfg["test_windows"])}
@@ -319,16 +321,26 @@ def run_all(cfg=QUICK, progress=None, corpus=None, log=None):
     if sys.stderr.isatty() if progress is None else progress:
         from tqdm.auto import tqdm
         bar = tqdm(total=total_steps(cfg), desc="real text", unit="step", dynamic_ncols=True)
+    phases = {}
+
+    def lap(name, since):
+        phases[name] = round(time.perf_counter() - since, 1)
+        return time.perf_counter()
     try:
+        t = time.perf_counter()
         compare, runs = compare_dense_sparse(corpus, cfg, sets, bar)
+        t = lap("dense vs sparse", t)
         sweep = sweep_experts(corpus, cfg, sets, runs, bar)
+        t = lap("loss vs E", t)
         seed = cfg["seeds"][0]
         hashed = build_model("hash", cfg, seed=1000 + seed)
         train_text_lm(hashed, corpus, cfg, cfg["steps"], seed, None, bar=bar, desc="hash-routed")
         hash_test = evaluate_bpc(hashed, sets["test"])
         models = {"learned": runs[("moe", seed)].model, "hash": hashed}
         learn_rows, routed = what_experts_learn(models, sets["test"])
+        t = lap("routing (and the hash model)", t)
         up = upcycling(corpus, cfg, sets, runs[("dense", seed)], bar)
+        lap("upcycling", t)
     finally:
         if bar is not None:
             bar.close()
@@ -338,7 +350,7 @@ def run_all(cfg=QUICK, progress=None, corpus=None, log=None):
                "test_chars": {d: int(y.size) for d, (_, y, _) in sets["test"].items()},
                "baselines": baselines, "compare": compare, "sweep": sweep, "hash_test": hash_test,
                "routing": learn_rows, "expert_text": expert_text(models["learned"], corpus), "upcycle": up,
-               "seconds": time.perf_counter() - t0}
+               "seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0, "phases": phases}
     extras = {"models": {**models, "dense": runs[("dense", seed)].model}, "routed": routed, "corpus": corpus,
               "sets": sets}
     return results, extras
@@ -412,5 +424,5 @@ def format_tables(res, markdown=True):
                           f"{fl:,}"]))
     lines += ["", f"(the dense model after {c['steps']} steps made into top-{u['k']} of {u['experts']} copies of "
                   f"its FFN; at the start it differs from the dense model by {u['start_gap']:.1e} bpc)",
-              "", f"Python {res['python']}, {res['seconds']:.0f} s."]
+              "", f"Python {res['python']}; {res['seconds']:.0f} s ({res['cpu_seconds']:.0f} s of CPU time)."]
     return "\n".join(lines)

@@ -78,7 +78,10 @@ def test_the_tiny_run_has_every_table_and_is_json(tiny):
         assert 0 <= r["frac_domain"] <= 1 and 0 <= r["frac_type"] <= 1
     assert res["upcycle"]["start_gap"] < 1e-9                    # renormalised top-2: an exact start
     assert set(res["upcycle"]["test"]) == {"dense, trained on", "upcycled", "MoE from scratch"}
-    assert res["upcycle"]["curves"]["upcycled"]["steps"] == [6]                 # steps 5-6, evaluated at 6
+    up = res["upcycle"]["curves"]
+    assert up["upcycled"]["steps"] == up["dense, trained on"]["steps"] == [4, 6]   # from the upcycling step 4
+    assert up["upcycled"]["val_mean"][0] == pytest.approx(up["dense, trained on"]["val_mean"][0], abs=1e-9)
+    assert set(res["phases"]) == {"dense vs sparse", "loss vs E", "routing (and the hash model)", "upcycling"}
     assert len(res["expert_text"]) == 4 and all(len(v["text"]) == len(v["experts"]) for v in
                                                  res["expert_text"].values())
     # the sweep reuses the comparison's MoE of the same E

@@ -230,13 +230,15 @@ def plot_upcycling(upcycle, baselines=None, path=None, title="Sparse upcycling: 
         ax.axvline(first[-1], color="gray", lw=0.8, ls=":")
         ax.annotate("upcycled here", (first[-1], 1.0), xycoords=("data", "axes fraction"), xytext=(3, -12),
                     textcoords="offset points", fontsize=8, color="gray")
-    if baselines is not None:                      # the bigram line only: the unigram is far above
-        v = float(np.mean([b["bigram"] for b in baselines.values()]))
-        ax.axhline(v, color="k", ls="--", lw=0.9)
-        ax.annotate("bigram", (0.99, v), xycoords=("axes fraction", "data"), xytext=(0, 3),
-                    textcoords="offset points", ha="right", fontsize=8)
     vals = [v for c in upcycle["curves"].values() for v in c["val_mean"]]
-    ax.set_ylim(min(vals) - 0.1, np.percentile(vals, 90) + 0.2)
+    lo, hi = min(vals) - 0.1, float(np.percentile(vals, 90)) + 0.2
+    ax.set_ylim(lo, hi)
+    if baselines is not None:                      # the bigram line, when it is in view
+        v = float(np.mean([b["bigram"] for b in baselines.values()]))
+        if lo < v < hi:
+            ax.axhline(v, color="k", ls="--", lw=0.9)
+            ax.annotate("bigram", (0.99, v), xycoords=("axes fraction", "data"), xytext=(0, 3),
+                        textcoords="offset points", ha="right", fontsize=8)
     ax.set(xlabel="training step", ylabel="validation bits per character", title=title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
