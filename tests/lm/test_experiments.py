@@ -44,16 +44,16 @@ def test_bits_per_char_is_nats_over_ln2():
 
 
 def test_baselines_by_counting():
-    train = text.encode("abab abba")
-    x, y = text.encode("ab"), text.encode("ba")
+    train = text.encode("aab ab")                                # a×3, b×2, space×1
+    x, y = text.encode("ab"), text.encode("b ")                  # scored pairs: a->b, b->space
     uni, bi = X.baseline_bpc(train, x, y, alpha_unigram=1.0, alpha_bigram=0.1)
     V = 97
-    p_b, p_a = (4 + 1) / (9 + V), (4 + 1) / (9 + V)               # 4 a, 4 b, 1 space in 9 characters
-    assert uni == pytest.approx(-(math.log2(p_b) + math.log2(p_a)) / 2)
-    # pairs: ab ab ba a_ _a ab bb ba -> after a: b×3, space×1; after b: a×2, b×1
-    p_ba = (2 + 0.1) / (3 + 0.1 * V)
-    p_ab = (3 + 0.1) / (4 + 0.1 * V)
-    assert bi == pytest.approx(-(math.log2(p_ba) + math.log2(p_ab)) / 2)
+    p_b, p_space = (2 + 1) / (6 + V), (1 + 1) / (6 + V)
+    assert uni == pytest.approx(-(math.log2(p_b) + math.log2(p_space)) / 2)
+    # pairs: aa ab b_ _a ab -> after a: a×1, b×2; after b: space×1
+    p_ab = (2 + 0.1) / (3 + 0.1 * V)
+    p_bspace = (1 + 0.1) / (1 + 0.1 * V)
+    assert bi == pytest.approx(-(math.log2(p_ab) + math.log2(p_bspace)) / 2)
 
 
 def test_evaluate_bpc_is_the_loss_in_bits_on_each_domain(corpus):

@@ -15,9 +15,10 @@ def _model(kind="moe", seed=0, **kw):
 def test_same_expert_fraction_by_hand():
     first = np.array([[0, 0, 1, 1],       # pairs: same, diff, same  -> 2/3
                       [2, 2, 2, -1],      # same, same, (dropped)    -> 2/2
-                      [1, 0, 1, 0]])      # diff x3                  -> 0/3
-    dom = np.array([0, 1, 1])
-    np.testing.assert_allclose(routing.same_expert_fraction(first, dom), [2 / 3, 2 / 5])
+                      [1, 0, 1, 0],       # diff x3                  -> 0/3
+                      [-1, -1, 3, 3]])    # (dropped x2), same       -> 1/1
+    dom = np.array([0, 1, 1, 0])
+    np.testing.assert_allclose(routing.same_expert_fraction(first, dom), [3 / 4, 2 / 5])
     assert np.isnan(routing.same_expert_fraction(first[:1], np.array([0]))[1])   # no code window
     with pytest.raises(ValueError, match="first must be \\(W, S\\)"):
         routing.same_expert_fraction(first, dom[:2])
