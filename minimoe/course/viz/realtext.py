@@ -52,10 +52,10 @@ def plot_dense_vs_sparse(compare, baselines, path=None, title="Dense against spa
         m, s = vals.mean(axis=0), vals.std(axis=0)
         bars = bx.bar(x + (i - 0.5) * 0.38, m, 0.36, yerr=s, capsize=3, color=colors[kind], alpha=0.85,
                       label=names[kind])
-        for b, v in zip(bars, m):
-            bx.text(b.get_x() + b.get_width() / 2, v, f"{v:.3f}\n", ha="center", va="bottom", fontsize=7)
+        for b, v, e in zip(bars, m, s):
+            bx.text(b.get_x() + b.get_width() / 2, v + e, f"{v:.3f}", ha="center", va="bottom", fontsize=7)
     lo = min(r["test"][d] for r in compare for d in domains)
-    hi = max(r["test"][d] for r in compare for d in domains)
+    hi = max(r["test"][d] for r in compare for d in domains) + 0.02
     bx.set_ylim(lo - 0.25 * (hi - lo) - 0.05, hi + 0.35 * (hi - lo) + 0.05)
     bx.set_xticks(x, domains)
     bx.set(ylabel="test bits per character", title="test (mean ± std over seeds)\naxis zoomed")
