@@ -35,8 +35,8 @@
 # **Quick mode.** With `QUICK = True` (the default) the notebook trains four small models for
 # a few hundred steps — about a minute on 2 CPU cores — enough to *see* everything, too short
 # to *conclude* much: at this length the models have only just passed the simplest baselines.
-# For conclusions, the notebook also shows the **full run** of `python -m minimoe.lm` (about
-# ten minutes on 2 cores: three seeds, 1,000 steps, E from 1 to 32, upcycling), whose tables
+# For conclusions, the notebook also shows the **full run** of `python -m minimoe.lm` (ten
+# minutes of CPU time: three seeds, 1,000 steps, E from 1 to 32, upcycling), whose tables
 # and figures are in the repository's `figures/` folder, if it can find them. Set
 # `QUICK = False` to train the notebook's own models for 1,000 steps too (a few minutes).
 #
@@ -198,24 +198,36 @@ if os.path.exists(full_path):
                                                              if r["kind"] == "dense"))
     plt.show()
 else:
-    print(f"No full run at {full_path}: run `python -m minimoe.lm --out {default_dir()}` (about ten minutes) "
-          f"to see it here.")
+    print(f"No full run at {full_path}: run `python -m minimoe.lm --out {default_dir()}` (ten minutes of CPU "
+          f"time) to see it here.")
 
 # %% [markdown]
-# **What the full run shows** (Python 3.11, 1,000 steps of 1,024 characters, three seeds;
+# **What the full run shows** (Python 3.11.7, 1,000 steps of 1,024 characters, three seeds;
 # `figures/lm_realtext.md` has every number):
 #
-# * **At equal FLOPs the MoE wins, by a little.** Over three seeds its test loss is lower
-#   than the dense model's on both prose and code, by more than the seeds' spread — but by
-#   well under a tenth of a bit, with four times the parameters. At this scale, parameters
-#   that each character does not pay for buy a small, real improvement.
-# * **More experts at fixed compute**: the loss falls from E = 1 as experts are added, as in
-#   the Switch Transformer's Fig. 1, and flattens out: with only a million characters seen
-#   per run, each of many experts sees too few of them to use its parameters.
+# * **At equal FLOPs the MoE wins, by a little.** Over three seeds its test loss is lower than
+#   the dense model's on prose and on code, and on average by more than the seeds' spread:
+#   2.69 ± 0.02 against 2.75 ± 0.04 bits per character, about 0.06 bits for four times the
+#   parameters.
+# * **More experts at fixed compute help, at first.** From E = 1 to E = 4 the loss falls by
+#   about 0.09 bits, as in the Switch Transformer's Fig. 1; at 8, 16 and 32 experts it stays
+#   within a few hundredths of E = 4, no more than one seed's noise. With top-1 routing each
+#   of many experts sees only a small share of the million characters — too few to use its
+#   parameters.
+# * **The hash-routed model beats them all**: 2.56 bits, 0.15 below the learned MoE of the
+#   same shape. Sending each character to a fixed expert gives every expert a consistent set
+#   of characters from the first step, while a learned router must find its assignment as the
+#   experts change under it (its noise and balancing loss keep it moving). Roller et al.
+#   (2021) found hash layers competitive with learned routing; at this scale hashing wins.
+# * **Upcycling** (section 5): 500 steps after upcycling, the upcycled model is ahead of the
+#   dense model trained on (2.50 against 2.55 bits), at 1.4 times its FLOPs — but an MoE of
+#   the same shape trained from scratch for the same 1,500 steps is far ahead of both (2.36).
+#   A dense model trained for only 1,000 steps has little head start to give; Komatsuzaki et
+#   al.'s gains are for dense models trained long and upcycled for a fraction of that budget.
 #
-# Both are statements about *this* budget. The Switch Transformer's curves come from models
-# a thousand times larger trained a thousand times longer; ours are a sketch of the same
-# experiment that fits in a notebook.
+# All of these are statements about *this* budget: every curve is still falling steeply at
+# the last step. The Switch Transformer's curves come from models a thousand times larger
+# trained a thousand times longer; ours are the same experiments at a size that fits on a laptop.
 #
 # ## 4. What the experts learn
 #
@@ -462,9 +474,9 @@ plt.show()
 # after 100 steps): it starts with a fresh Adam, whose first steps have full size in every
 # weight, attention and embeddings included, while the dense model keeps its optimizer's
 # state; and its experts only begin to differ once the noise has sent them different
-# characters. The full run's table (above, "after upcycling") follows all three — the dense
-# model trained on, the upcycled model, and an MoE of the same shape trained from scratch
-# for the same total steps — for longer.
+# characters. The full run (section 3, and its table "after upcycling") follows all three —
+# the dense model trained on, the upcycled model, and an MoE of the same shape trained from
+# scratch for the same total steps — for 500 steps.
 #
 # ## Questions to think about
 #

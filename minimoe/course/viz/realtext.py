@@ -181,9 +181,11 @@ def plot_expert_text(snippets, n_experts, path=None, width=72, title="Each chara
                 ax.text(col, row, c, fontsize=7.5, family="monospace", ha="center", va="center")
             row += 1
         row += 0.8
+    step = max(6, min(9, width // max(n_experts, 1)))             # legend entries side by side
     for e in range(n_experts):
-        ax.add_patch(plt.Rectangle((e * 4 - 0.5, row - 0.5), 1, 1, color=colors[e], alpha=0.55, lw=0))
-        ax.text(e * 4 + 0.8, row, f"expert {e}", fontsize=7, va="center")
+        x0, y0 = (e % (width // step)) * step, row + e // (width // step)
+        ax.add_patch(plt.Rectangle((x0 - 0.5, y0 - 0.5), 1, 1, color=colors[e], alpha=0.55, lw=0))
+        ax.text(x0 + 0.8, y0, f"expert {e}", fontsize=7, va="center")
     ax.text(width, -1.2, title, ha="right", fontsize=9, style="italic")
     return _finish(fig, path)
 
