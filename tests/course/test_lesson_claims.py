@@ -217,7 +217,11 @@ def test_12_dense_and_sparse_in_the_quick_run(out12):
     bpc = [v[0] for v in m.values()]
     assert all(b < uni - 0.5 for b in bpc) and all(abs(b - bi) < 0.1 for b in bpc)
     assert max(bpc) - min(bpc) < 0.1
+    # "the unigram baseline about 4.5 here; ... the bigram baseline about 3.5"
+    assert abs(uni - 4.5) < 0.15 and abs(bi - 3.5) < 0.15
     prose = _prose(_source("12_real_patients"))
+    assert "(the *unigram* baseline) about 4.5 here; one that looks one character back (the *bigram* " \
+           "baseline) about 3.5" in prose
     assert "only about level with the bigram one, and within a tenth of a bit of each other" in prose
 
 
