@@ -130,3 +130,18 @@ def test_the_command_refuses_a_bad_out_before_training(tmp_path, capsys):
     with pytest.raises(SystemExit) as err:
         main(["--quick", "--out", str(target)])
     assert err.value.code == 2 and "--out" in capsys.readouterr().err
+
+
+def test_the_figures_builder_runs_the_full_configuration_and_writes_every_output(tiny, tmp_path, monkeypatch):
+    from minimoe import figures
+    assert "lm_realtext" in figures.BUILDERS
+    seen = []
+
+    def fake_run_all(cfg, progress=None, corpus=None, log=None):
+        seen.append(cfg)
+        return tiny
+    monkeypatch.setattr(X, "run_all", fake_run_all)
+    paths = figures.BUILDERS["lm_realtext"](str(tmp_path))
+    assert seen == [X.FULL]
+    assert sorted(os.path.basename(p) for p in paths) == sorted(OUTPUTS)
+    assert all(os.path.getsize(p) > 0 for p in paths)
