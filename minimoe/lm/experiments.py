@@ -362,8 +362,32 @@ def _mean_std(values):
     return float(v.mean()), float(v.std())
 
 
+def _aligned(md):
+    """Markdown tables -> plain columns, each padded to its widest cell (for a terminal)."""
+    out, block = [], []
+
+    def flush():
+        if block:
+            widths = [max(len(r[i]) for r in block) for i in range(len(block[0]))]
+            out.extend("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in block)
+            block.clear()
+    for line in md.split("\n"):
+        if line.startswith("|---"):
+            continue
+        if line.startswith("| "):
+            block.append([c.strip() for c in line.strip("|").split(" | ")])
+            continue
+        flush()
+        out.append(line)
+    flush()
+    return "\n".join(out)
+
+
 def format_tables(res, markdown=True):
-    """The results as text: the dense/sparse table, loss against E, the routing table, upcycling."""
+    """The results as text: the dense/sparse table, loss against E, the routing table, upcycling
+    (markdown tables, or aligned columns with ``markdown=False``)."""
+    if not markdown:
+        return _aligned(format_tables(res, markdown=True))
     c = res["config"]
     lines = [f"Real text: Python {res['python']}'s documentation (prose) and standard library (code), "
              f"characters as tokens (V = {res['vocab_size']}); numpy {res['numpy']}.",
@@ -373,13 +397,11 @@ def format_tables(res, markdown=True):
              f"{c['dtype']}. Test: {res['test_chars']['prose']:,} prose and {res['test_chars']['code']:,} "
              f"code characters from documents never trained on. Bits per character (bpc), lower is better.",
              ""]
-    sep = " | " if markdown else "  "
-
     def row(cells):
-        return ("| " + sep.join(cells) + " |") if markdown else sep.join(cells)
+        return "| " + " | ".join(cells) + " |"
 
     def rule(n):
-        return ["|" + "---|" * n] if markdown else []
+        return ["|" + "---|" * n]
 
     b = res["baselines"]
     lines += [row(["model", "prose bpc", "code bpc", "mean bpc", "params", "active params", "FLOPs/char"]), *rule(7)]

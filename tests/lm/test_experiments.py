@@ -89,7 +89,12 @@ def test_the_tiny_run_has_every_table_and_is_json(tiny):
     assert e4["test"] == next(r for r in res["compare"] if r["kind"] == "moe" and r["seed"] == 0)["test"]
     table = X.format_tables(res)
     assert f"Python {res['python']}" in table and "| unigram |" in table and "± " in table
-    assert "upcycled" in X.format_tables(res, markdown=False)
+    plain = X.format_tables(res, markdown=False).split("\n")
+    assert not any(line.startswith("|") for line in plain)
+    head = next(line for line in plain if line.startswith("model ") and "prose bpc" in line)
+    uni = next(line for line in plain if line.startswith("unigram "))
+    col = head.index("prose bpc")                                   # columns line up under their header
+    assert uni[col - 1] == " " and uni[col] != " " and uni[col:].split()[0] == f"{res['baselines']['prose']['unigram']:.3f}"
 
 
 def test_same_seed_same_numbers(corpus, tiny):
