@@ -5,6 +5,7 @@
     python -m minimoe.bench --repeats 50 --json bench.json
     python -m minimoe.bench --threads 1      # pin the BLAS thread count (needs threadpoolctl)
     mpiexec -n 2 python -m minimoe.bench --parallel   # the expert-parallel layer, one BLAS thread per rank
+    python -m minimoe.bench --lm             # lesson 12's language model: tokens/s of one training step
 
 It times one :class:`~minimoe.core.moe.MoELayer` step — forward + backward in train mode —
 at T=4096 tokens, d=128, h=512, k=2, for E=8 and E=64 experts, in float64 and float32.
@@ -54,12 +55,20 @@ once. A step's time is the slowest rank's. Each round also times the single-proc
 layer on rank 0 with P BLAS threads (the others sleep meanwhile), so the comparison
 ``parallel/single`` comes from the same run; plus the bytes moved per step and the time
 spent in the exchanges (which includes waiting for the slowest rank).
+
+**--lm**: one training step (forward, backward, gradient clipping and Adam) of lesson 12's
+language model (:data:`minimoe.lm.experiments.FULL`: 2 blocks, d=64, windows of 64
+characters, batches of 16), dense and top-1 MoE, float32 and float64, in tokens per second —
+beside the same architecture in PyTorch eager on the CPU when torch is installed (the MoE as a
+loop over experts with ``index_add_``, as the usual eager implementations do; torch is never
+a dependency of minimoe). Both run on the same number of threads (``--threads``, default 1).
 """
 from __future__ import annotations
 
 import argparse
 import gc
 import json
+import math
 import os
 import platform
 import sys
@@ -76,7 +85,8 @@ from .validate import arg_int, atomic_write_text, check_out_file, exit_cleanly
 __all__ = ["FULL", "QUICK", "TARGETS", "make_moe_step", "make_ceiling_step", "make_grouped_ceiling_step",
            "time_interleaved",
            "peak_mib", "machine_info", "run_bench", "format_report", "main",
-           "PARALLEL_TARGETS", "run_parallel_bench", "format_parallel_report"]
+           "PARALLEL_TARGETS", "run_parallel_bench", "format_parallel_report",
+           "LM_QUICK", "make_lm_step", "make_torch_lm_step", "run_lm_bench", "format_lm_report"]
 
 # The issue-5 configuration, and a small one that only shows the benchmark runs.
 FULL = dict(T=4096, d=128, h=512, k=2, experts=(8, 64), dtypes=("float64", "float32"), repeats=15, warmup=3)
@@ -385,6 +395,10 @@ def _parser():
     p.add_argument("--parallel", action="store_true",
                    help="time the expert-parallel layer over MPI; run under mpiexec -n P (one BLAS thread "
                         "per rank), beside the single-process layer on P BLAS threads")
+    p.add_argument("--lm", action="store_true",
+                   help="time one training step of lesson 12's language model (dense and MoE, float32 and "
+                        "float64) in tokens/s, beside PyTorch eager when torch is installed; --threads "
+                        "(default 1) applies to both")
     return p
 
 
@@ -423,6 +437,8 @@ def _main(argv):
                       stacklevel=2)
     if args.parallel:
         return _main_parallel(args, cfg, parser)
+    if args.lm:
+        return _main_lm(args, parser)
     limiter = None
     if args.threads is not None:
         try:
@@ -630,6 +646,206 @@ def _main_parallel(args, cfg, parser):
         print(line)
         if args.json is not None:
             atomic_write_text(args.json, line + "\n")  # never a truncated JSON, as the single-process mode
+    return result
+
+
+# --------------------------------------------------------------------------- --lm
+LM_QUICK = dict(repeats=2, warmup=1, batch_size=2)
+
+
+def make_lm_step(kind, dtype, cfg, seed=0):
+    """One training step of minimoe's ``MoELM`` of ``kind`` ("dense" or "moe") on a fixed random
+    batch: ``forward_loss``, ``backward``, clipping and Adam. Returns ``(step, model)``."""
+    from .clinic.optim import make_optimizer
+    from .lm import experiments
+    from .lm.text import VOCAB
+    model = experiments.build_model(kind, dict(cfg, dtype=dtype), seed)
+    opt = make_optimizer("adam", model, lr=cfg["lr"], clip=1.0)
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, len(VOCAB), (cfg["batch_size"], cfg["seq_len"]))
+    y = rng.integers(0, len(VOCAB), (cfg["batch_size"], cfg["seq_len"]))
+
+    def step():
+        model.forward_loss(x, y, train=True)
+        model.backward()
+        opt.step()
+        model.after_step()
+    return step, model
+
+
+def make_torch_lm_step(kind, dtype, cfg, seed=0):
+    """The same model and step in PyTorch eager on the CPU (torch must be installed): pre-LN
+    blocks with causal attention; the MoE as the usual eager loop over experts (``index_add_``),
+    top-1 Switch gate with router noise and the Switch loss; cross-entropy, clipping, Adam."""
+    import torch
+    import torch.nn.functional as F
+    from .lm.experiments import dense_width
+    from .lm.text import VOCAB
+    torch.manual_seed(seed)
+    tdt = {"float32": torch.float32, "float64": torch.float64}[dtype]
+    V, d, H, S, E = len(VOCAB), cfg["d_model"], cfg["n_heads"], cfg["seq_len"], cfg["n_experts"]
+    h = cfg["d_hidden"]
+    mask = torch.triu(torch.ones(S, S, dtype=torch.bool), 1)
+
+    def ffn(width):
+        return torch.nn.Sequential(torch.nn.Linear(d, width), torch.nn.ReLU(), torch.nn.Linear(width, d))
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ln1, self.ln2 = torch.nn.LayerNorm(d), torch.nn.LayerNorm(d)
+            self.qkv, self.out = torch.nn.Linear(d, 3 * d), torch.nn.Linear(d, d)
+            if kind == "dense":
+                self.ffn = ffn(dense_width(cfg))
+            else:
+                self.gate = torch.nn.Linear(d, E, bias=False)
+                self.noise = torch.nn.Linear(d, E, bias=False)
+                self.experts = torch.nn.ModuleList([ffn(h) for _ in range(E)])
+
+        def forward(self, x):
+            B = x.shape[0]
+            q, k, v = self.qkv(self.ln1(x)).split(d, dim=-1)
+            q, k, v = (t.view(B, S, H, d // H).transpose(1, 2) for t in (q, k, v))
+            att = (q @ k.transpose(-2, -1)) / math.sqrt(d // H)
+            att = att.masked_fill(mask, float("-inf")).softmax(dim=-1)
+            x = x + self.out((att @ v).transpose(1, 2).reshape(B, S, d))
+            z = self.ln2(x).reshape(-1, d)
+            if kind == "dense":
+                return x + self.ffn(z).view_as(x), 0.0
+            logits = self.gate(z)
+            probs = (logits + torch.randn_like(logits) * F.softplus(self.noise(z))).softmax(dim=-1)
+            p, idx = probs.max(dim=-1)
+            y = torch.zeros_like(z)
+            for e, expert in enumerate(self.experts):      # the usual eager loop over experts
+                rows = (idx == e).nonzero(as_tuple=True)[0]
+                if rows.numel():
+                    y.index_add_(0, rows, expert(z[rows]) * p[rows, None])
+            f = torch.bincount(idx, minlength=E).to(z.dtype) / z.shape[0]
+            aux = cfg["balance_coef"] * E * torch.sum(f * probs.mean(dim=0))
+            return x + y.view_as(x), aux
+
+    class LM(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.pos = torch.nn.Embedding(V, d), torch.nn.Parameter(torch.zeros(S, d))
+            self.blocks = torch.nn.ModuleList([Block() for _ in range(cfg["n_layers"])])
+            self.ln_f, self.readout = torch.nn.LayerNorm(d), torch.nn.Linear(d, V)
+
+        def forward(self, ids, targets):
+            x, aux = self.embed(ids) + self.pos, 0.0
+            for block in self.blocks:
+                x, a = block(x)
+                aux = aux + a
+            return F.cross_entropy(self.readout(self.ln_f(x)).view(-1, V), targets.view(-1)) + aux
+
+    model = LM().to(tdt)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg["lr"])
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, V, (cfg["batch_size"], S), generator=g)
+    y = torch.randint(0, V, (cfg["batch_size"], S), generator=g)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        model(x, y).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+    return step, model
+
+
+def _torch_version():
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch.__version__
+
+
+def run_lm_bench(cfg, threads=1, progress=True):
+    """Time one training step of lesson 12's model; returns a JSON-ready dict.
+
+    Rows: one per (dtype, kind) with ``minimoe_ms`` (median), ``minimoe_tok_s`` (B·S / step), and,
+    when torch is installed, ``torch_ms``, ``torch_tok_s`` and ``torch/minimoe`` (time ratio: above
+    1, minimoe is faster). minimoe's and torch's steps take turns (:func:`time_interleaved`).
+    """
+    from threadpoolctl import threadpool_limits
+    torch_version = _torch_version()
+    if torch_version is not None:
+        import torch
+        torch.set_num_threads(threads)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=2 * (cfg["warmup"] + cfg["repeats"]), desc="lm bench rounds", file=sys.stderr, leave=False)
+    tokens = cfg["batch_size"] * cfg["seq_len"]
+    rows = []
+    with threadpool_limits(limits=threads, user_api="blas"):
+        for dtype in ("float32", "float64"):
+            steps = {}
+            for kind in ("dense", "moe"):
+                steps[f"minimoe {kind}"] = make_lm_step(kind, dtype, cfg)[0]
+                if torch_version is not None:
+                    steps[f"torch {kind}"] = make_torch_lm_step(kind, dtype, cfg)[0]
+            times = time_interleaved(steps, cfg["repeats"], cfg["warmup"], bar)
+            for kind in ("dense", "moe"):
+                ms = 1e3 * float(np.median(times[f"minimoe {kind}"]))
+                row = {"dtype": dtype, "kind": kind, "minimoe_ms": ms, "minimoe_tok_s": tokens / ms * 1e3,
+                       "minimoe_ms_all": [round(1e3 * t, 3) for t in times[f"minimoe {kind}"]]}
+                if torch_version is not None:
+                    tms = 1e3 * float(np.median(times[f"torch {kind}"]))
+                    row.update(torch_ms=tms, torch_tok_s=tokens / tms * 1e3, **{"torch/minimoe": tms / ms},
+                               torch_ms_all=[round(1e3 * t, 3) for t in times[f"torch {kind}"]])
+                rows.append(row)
+    if bar is not None:
+        bar.close()
+    return {"bench": "minimoe.bench --lm", "config": dict(cfg, threads=threads), "torch": torch_version,
+            "machine": machine_info(), "results": rows}
+
+
+def format_lm_report(result):
+    """The human-readable table of :func:`run_lm_bench`."""
+    c, m = result["config"], result["machine"]
+    lines = [f"minimoe.bench --lm: one training step (forward, backward, clipping, Adam) of lesson 12's language "
+             f"model: {c['n_layers']} blocks, d={c['d_model']}, {c['n_heads']} heads, B={c['batch_size']} windows "
+             f"of S={c['seq_len']} characters; dense FFN (width from experiments.dense_width) or top-1 MoE of "
+             f"{c['n_experts']} experts of width {c['d_hidden']}",
+             f"  threads: {c['threads']} (BLAS and torch)   timing: median of {c['repeats']} interleaved rounds "
+             f"after {c['warmup']} warm-up",
+             f"  machine: {m['platform']} | {m['cpu']} | {m['cores']} cores | Python {m['python']} | numpy "
+             f"{m['numpy']} | torch {result['torch'] or 'not installed'}", "",
+             f"{'dtype':8s} {'model':6s} {'minimoe_ms':>11s} {'minimoe tok/s':>14s}"
+             + (f" {'torch_ms':>9s} {'torch tok/s':>12s} {'torch/minimoe':>14s}" if result["torch"] else "")]
+    for r in result["results"]:
+        line = f"{r['dtype']:8s} {r['kind']:6s} {r['minimoe_ms']:11.1f} {r['minimoe_tok_s']:14,.0f}"
+        if result["torch"]:
+            line += f" {r['torch_ms']:9.1f} {r['torch_tok_s']:12,.0f} {r['torch/minimoe']:14.2f}"
+        lines.append(line)
+    if not result["torch"]:
+        lines += ["", "(PyTorch is not installed: only minimoe is timed. pip install torch to compare; "
+                      "minimoe never needs it.)"]
+    return "\n".join(lines)
+
+
+def _main_lm(args, parser):
+    try:
+        import threadpoolctl  # noqa: F401
+    except ImportError:
+        parser.error("--lm needs threadpoolctl (pip install threadpoolctl) to hold the BLAS threads fixed")
+    from .lm.experiments import FULL as LM_FULL
+    cfg = {k: LM_FULL[k] for k in ("d_model", "n_heads", "n_layers", "seq_len", "batch_size", "d_hidden",
+                                   "n_experts", "lr", "balance_coef")}
+    cfg.update(repeats=10, warmup=3)
+    if args.quick:
+        cfg.update(LM_QUICK)
+    if args.repeats is not None:
+        cfg["repeats"] = args.repeats
+    if args.warmup is not None:
+        cfg["warmup"] = args.warmup
+    result = run_lm_bench(cfg, threads=args.threads or 1, progress=not args.no_progress)
+    print(format_lm_report(result))
+    line = json.dumps(result)
+    print(line)
+    if args.json is not None:
+        atomic_write_text(args.json, line + "\n")
     return result
 
 

@@ -58,6 +58,30 @@ def clinic_demo(out_dir):
     return write_outputs(res, out_dir)
 
 
+# --------------------------------------------------------------------------- lesson 12: real text
+@register
+def lm_realtext(out_dir):
+    """The MoE language model on Python's own text (``python -m minimoe.lm``, the full run, about ten minutes).
+
+    Writes lm_realtext.json / .md (every number, with the Python version), lm_dense_vs_sparse.png,
+    lm_experts.png, lm_routing.png, lm_expert_text.png / .html and lm_upcycling.png.
+    """
+    from ..lm import experiments
+    from ..lm.__main__ import write_outputs
+    try:
+        from threadpoolctl import threadpool_limits
+        limiter = threadpool_limits(limits=1, user_api="blas")      # small matrices: one thread is faster
+    except ImportError:
+        limiter = None
+    try:
+        res, _ = experiments.run_all(experiments.FULL, progress=None)
+    finally:
+        if limiter is not None:
+            limiter.restore_original_limits()
+    print(experiments.format_tables(res, markdown=False))
+    return write_outputs(res, out_dir, log=lambda *a: None)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m minimoe.figures",
                                  description="Regenerate the PNGs used by the README and the lessons.")

@@ -302,3 +302,134 @@ def test_11_arrivals_order_matches_the_parallel_layer():
     perm, _ = parallel._arrival_order(kept_counts, 0, 1)
     arrival = ["s0 j0", "s0 j1", "s1 j0", "s1 j1"]
     assert [arrival[i] for i in perm] == ["s0 j0", "s1 j0", "s0 j1", "s1 j1"]    # choice before source
+
+# ----------------------------------------------------------------------------- lesson 12
+@pytest.fixture(scope="module")
+def out12():
+    src = _source("12_real_patients")
+    assert re.search(r"^QUICK = True$", src, flags=re.M), "CI runs the notebook in quick mode"
+    return _printed("12_real_patients")
+
+
+def _lm12(text):
+    """{kind: (test bpc, params, FLOPs)} and the baselines, from lesson 12's dense/sparse cell."""
+    base = re.search(r"unigram ([\d.]+) bpc, bigram ([\d.]+) bpc", text)
+    rows = re.findall(r"^\s*(dense|moe|hash): test ([\d.]+) bpc .*?\s+([\d,]+) parameters, [\d,]+ active, "
+                      r"([\d,]+) FLOPs per character$", text, flags=re.M)
+    models = {k: (float(b), int(p.replace(",", "")), int(f.replace(",", ""))) for k, b, p, f in rows}
+    return float(base.group(1)), float(base.group(2)), models
+
+
+def test_12_dense_and_sparse_in_the_quick_run(out12):
+    """ "The MoE has almost four times the parameters for the same FLOPs per character"; "all three
+    models are far below the unigram baseline but only about level with the bigram one, and within a
+    tenth of a bit of each other" """
+    uni, bi, m = _lm12(out12)
+    assert set(m) == {"dense", "moe", "hash"}, m
+    assert 3.5 <= m["moe"][1] / m["dense"][1] < 4.0
+    assert abs(m["moe"][2] - m["dense"][2]) <= 0.01 * m["dense"][2]
+    bpc = [v[0] for v in m.values()]
+    assert all(b < uni - 0.5 for b in bpc) and all(abs(b - bi) < 0.1 for b in bpc)
+    assert max(bpc) - min(bpc) < 0.1
+    # "the unigram baseline about 4.5 here; ... the bigram baseline about 3.5"
+    assert abs(uni - 4.5) < 0.15 and abs(bi - 3.5) < 0.15
+    prose = _prose(_source("12_real_patients"))
+    assert "(the *unigram* baseline) about 4.5 here; one that looks one character back (the *bigram* " \
+           "baseline) about 3.5" in prose
+    assert "only about level with the bigram one, and within a tenth of a bit of each other" in prose
+
+
+def _info12(text):
+    rows = re.findall(r"^\s*(learned|hash), block (\d):\s+I\(expert; domain\) [\d.]+ nats \(\s*([\d.]+)% of H\)\s+"
+                      r"I\(expert; type\) [\d.]+ nats \(\s*([\d.]+)% of H\)$", text, flags=re.M)
+    same = re.findall(r"^\s*(learned|hash), block (\d):\s+same expert next — prose ([\d.]+) \(chance ([\d.]+)\), "
+                      r"code ([\d.]+) \(chance ([\d.]+)\)$", text, flags=re.M)
+    return ({(n, int(b)): (float(d), float(t)) for n, b, d, t in rows},
+            {(n, int(b)): tuple(map(float, v)) for n, b, *v in same})
+
+
+def test_12_what_the_experts_reveal(out12):
+    """ "In every block of both models the expert says several times more about the character's type
+    than about the text's domain"; "the hash router ... reveals about as much about the type as the
+    learned router's first block, and more than its second"; "The hash model's two blocks use the same
+    hash, so they route alike." """
+    info, same = _info12(out12)
+    keys = {("learned", 0), ("learned", 1), ("hash", 0), ("hash", 1)}
+    assert set(info) == keys and set(same) == keys, (info, same)
+    assert all(t > 4 * d for d, t in info.values())
+    assert abs(info[("hash", 0)][1] - info[("learned", 0)][1]) <= 3.0
+    assert info[("hash", 0)][1] > info[("learned", 1)][1]
+    assert info[("hash", 0)] == info[("hash", 1)] and same[("hash", 0)] == same[("hash", 1)]
+    # "In code, neighbouring characters go to the same expert more often than chance in every block of
+    # both models — about twice as often for the learned router"; "In prose ... the share is lower than
+    # in code in every block."
+    for (name, _), (p, pc, c, cc) in same.items():
+        assert c > cc and p < c
+        if name == "learned":
+            assert 1.7 <= c / cc <= 2.5
+
+
+def test_12_upcycling_in_the_quick_run(out12):
+    """ "starts where the dense model is — exactly, up to the rounding of float32 (about 1e-6) ... the
+    Switch gate ... logits changed by whole units"; "In the quick run it then falls a little behind the
+    dense model trained on (by a few hundredths of a bit after 100 steps)" """
+    gaps = dict(re.findall(r"^gate='(\w+)'\s+largest change of any logit at the start .*: ([\d.e+-]+)$", out12,
+                           flags=re.M))
+    assert set(gaps) == {"topk", "switch"}, gaps
+    assert float(gaps["topk"]) < 1e-5 and float(gaps["switch"]) >= 1.0
+    start = re.search(r"validation bpc at step (\d+): dense ([\d.]+), upcycled ([\d.]+)", out12)
+    after = re.search(r"after (\d+) more steps:\s+dense ([\d.]+), upcycled ([\d.]+)", out12)
+    assert start and after and start.group(2) == start.group(3)
+    behind = float(after.group(3)) - float(after.group(2))
+    assert after.group(1) == "100" and 0.01 <= behind < 0.1
+    assert float(after.group(2)) < float(start.group(2))                # both went on learning
+    assert float(after.group(3)) < float(start.group(3))
+
+
+def test_12_what_the_full_run_shows():
+    """The bullets of "What the full run shows" against the committed full run (figures/lm_realtext.json)."""
+    import json
+    res = json.loads((LESSONS.parent / "figures" / "lm_realtext.json").read_text(encoding="utf-8"))
+    prose = _prose(_source("12_real_patients"))
+    c = res["config"]
+    assert c["steps"] == 1000 and c["seeds"] == [0, 1, 2] and c["batch_size"] * c["seq_len"] == 1024
+    assert f"(Python {res['python']}, 1,000 steps of 1,024 characters, three seeds;" in prose
+    # "At equal FLOPs the MoE wins, by a little ... lower than the dense model's on prose and on code,
+    # and on average by more than the seeds' spread: 2.69 ± 0.02 against 2.75 ± 0.04 ... about 0.06 bits
+    # for four times the parameters."
+    rows = {k: [r for r in res["compare"] if r["kind"] == k] for k in ("dense", "moe")}
+    mean = {k: np.mean([[r["test"][d] for d in ("prose", "code", "mean")] for r in v], axis=0) for k, v in rows.items()}
+    std = {k: np.std([r["test"]["mean"] for r in v]) for k, v in rows.items()}
+    assert mean["moe"][0] < mean["dense"][0] and mean["moe"][1] < mean["dense"][1]
+    gap = mean["dense"][2] - mean["moe"][2]
+    assert gap > max(std.values())
+    assert (f"{mean['moe'][2]:.2f} ± {std['moe']:.2f} against {mean['dense'][2]:.2f} ± {std['dense']:.2f}" in prose)
+    assert f"about {gap:.2f} bits for four times" in prose
+    assert 3.5 < rows["moe"][0]["params"] / rows["dense"][0]["params"] < 4.0
+    assert abs(rows["moe"][0]["flops_per_char"] - rows["dense"][0]["flops_per_char"]) < 0.01 * rows["dense"][0]["flops_per_char"]
+    # "From E = 1 to E = 4 the loss falls by about 0.09 bits ...; at 8, 16 and 32 experts it stays within
+    # a few hundredths of E = 4, no more than one seed's noise."
+    sweep = {r["E"]: r["test"]["mean"] for r in res["sweep"]}
+    assert list(sweep) == [1, 2, 4, 8, 16, 32]
+    assert sweep[1] > sweep[2] > sweep[4]
+    assert f"falls by about {sweep[1] - sweep[4]:.2f} bits" in prose
+    spread = 2 * max(std.values())
+    assert all(abs(sweep[E] - sweep[4]) < min(0.05, spread) for E in (8, 16, 32))
+    # "The hash-routed model beats them all: 2.56 bits, 0.15 below the learned MoE of the same shape."
+    hashed = res["hash_test"]["mean"]
+    assert hashed < min(sweep.values()) and hashed < mean["dense"][2]
+    assert f"beats them all**: {hashed:.2f} bits, {sweep[8] - hashed:.2f} below" in prose
+    # "the upcycled model is ahead of the dense model trained on (2.50 against 2.55 bits), at 1.4 times
+    # its FLOPs — but an MoE of the same shape trained from scratch for the same 1,500 steps is far ahead
+    # of both (2.36)."
+    up = res["upcycle"]
+    t = {k: v["mean"] for k, v in up["test"].items()}
+    assert t["MoE from scratch"] < t["upcycled"] - 0.05 and t["upcycled"] < t["dense, trained on"]
+    assert (f"({t['upcycled']:.2f} against {t['dense, trained on']:.2f} bits), at "
+            f"{up['flops_per_char']['moe'] / up['flops_per_char']['dense']:.1f} times its FLOPs") in prose
+    assert f"far ahead of both ({t['MoE from scratch']:.2f})" in prose
+    assert up["start_gap"] < 1e-6 and c["upcycle_steps"] == 500
+    # "every curve is still falling steeply at the last step"
+    for r in res["compare"]:
+        v = r["curve"]["val_mean"]
+        assert v[-2] - v[-1] > 0.02

@@ -17,15 +17,17 @@ The modules, in the order the course meets them:
     balance.py      lessons 05, 06, 10: expert load, balancing losses, appointment books, drops
     beyond.py       lesson 09: other routers, loss-free balancing, the tiny MoE language model
     parallel.py     lesson 11: what the all-to-all moves, against E, P, k and the capacity factor
+    realtext.py     lesson 12: dense against sparse on real text, more experts, what they learn, upcycling
 """
-from . import _style, balance, basics, beyond, clinic, parallel, specialties
+from . import _style, balance, basics, beyond, clinic, parallel, realtext, specialties
 from ._style import *  # noqa: F401,F403
 from .balance import *  # noqa: F401,F403
 from .basics import *  # noqa: F401,F403
 from .beyond import *  # noqa: F401,F403
 from .clinic import *  # noqa: F401,F403
 from .parallel import *  # noqa: F401,F403
+from .realtext import *  # noqa: F401,F403
 from .specialties import *  # noqa: F401,F403
 
 __all__ = [*_style.__all__, *basics.__all__, *clinic.__all__, *specialties.__all__, *balance.__all__,
-           *beyond.__all__, *parallel.__all__]
+           *beyond.__all__, *parallel.__all__, *realtext.__all__]
