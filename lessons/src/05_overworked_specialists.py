@@ -24,11 +24,16 @@
 
 # %%
 try:  # the course's packages; if one is missing, say how to install them all
-    import minimoe, matplotlib, nbformat  # noqa: E401, F401
+    import minimoe, matplotlib  # noqa: E401, F401
 except ModuleNotFoundError as missing:
     raise ModuleNotFoundError(f"{missing.name} is not installed for this kernel: install the course with "
                               f"`pip install -r requirements.txt` in the repository (or `pip install "
                               f"'minimoe[course]'`), then restart the kernel") from None
+if getattr(minimoe, "__file__", None) is None:  # a folder named minimoe (a clone, from its parent), not the package
+    raise ImportError(f"`import minimoe` found the folder {next(iter(minimoe.__path__), '?')}, not the minimoe "
+                      f"package (which is not installed for this kernel): start Jupyter inside the clone or in "
+                      f"my-lessons/, or install the course with `pip install -r requirements.txt` in the "
+                      f"repository, then restart the kernel")
 import numpy as np
 import matplotlib.pyplot as plt
 
