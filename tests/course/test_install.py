@@ -22,7 +22,13 @@ PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 DIST = {"IPython": "ipykernel", "matplotlib": "matplotlib", "tqdm": "tqdm", "threadpoolctl": "threadpoolctl",
         "nbformat": "nbformat", "nbclient": "nbclient", "jupytext": "jupytext", "numpy": "numpy"}
 # Imports that belong to another extra than [course]: expert parallelism needs an MPI.
-OTHER_EXTRA = {"mpi4py": ("mpi", "mpi4py")}
+# The nbgrader runner (course/checks/nbgrader_execute.py) imports nbgrader and jupyter_core, which
+# nbgrader brings: the [teacher] extra.
+OTHER_EXTRA = {"mpi4py": ("mpi", "mpi4py"), "nbgrader": ("teacher", "nbgrader"),
+               "jupyter_core": ("teacher", "nbgrader")}
+# Imported only to compare with, when installed, and never a dependency of any extra:
+# `python -m minimoe.bench --lm` times PyTorch eager beside minimoe if torch is there.
+OPTIONAL = {"torch"}
 
 
 def _imports(path):
@@ -50,6 +56,11 @@ def test_the_course_extra_covers_every_import():
             assert dist in _names(PYPROJECT["project"]["optional-dependencies"][extra]), \
                 f"minimoe imports {module}: the [{extra}] extra must list {dist}"
             third_party.discard(module)
+    for module in OPTIONAL & third_party:
+        every_extra = set().union(*map(_names, PYPROJECT["project"]["optional-dependencies"].values()))
+        assert module not in every_extra | _names(PYPROJECT["project"]["dependencies"]), \
+            f"{module} is only compared with, when installed: no extra may depend on it"
+        third_party.discard(module)
     unknown = third_party - set(DIST)
     assert not unknown, f"minimoe imports {sorted(unknown)}: add them to [course] and to DIST here"
     deps = _names(PYPROJECT["project"]["dependencies"])
@@ -63,7 +74,7 @@ def test_the_course_extra_covers_every_import():
 def test_extras_and_requirements():
     extras = PYPROJECT["project"]["optional-dependencies"]
     assert {"pytest", "hypothesis"} <= _names(extras["test"])
-    assert _names(extras["teacher"]) == {"nbgrader"}
+    assert _names(extras["teacher"]) == {"nbgrader", "sqlalchemy"}   # SQLAlchemy pinned below 2: no warnings
     lines = [line.split("#")[0].strip() for line in (ROOT / "requirements.txt").read_text().splitlines()]
     assert [line for line in lines if line] == ["-e .[course,test,mpi]"]
     assert {"mpi4py", "mpich"} <= _names(extras["mpi"]), "the [mpi] extra brings mpi4py and a pip-installed MPI"

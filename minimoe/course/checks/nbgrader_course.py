@@ -41,12 +41,13 @@ __all__ = ["CONFIG", "SLOWEST_CELL_S", "TIMEOUT_MARGIN", "default_timeout", "wri
 # notebook (nbclient, one kernel each) on the project's 2-core machine while it was shared with
 # other work (load average 6-9, so about twice an idle machine's times); docs/teaching.md gives
 # the table and how to measure again. (11: its two cells that run the parallel layer failed
-# on that branch and were not timed.)
+# on that branch and were not timed. 12: measured later, 2026-12-05, at load average about 2.)
 SLOWEST_CELL_S = {
     "00_the_clinic": 5.35, "01_the_specialist": 4.65, "02_the_gp": 6.12, "03_the_referral": 9.17,
     "04_a_noisy_gp": 7.62, "05_overworked_specialists": 16.86, "06_appointment_books": 12.37,
     "07_the_whole_clinic": 14.04, "08_what_specialists_learn": 15.68, "09_beyond_the_gp": 28.1,
     "10_the_bug_hunt": 7.8, "11_a_network_of_clinics": 7.59,
+    "12_real_patients": 16.52,
 }
 # A cell may take this many times its measured time (a slower or busier grading machine)
 # before nbgrader interrupts it; the limit is rounded up to whole minutes.
