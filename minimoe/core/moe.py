@@ -39,7 +39,7 @@ from .dispatch import dispatch_combine_backward, dispatch_combine_forward, exper
 from .experts import GLU_KEYS, init_expert_params
 from .router import (Routing, gate_backward, gate_forward, init_gate_weights, router_logits_backward,
                      router_logits_forward)
-from ..validate import all_finite, check_array, check_rng
+from ..validate import all_finite, check_array, check_rng, check_tokens
 
 __all__ = ["MoEBase", "MoELayer", "MoEConfig", "MoECache", "OneProcess", "moe_forward", "moe_backward",
            "check_params", "routing_stats", "routing_signature", "BALANCES", "BALANCE_GROUPS", "USUAL_BALANCE_COEF", "DTYPES",
@@ -202,19 +202,16 @@ def moe_backward(dy, cache):
 
 # --------------------------------------------------------------------------- the pair's checks
 def check_tokens_copy(x, cfg):
-    """x as (T, d) tokens of the layer's dtype, always a copy: the cache must not change when
-    the caller changes x afterwards (``x += layer.forward(x)``, the residual, in place)."""
-    check_array("x", x, ndim=(2, 3))
-    d = cfg.d_model
-    if x.shape[-1] != d:
-        raise ValueError(f"x must have width d_model={d} in its last axis, got shape {x.shape}")
-    if x.shape[0] * (x.shape[1] if x.ndim == 3 else 1) == 0:
-        raise ValueError(f"x must contain at least one token, got shape {x.shape}")
-    x2 = np.array(x, dtype=cfg.dtype, copy=True).reshape(-1, d)
+    """x as (T, d) tokens of the layer's dtype (``validate.check_tokens``), always a copy: the
+    cache must not change when the caller changes x afterwards (``x += layer.forward(x)``, the
+    residual, in place)."""
+    x2, shape = check_tokens(x, cfg.d_model, cfg.dtype)
+    if np.shares_memory(x2, x):
+        x2 = x2.copy()
     if not all_finite(x2):
         raise ValueError(f"x does not fit in {np.dtype(cfg.dtype).name} (the layer's dtype): values up to "
                          f"{np.max(np.abs(x)):.3g} become inf")
-    return x2, x.shape
+    return x2, shape
 
 
 def check_noise(noise, cfg, T, shape):
